@@ -1,0 +1,3 @@
+from aimichat.cli import cli
+
+cli()

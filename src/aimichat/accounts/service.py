@@ -1,0 +1,154 @@
+"""Tiers and accounts: plain functions over a SQLAlchemy session, shared by the CLI, API and web pages."""
+
+from __future__ import annotations
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from aimichat.store.db import utcnow
+from aimichat.store.models import Account, Tier
+
+COST_RULES = ("per_request", "per_token")
+MIN_PASSWORD = 8
+_hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
+
+
+class AccountError(ValueError):
+    """A request the store refuses: unknown email, duplicate account, weak password, unknown tier."""
+
+
+# -- tiers ---------------------------------------------------------------------------------------
+
+
+def set_tier(
+    db: Session,
+    name: str,
+    *,
+    daily_credits: int,
+    monthly_credits: int | None = None,
+    cost_rule: str = "per_request",
+    credits_per_1k_tokens: int = 1,
+) -> Tier:
+    """Create or update a tier."""
+    if cost_rule not in COST_RULES:
+        raise AccountError(f"unknown cost rule {cost_rule!r}; use one of {', '.join(COST_RULES)}")
+    if daily_credits < 0 or (monthly_credits is not None and monthly_credits < 0):
+        raise AccountError("credit limits cannot be negative")
+    if credits_per_1k_tokens < 1:
+        raise AccountError("credits per 1k tokens must be at least 1")
+    tier = db.scalar(select(Tier).where(Tier.name == name)) or Tier(name=name)
+    tier.daily_credits = daily_credits
+    tier.monthly_credits = monthly_credits
+    tier.cost_rule = cost_rule
+    tier.credits_per_1k_tokens = credits_per_1k_tokens
+    db.add(tier)
+    db.flush()
+    return tier
+
+
+def get_tier(db: Session, name: str) -> Tier:
+    tier = db.scalar(select(Tier).where(Tier.name == name))
+    if tier is None:
+        raise AccountError(f"unknown tier {name!r}")
+    return tier
+
+
+def list_tiers(db: Session) -> list[Tier]:
+    return list(db.scalars(select(Tier).order_by(Tier.id)))
+
+
+def ensure_default_tier(db: Session, name: str = "free", daily_credits: int = 100) -> bool:
+    """Create the default tier on a fresh database; True if it was created."""
+    if db.scalar(select(Tier).where(Tier.name == name)) is not None:
+        return False
+    set_tier(db, name, daily_credits=daily_credits)
+    return True
+
+
+# -- accounts ------------------------------------------------------------------------------------
+
+
+def normalize_email(email: str) -> str:
+    email = email.strip().lower()
+    local, _, domain = email.partition("@")
+    if not local or "." not in domain or " " in email or len(email) > 320:
+        raise AccountError(f"not a valid email address: {email!r}")
+    return email
+
+
+def create_account(
+    db: Session, email: str, password: str, *, tier: str = "free", is_admin: bool = False
+) -> Account:
+    email = normalize_email(email)
+    check_password_strength(password)
+    tier_row = get_tier(db, tier)
+    if db.scalar(select(Account).where(Account.email == email)) is not None:
+        raise AccountError(f"an account for {email} already exists")
+    account = Account(
+        email=email,
+        password_hash=_hasher.hash(password),
+        tier=tier_row,
+        is_admin=is_admin,
+        disabled=False,
+        created_at=utcnow(),
+    )
+    db.add(account)
+    db.flush()
+    return account
+
+
+def get_account(db: Session, email: str) -> Account:
+    account = db.scalar(select(Account).where(Account.email == normalize_email(email)))
+    if account is None:
+        raise AccountError(f"no account for {email.strip().lower()}")
+    return account
+
+
+def list_accounts(db: Session) -> list[Account]:
+    return list(db.scalars(select(Account).order_by(Account.id)))
+
+
+def set_account_tier(db: Session, email: str, tier: str) -> Account:
+    account = get_account(db, email)
+    account.tier = get_tier(db, tier)
+    db.flush()
+    return account
+
+
+def set_disabled(db: Session, email: str, disabled: bool = True) -> Account:
+    account = get_account(db, email)
+    account.disabled = disabled
+    db.flush()
+    return account
+
+
+def set_admin(db: Session, email: str, is_admin: bool = True) -> Account:
+    account = get_account(db, email)
+    account.is_admin = is_admin
+    db.flush()
+    return account
+
+
+# -- passwords -----------------------------------------------------------------------------------
+
+
+def check_password_strength(password: str) -> None:
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"password must be at least {MIN_PASSWORD} characters")
+
+
+def verify_password(account: Account, password: str) -> bool:
+    try:
+        return _hasher.verify(account.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def change_password(db: Session, account: Account, current: str, new: str) -> None:
+    if not verify_password(account, current):
+        raise AccountError("the current password is wrong")
+    check_password_strength(new)
+    account.password_hash = _hasher.hash(new)
+    db.flush()

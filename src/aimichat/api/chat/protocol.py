@@ -1,0 +1,160 @@
+"""Request and response schemas of ``POST /v1/chat/completions`` (OpenAI-compatible)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from aimichat.engines.base import Message
+
+# Fields OpenAI accepts that this server cannot honour: refused with a 400 that says so,
+# rather than silently ignored and giving the caller something other than what they asked for.
+UNSUPPORTED = {
+    "tools": "Tool calling is not supported by this server.",
+    "tool_choice": "Tool calling is not supported by this server.",
+    "functions": "Function calling is not supported by this server.",
+    "function_call": "Function calling is not supported by this server.",
+    "parallel_tool_calls": "Tool calling is not supported by this server.",
+    "top_logprobs": "logprobs are not supported by this server.",
+    "audio": "Audio output is not supported by this server.",
+    "prediction": "Predicted outputs are not supported by this server.",
+}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role == "developer":  # OpenAI's newer name for the system role
+            return "system"
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"role '{role}' is not supported; use 'system', 'user' or 'assistant'")
+        return role
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content parts of type '{part.type}' are not supported; only 'text' parts are")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage]
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    user: str | None = None
+    logprobs: bool | None = None
+    mode: str | None = None  # AimiChat: keys may only use "talk"
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _not_empty(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not messages:
+            raise ValueError("'messages' must contain at least one message")
+        return messages
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return stop
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, reason in UNSUPPORTED.items():
+                if data.get(name) not in (None, [], False):
+                    raise ValueError(f"'{name}': {reason}")
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsupported_values(self) -> ChatCompletionRequest:
+        if self.n not in (None, 1):
+            raise ValueError("'n': only n=1 is supported by this server")
+        if self.logprobs:
+            raise ValueError("'logprobs': logprobs are not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("'response_format': only the 'text' format is supported by this server")
+        for message in self.messages:
+            message.text()  # raises for image or audio parts
+        return self
+
+    def engine_messages(self) -> list[Message]:
+        return [Message(m.role, m.text()) for m in self.messages]
+
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# Response shapes are built as plain dicts in serving.py (faster than models on the hot path);
+# these document them for the OpenAPI schema.
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage

@@ -1,0 +1,111 @@
+"""One pure-ASGI middleware for what every request needs: a body size limit, a request id and
+an access log line with secrets redacted (``?api_key=`` never reaches a log)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+access_log = logging.getLogger("aimichat.access")
+
+_SECRET_PARAMS = re.compile(r"(?i)((?:^|&)(?:api_key|key|token|password)=)[^&]*")
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(413, f"Request body too large: the limit is {limit} bytes.")
+
+
+def redact_query(query: str) -> str:
+    return _SECRET_PARAMS.sub(r"\1[REDACTED]", query)
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int = 1024 * 1024):
+        self.app = app
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        headers = dict(scope["headers"])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or "req-" + secrets.token_hex(8)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await self._too_large(send)
+            self._log(scope, 413, start)
+            return
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_headers = message.setdefault("headers", [])
+                if not any(k.lower() == b"x-request-id" for k, _ in response_headers):
+                    response_headers.append((b"x-request-id", request_id.encode("latin-1")))
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        finally:
+            self._log(scope, status, start)
+
+    async def _too_large(self, send: Send) -> None:
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"Request body too large: the limit is {self.max_body} bytes.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "request_too_large",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    def _log(self, scope: Scope, status: int, start: float) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        state = scope.get("state", {})
+        principal = state.get("principal")
+        query = scope.get("query_string", b"").decode("latin-1")
+        path = scope["path"] + ("?" + redact_query(query) if query else "")
+        record = {
+            "request_id": state.get("request_id"),
+            "method": scope["method"],
+            "path": path,
+            "status": status,
+            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+            "account_id": getattr(principal, "account_id", None),
+            "key_prefix": getattr(principal, "key_prefix", None),
+            "client": (scope.get("client") or ("-",))[0],
+        }
+        access_log.info(json.dumps(record, separators=(",", ":")))

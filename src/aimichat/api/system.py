@@ -1,0 +1,52 @@
+"""Models list, liveness and readiness."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+router = APIRouter()
+log = logging.getLogger(__name__)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    engine = request.app.state.engine
+    return {"object": "list", "data": [_model(engine.model_id, request.app.state.started)]}
+
+
+@router.get("/v1/models/{model_id}")
+async def get_model(request: Request, model_id: str):
+    from .errors import APIError
+
+    engine = request.app.state.engine
+    if model_id != engine.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
+    return _model(engine.model_id, request.app.state.started)
+
+
+def _model(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "aimichat"}
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    state = request.app.state
+    engine_ready, engine_details = state.engine.ready()
+    try:
+        await run_in_threadpool(state.db.ping)
+        database = {"ok": True}
+    except Exception as exc:  # any driver error means "not reachable"; the reason goes to the caller
+        log.warning("readiness: database unreachable: %s", exc)
+        database = {"ok": False, "error": type(exc).__name__}
+    ready = engine_ready and database["ok"]
+    body = {"status": "ready" if ready else "not ready", "engine": engine_details, "database": database}
+    return JSONResponse(body, status_code=200 if ready else 503)

@@ -1,0 +1,82 @@
+"""The application factory: the only place where engine, database and services are wired together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from aimichat.accounts import service as accounts
+from aimichat.api import errors, system, usage
+from aimichat.api.chat import api_router as chat_router
+from aimichat.api.chat.serving import ChatService
+from aimichat.api.middleware import RequestMiddleware
+from aimichat.config import PUBLIC_MODEL_ID, Settings
+from aimichat.engines.base import Engine
+from aimichat.quota.periods import Clock, system_clock
+from aimichat.store.db import Database
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings) -> Engine:
+    from aimichat.engines.embedded import EmbeddedEngine
+
+    return EmbeddedEngine(
+        settings.model_path,
+        model_id=PUBLIC_MODEL_ID,
+        context_length=settings.context_length,
+        threads=settings.threads,
+        system_prompt=settings.system_prompt,
+        repeat_penalty=settings.repeat_penalty,
+        max_queue=settings.max_queue,
+        queue_timeout=settings.queue_timeout,
+    )
+
+
+def prepare_database(db: Database, settings: Settings) -> None:
+    """Apply pending migrations and make sure the default tier exists."""
+    db.upgrade()
+    with db.session() as session:
+        if accounts.ensure_default_tier(session, settings.default_tier):
+            log.info("created the %r tier (100 daily credits)", settings.default_tier)
+        session.commit()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    db: Database | None = None,
+    clock: Clock = system_clock,
+    close_engine: bool = True,
+) -> FastAPI:
+    """Build the ASGI app. Pass ``engine``/``db``/``clock`` to share or control them (tests do)."""
+    settings = settings or Settings()
+    engine = engine or build_engine(settings)
+    db = db or Database(settings.resolved_database_url())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        prepare_database(db, settings)
+        await engine.start()
+        yield
+        if close_engine:
+            await engine.close()
+
+    app = FastAPI(title="AimiChat", version="0.1.0", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.db = db
+    app.state.clock = clock
+    app.state.started = int(time.time())
+    app.state.chat = ChatService(engine, db, clock, settings.default_max_tokens)
+
+    errors.install(app)
+    app.include_router(chat_router.router)
+    app.include_router(usage.router)
+    app.include_router(system.router)
+    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,149 @@
+"""API key lifecycle (create, list, revoke, regenerate) and authentication of a presented key."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from aimichat.store.db import utcnow
+from aimichat.store.models import Account, ApiKey, Tier
+
+from . import tokens
+
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+
+
+class UnknownKey(LookupError):
+    """Unknown key id (or one that belongs to another account)."""
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    key: ApiKey
+    secret: str  # the full key: shown once, never stored
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request is from, with what the quota layer needs, read in one query."""
+
+    account_id: int
+    account_email: str
+    account_disabled: bool
+    key_id: int | None
+    key_prefix: str | None
+    key_last_used_at: dt.datetime | None
+    tier_name: str
+    daily_credits: int
+    monthly_credits: int | None
+    cost_rule: str
+    credits_per_1k_tokens: int
+
+
+def create_key(db: Session, account: Account, name: str) -> CreatedKey:
+    name = clean_name(name)
+    secret = tokens.generate_key()
+    key = ApiKey(
+        account_id=account.id,
+        name=name,
+        key_hash=tokens.hash_key(secret),
+        prefix=tokens.display_prefix(secret),
+        scope="talk",
+        created_at=utcnow(),
+    )
+    db.add(key)
+    db.flush()
+    return CreatedKey(key, secret)
+
+
+def clean_name(name: str) -> str:
+    name = " ".join(name.split())
+    if not name:
+        raise ValueError("a key needs a name")
+    if len(name) > 100:
+        raise ValueError("key names are at most 100 characters")
+    return name
+
+
+def list_keys(db: Session, account_id: int) -> list[ApiKey]:
+    return list(db.scalars(select(ApiKey).where(ApiKey.account_id == account_id).order_by(ApiKey.id)))
+
+
+def get_key(db: Session, key_id: int, account_id: int | None = None) -> ApiKey:
+    key = db.get(ApiKey, key_id)
+    if key is None or (account_id is not None and key.account_id != account_id):
+        raise UnknownKey(f"no API key with id {key_id}")
+    return key
+
+
+def revoke_key(db: Session, key_id: int, account_id: int | None = None) -> ApiKey:
+    key = get_key(db, key_id, account_id)
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+        db.flush()
+    return key
+
+
+def regenerate_key(db: Session, key_id: int, account_id: int | None = None) -> CreatedKey:
+    """Revoke a key and make a new one with the same name."""
+    old = revoke_key(db, key_id, account_id)
+    account = db.get(Account, old.account_id)
+    return create_key(db, account, old.name)
+
+
+def key_status(key: ApiKey) -> str:
+    return "revoked" if key.revoked_at else "active"
+
+
+def authenticate(db: Session, presented: str) -> Principal | None:
+    """The principal for a live key, or None. Malformed keys are refused before any query.
+
+    The lookup is by SHA-256 of the key; comparing hashes in the index leaks nothing useful about
+    the key itself, and the final equality check is constant-time.
+    """
+    if not tokens.is_well_formed(presented):
+        return None
+    digest = tokens.hash_key(presented)
+    row = db.execute(
+        select(ApiKey.id, ApiKey.key_hash, ApiKey.prefix, ApiKey.last_used_at, Account, Tier)
+        .join(Account, Account.id == ApiKey.account_id)
+        .join(Tier, Tier.id == Account.tier_id)
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+    ).first()
+    if row is None or not tokens.secrets.compare_digest(row.key_hash, digest):
+        return None
+    return principal_for(row.Account, row.Tier, key_id=row.id, key_prefix=row.prefix, last_used=row.last_used_at)
+
+
+def principal_for(
+    account: Account,
+    tier: Tier,
+    *,
+    key_id: int | None = None,
+    key_prefix: str | None = None,
+    last_used: dt.datetime | None = None,
+) -> Principal:
+    return Principal(
+        account_id=account.id,
+        account_email=account.email,
+        account_disabled=account.disabled,
+        key_id=key_id,
+        key_prefix=key_prefix,
+        key_last_used_at=last_used,
+        tier_name=tier.name,
+        daily_credits=tier.daily_credits,
+        monthly_credits=tier.monthly_credits,
+        cost_rule=tier.cost_rule,
+        credits_per_1k_tokens=tier.credits_per_1k_tokens,
+    )
+
+
+def touch_last_used(db: Session, principal: Principal, now: dt.datetime) -> None:
+    """Record use at most once a minute per key, so a busy key costs no extra write per request."""
+    last = principal.key_last_used_at
+    if principal.key_id is None or (last is not None and now - last < LAST_USED_RESOLUTION):
+        return
+    db.execute(update(ApiKey).where(ApiKey.id == principal.key_id).values(last_used_at=now))

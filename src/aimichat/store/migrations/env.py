@@ -1,0 +1,17 @@
+"""Alembic environment: the engine comes from the caller (``store.db.upgrade``), never from an ini file."""
+
+from alembic import context
+
+from aimichat.store.models import Base
+
+config = context.config
+engine = config.attributes["engine"]
+
+with engine.begin() as connection:
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    context.run_migrations()

@@ -1,0 +1,111 @@
+"""SQLAlchemy 2 models. Every schema change comes with an Alembic migration in ``migrations/versions``.
+
+Times are naive UTC datetimes throughout (SQLite has no time zones); ``store.db.utcnow`` makes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Tier(Base):
+    __tablename__ = "tiers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    daily_credits: Mapped[int] = mapped_column(Integer)
+    monthly_credits: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cost_rule: Mapped[str] = mapped_column(String(16), default="per_request")  # or "per_token"
+    credits_per_1k_tokens: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Stored lower-cased, which makes the unique constraint case-insensitive on every database.
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    tier_id: Mapped[int] = mapped_column(ForeignKey("tiers.id"))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+    tier: Mapped[Tier] = relationship(lazy="joined")
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # hex SHA-256 of the full key
+    prefix: Mapped[str] = mapped_column(String(32))  # "aimichat_AbCd", shown in lists
+    scope: Mapped[str] = mapped_column(String(16), default="talk")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+    account: Mapped[Account] = relationship(lazy="joined")
+
+
+class UsageCounter(Base):
+    """Credits used by one account in one period; kept in step with the ledger in the same transaction."""
+
+    __tablename__ = "usage_counters"
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)  # "day" | "month"
+    period_start: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageEvent(Base):
+    """The ledger: one row per granted request. Its credits always sum to the counters."""
+
+    __tablename__ = "usage_ledger"
+    __table_args__ = (
+        Index("ix_usage_ledger_account_day", "account_id", "day"),
+        UniqueConstraint("request_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    day: Mapped[dt.date] = mapped_column(Date)  # the UTC day the reservation was made; it is charged there
+    reserved_credits: Mapped[int] = mapped_column(Integer)
+    credits: Mapped[int] = mapped_column(Integer)  # what is counted now: reserved, then the settled charge
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))  # reserved | charged | released
+    estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    settled_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
