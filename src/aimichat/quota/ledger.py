@@ -176,12 +176,13 @@ def _take(db: Session, account_id: int, period: str, start: dt.date, amount: int
 def _create_counter(db: Session, account_id: int, period: str, start: dt.date) -> bool:
     """Create the period's counter if missing (race-safe); True if it was missing."""
     insert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
-    result = db.execute(
+    created = db.scalar(
         insert(UsageCounter)
         .values(account_id=account_id, period=period, period_start=start, used=0)
         .on_conflict_do_nothing()
+        .returning(UsageCounter.account_id)
     )
-    return result.rowcount == 1
+    return created is not None
 
 
 def _affordable(db: Session, principal: Principal, day: dt.date, month: dt.date, cost: Cost) -> int:
@@ -246,7 +247,7 @@ def settle(
     """Fix the final charge (never above the reservation) and refund the rest. Idempotent."""
     credits = max(0, min(credits, reservation.credits))
     try:
-        changed = db.execute(
+        changed = db.scalar(
             update(UsageEvent)
             .where(UsageEvent.id == reservation.ledger_id, UsageEvent.status == "reserved")
             .values(
@@ -257,7 +258,8 @@ def settle(
                 estimated=estimated,
                 settled_at=now,
             )
-        ).rowcount
+            .returning(UsageEvent.id)
+        ) is not None
         refund = reservation.credits - credits
         if changed and refund:
             _refund(db, reservation.account_id, "day", reservation.day, refund)
