@@ -7,6 +7,7 @@ the only place that maps exceptions to HTTP answers.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +29,9 @@ _TYPES = {
     413: "invalid_request_error",
     503: "service_unavailable",
 }
+
+
+_NAMED_REFUSAL = re.compile(r"^'(\w+)': ")
 
 
 class APIError(Exception):
@@ -118,7 +122,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "We could not parse the JSON body of your request. Send valid JSON.", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    named = _NAMED_REFUSAL.match(msg)
+    if named and not param:  # our own refusals name the field they are about
+        return msg, named.group(1)
     if first.get("type") == "missing":
         return f"Missing required parameter: '{param}'.", param
     return (f"Invalid value for '{param}': {msg}." if param else f"Invalid request body: {msg}."), param

@@ -109,11 +109,12 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="after")
     def _refuse_unsupported_values(self) -> ChatCompletionRequest:
         if self.n not in (None, 1):
-            raise ValueError("'n': only n=1 is supported by this server")
+            raise ValueError("'n': more than one choice (n > 1) is not supported by this server")
         if self.logprobs:
             raise ValueError("'logprobs': logprobs are not supported by this server")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("'response_format': only the 'text' format is supported by this server")
+            kind = self.response_format.get("type")
+            raise ValueError(f"'response_format': the '{kind}' format is not supported by this server, only 'text'")
         for message in self.messages:
             message.text()  # raises for image or audio parts
         return self

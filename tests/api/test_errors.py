@@ -1,0 +1,131 @@
+"""Every bad input answers its 4xx in OpenAI's error shape; nothing answers 500."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from aimichat.store.db import Database
+from conftest import make_account, make_key, serve_app
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("errors")
+    db = Database(f"sqlite:///{tmp / 'aimichat.db'}")
+    with serve_app(engine, db, tmp) as live:
+        make_account(db, "errors@example.com", daily=100_000)
+        live.key = make_key(db, "errors@example.com")
+        live.db = db
+        yield live
+
+
+def post(server, body=None, *, data=None, headers=None, path="/v1/chat/completions"):
+    headers = {"Authorization": f"Bearer {server.key}", **(headers or {})}
+    if data is not None:
+        return requests.post(server.url + path, data=data, headers={"Content-Type": "application/json", **headers}, timeout=60)
+    return requests.post(server.url + path, json=body, headers=headers, timeout=60)
+
+
+def assert_error(response, status, code=None, param=None):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({}, "messages"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
+        ({"messages": USER, "temperature": 2.5}, "temperature"),
+        ({"messages": USER, "top_p": 0}, "top_p"),
+        ({"messages": USER, "max_tokens": 0}, "max_tokens"),
+        ({"messages": USER, "max_tokens": "lots"}, "max_tokens"),
+        ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": USER, "presence_penalty": 5}, "presence_penalty"),
+    ],
+)
+def test_schema_violations_are_400(server, body, param):
+    error = assert_error(post(server, body), 400)
+    assert error["type"] == "invalid_request_error"
+    if param:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "extra, word",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    ],
+)
+def test_fields_we_cannot_honour_are_refused_by_name(server, extra, word):
+    error = assert_error(post(server, {"messages": USER, **extra}), 400)
+    assert word in error["message"] and "not supported" in error["message"]
+
+
+def test_image_parts_are_refused(server):
+    content = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    error = assert_error(post(server, {"messages": [{"role": "user", "content": content}]}), 400)
+    assert "image_url" in error["message"]
+
+
+def test_malformed_json_is_400(server):
+    error = assert_error(post(server, data=b'{"messages": [}'), 400)
+    assert "JSON" in error["message"]
+    assert_error(post(server, data=b"[1, 2]"), 400)
+    assert_error(post(server, data=b""), 400)
+
+
+def test_unknown_model_is_404_model_not_found(server):
+    assert_error(post(server, {"messages": USER, "model": "gpt-4"}), 404, code="model_not_found", param="model")
+
+
+def test_unknown_route_and_wrong_method(server):
+    assert_error(requests.get(server.url + "/nope", timeout=10), 404)
+    assert_error(requests.get(server.url + "/v1/chat/completions", timeout=10), 405)
+    assert_error(requests.delete(server.url + "/v1/models", timeout=10), 405)
+
+
+def test_body_over_one_mebibyte_is_413(server):
+    big = {"messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]}
+    assert_error(post(server, big), 413)
+
+
+def test_chunked_body_over_the_limit_is_413(server):
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(300):
+            yield b"y" * 4096
+        yield b'"}]}'
+
+    assert_error(post(server, data=chunks()), 413)
+
+
+def test_prompt_longer_than_the_context_is_400_context_length_exceeded(server, engine):
+    words = " ".join(["banana"] * (engine.context_length + 100))
+    error = assert_error(post(server, {"messages": [{"role": "user", "content": words}]}), 400, code="context_length_exceeded")
+    assert str(engine.context_length) in error["message"]
+
+
+def test_max_tokens_is_clamped_to_what_fits(server, engine):
+    words = " ".join(["apple"] * (engine.context_length - 60))
+    r = post(server, {"messages": [{"role": "user", "content": words}], "max_tokens": 5000, "temperature": 0})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["total_tokens"] <= engine.context_length
