@@ -154,35 +154,35 @@ def _try_reserve(db: Session, principal: Principal, cost: Cost, request_id: str,
 
 def _take(db: Session, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
     """Add ``amount`` if it fits under ``limit``; the new total, or None if it does not fit."""
-    for _ in range(2):
-        used = db.scalar(
-            update(UsageCounter)
-            .where(
-                UsageCounter.account_id == account_id,
-                UsageCounter.period == period,
-                UsageCounter.period_start == start,
-                UsageCounter.used + amount <= limit,
-            )
-            .values(used=UsageCounter.used + amount)
-            .returning(UsageCounter.used)
+    used = _add(db, account_id, period, start, amount, limit)
+    if used is None:
+        # Maybe the period's first request: create the row (a no-op if a concurrent request just
+        # did, in which case PostgreSQL waits for it to commit) and try again against what is there.
+        _create_counter(db, account_id, period, start)
+        used = _add(db, account_id, period, start, amount, limit)
+    return used
+
+
+def _add(db: Session, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
+    return db.scalar(
+        update(UsageCounter)
+        .where(
+            UsageCounter.account_id == account_id,
+            UsageCounter.period == period,
+            UsageCounter.period_start == start,
+            UsageCounter.used + amount <= limit,
         )
-        if used is not None:
-            return used
-        if not _create_counter(db, account_id, period, start):
-            return None  # the row exists, so the amount does not fit
-    return None
-
-
-def _create_counter(db: Session, account_id: int, period: str, start: dt.date) -> bool:
-    """Create the period's counter if missing (race-safe); True if it was missing."""
-    insert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
-    created = db.scalar(
-        insert(UsageCounter)
-        .values(account_id=account_id, period=period, period_start=start, used=0)
-        .on_conflict_do_nothing()
-        .returning(UsageCounter.account_id)
+        .values(used=UsageCounter.used + amount)
+        .returning(UsageCounter.used)
     )
-    return created is not None
+
+
+def _create_counter(db: Session, account_id: int, period: str, start: dt.date) -> None:
+    """Create the period's counter if missing (race-safe)."""
+    insert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
+    db.execute(
+        insert(UsageCounter).values(account_id=account_id, period=period, period_start=start, used=0).on_conflict_do_nothing()
+    )
 
 
 def _affordable(db: Session, principal: Principal, day: dt.date, month: dt.date, cost: Cost) -> int:

@@ -1,0 +1,248 @@
+"""Credits through the real HTTP server: exact 429s, headers on every answer, fair charges."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from aimichat.engines.base import EngineError, Finish
+from aimichat.store.db import Database
+from aimichat.store.models import UsageEvent
+from conftest import MutableClock, free_port, make_account, make_key, new_postgres_database, serve_app
+
+HELLO = {"messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 1}
+SPEC_429_KEYS = ["error", "message", "limit", "used", "resetAt"]
+
+
+async def fire(urls_and_keys: list[tuple[str, str]], body: dict) -> list[httpx.Response]:
+    """Send all requests at once (one per (url, key) pair) and return every response."""
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        return await asyncio.gather(
+            *(client.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) for url, key in urls_and_keys)
+        )
+
+
+def ledger_rows(db: Database) -> list[UsageEvent]:
+    with db.session() as s:
+        return list(s.scalars(select(UsageEvent).order_by(UsageEvent.id)))
+
+
+def assert_spec_429(r: httpx.Response, limit: int, message="Daily credit limit reached"):
+    assert r.status_code == 429
+    body = r.json()
+    assert list(body) == SPEC_429_KEYS
+    assert body["error"] == "Rate limit exceeded" and body["message"] == message
+    assert body["limit"] == limit and body["used"] == limit
+    reset = dt.datetime.strptime(body["resetAt"], "%Y-%m-%dT%H:%M:%SZ")
+    assert r.headers["x-ratelimit-remaining"] == "0" or message.startswith("Monthly")
+    return body, reset
+
+
+def test_100_concurrent_requests_from_two_keys_against_20_credits(engine, database, tmp_path):
+    make_account(database, daily=20)
+    k1, k2 = make_key(database, name="one"), make_key(database, name="two")
+    with serve_app(engine, database, tmp_path) as server:
+        responses = asyncio.run(fire([(server.url, k1 if i % 2 else k2) for i in range(100)], HELLO))
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 20 and statuses.count(429) == 80
+    for r in responses:
+        assert {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= set(r.headers)
+        if r.status_code == 429:
+            assert_spec_429(r, 20)
+    remaining = sorted(int(r.headers["x-ratelimit-remaining"]) for r in responses if r.status_code == 200)
+    assert remaining == list(range(20))  # every grant saw its own, distinct place in the allotment
+    rows = ledger_rows(database)
+    assert len(rows) == 20 and all(r.status == "charged" and r.credits == 1 for r in rows)
+
+
+def test_two_server_processes_sharing_postgresql_never_oversell(tmp_path):
+    url, drop = new_postgres_database()
+    db = Database(url)
+    db.upgrade()
+    procs = []
+    try:
+        make_account(db, "fleet@example.com", daily=20)
+        key = make_key(db, "fleet@example.com")
+        ports = [free_port(), free_port()]
+        for port in ports:
+            env = {**os.environ, "AIMICHAT_DATABASE_URL": url, "AIMICHAT_DATA_DIR": str(tmp_path), "AIMICHAT_CONTEXT_LENGTH": "1024"}
+            procs.append(subprocess.Popen([sys.executable, "-m", "aimichat", "serve", "--port", str(port), "--log-level", "warning"],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        wait_ready(urls, procs)
+        responses = asyncio.run(fire([(urls[i % 2], key) for i in range(100)], HELLO))
+        statuses = [r.status_code for r in responses]
+        assert statuses.count(200) == 20 and statuses.count(429) == 80
+        assert len(ledger_rows(db)) == 20
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
+        db.dispose()
+        drop()
+
+
+def wait_ready(urls, procs, timeout=60):
+    deadline = time.monotonic() + timeout
+    for url, proc in zip(urls, procs):
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+
+
+def test_streams_carry_the_headers_and_the_usage_chunk_carries_remaining_credits(engine, database, tmp_path):
+    make_account(database, daily=5)
+    key = make_key(database)
+    body = {**HELLO, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    with serve_app(engine, database, tmp_path) as server, server.client() as c:
+        with c.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.headers["x-ratelimit-limit"] == "5" and r.headers["x-ratelimit-remaining"] == "4"
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    usage = json.loads(events[-2])
+    assert usage["x_ratelimit"] == {"limit": 5, "remaining": 4, "reset": r.headers["x-ratelimit-reset"]}
+
+
+def test_rollover_at_midnight_and_retry_after_agrees_with_reset_at(engine, database, tmp_path):
+    clock = MutableClock(dt.datetime(2024, 1, 18, 23, 59, 0))
+    make_account(database, daily=1)
+    key = make_key(database)
+    with serve_app(engine, database, tmp_path, clock=clock) as server, server.client() as c:
+        headers = {"Authorization": f"Bearer {key}"}
+        ok = c.post("/v1/chat/completions", json=HELLO, headers=headers)
+        assert ok.status_code == 200 and ok.headers["x-ratelimit-reset"] == "2024-01-19T00:00:00Z"
+        refused = c.post("/v1/chat/completions", json=HELLO, headers=headers)
+        body, reset = assert_spec_429(refused, 1)
+        assert body["resetAt"] == "2024-01-19T00:00:00Z"
+        assert int(refused.headers["retry-after"]) == (reset - clock.now).total_seconds() == 60
+        clock.advance(seconds=60)
+        assert c.post("/v1/chat/completions", json=HELLO, headers=headers).status_code == 200
+
+
+def test_monthly_limit_answers_with_its_own_message(engine, database, tmp_path):
+    clock = MutableClock(dt.datetime(2024, 1, 31, 10, 0, 0))
+    make_account(database, daily=5, monthly=1)
+    key = make_key(database)
+    with serve_app(engine, database, tmp_path, clock=clock) as server, server.client() as c:
+        headers = {"X-API-Key": key}
+        assert c.post("/v1/chat/completions", json=HELLO, headers=headers).status_code == 200
+        refused = c.post("/v1/chat/completions", json=HELLO, headers=headers)
+        body, _ = assert_spec_429(refused, 1, "Monthly credit limit reached")
+        assert body["resetAt"] == "2024-02-01T00:00:00Z"
+        assert int(refused.headers["retry-after"]) == 14 * 3600
+
+
+def test_per_token_charge_equals_the_tokens_used(engine, database, tmp_path):
+    make_account(database, daily=10_000, cost_rule="per_token", per_1k=1000)  # 1 credit per token
+    key = make_key(database)
+    with serve_app(engine, database, tmp_path) as server, server.client() as c:
+        r = c.post("/v1/chat/completions", json={**HELLO, "max_tokens": 20}, headers={"Authorization": f"Bearer {key}"})
+    usage = r.json()["usage"]
+    assert int(r.headers["x-ratelimit-remaining"]) == 10_000 - usage["total_tokens"]  # the unused reservation came back
+    [row] = ledger_rows(database)
+    assert row.credits == usage["total_tokens"] and row.reserved_credits == usage["prompt_tokens"] + 20
+    assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
+
+
+def test_per_token_clamps_max_tokens_to_what_the_credits_pay_for(engine, database, tmp_path):
+    make_account(database, daily=50, cost_rule="per_token", per_1k=1000)
+    key = make_key(database)
+    with serve_app(engine, database, tmp_path) as server, server.client() as c:
+        r = c.post("/v1/chat/completions", json={**HELLO, "max_tokens": 500, "temperature": 0,
+                   "messages": [{"role": "user", "content": "Write a long essay about rivers."}]}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        usage = r.json()["usage"]
+        assert usage["total_tokens"] == 50 and r.json()["choices"][0]["finish_reason"] == "length"
+        assert r.headers["x-ratelimit-remaining"] == "0"
+        assert c.post("/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}).status_code == 429
+
+
+def test_a_stream_cut_by_the_client_is_charged_for_what_was_sent(engine, database, tmp_path):
+    make_account(database, daily=10_000, cost_rule="per_token", per_1k=1000)
+    key = make_key(database)
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": True}
+    with serve_app(engine, database, tmp_path) as server, server.client() as c:
+        with c.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+            lines = r.iter_lines()
+            got = [line for line, _ in zip(lines, range(20)) if line.startswith("data: ")]
+        time.sleep(0.5)
+    [row] = ledger_rows(database)
+    assert row.status == "charged"
+    assert len(got) - 1 <= row.completion_tokens < 40  # deltas received (first event is the role)
+    assert row.credits == row.prompt_tokens + row.completion_tokens < row.reserved_credits
+
+
+class FailingEngine:
+    """The real engine, made to fail: before any output, or after ``after`` pieces."""
+
+    def __init__(self, inner, after: int | None = None):
+        self.inner, self.after = inner, after
+        self.model_id = inner.model_id
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, prompt, params):
+        if self.after is None:
+            raise EngineError("injected failure")
+        n = 0
+        async for event in self.inner.generate(prompt, params):
+            if isinstance(event, Finish) or n == self.after:
+                raise EngineError("injected failure")
+            n += 1
+            yield event
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_failure_before_output_is_charged_nothing(engine, database, tmp_path, stream):
+    make_account(database, daily=10)
+    key = make_key(database)
+    with serve_app(FailingEngine(engine), database, tmp_path) as server, server.client() as c:
+        r = c.post("/v1/chat/completions", json={**HELLO, "stream": stream}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert r.json()["error"]["code"] == "engine_error"
+    [row] = ledger_rows(database)
+    assert (row.status, row.credits) == ("released", 0)
+
+
+def test_an_engine_failure_mid_stream_ends_with_an_error_event_and_charges_what_was_sent(engine, database, tmp_path):
+    make_account(database, daily=1000, cost_rule="per_token", per_1k=1000)
+    key = make_key(database)
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 100, "stream": True}
+    with serve_app(FailingEngine(engine, after=5), database, tmp_path) as server, server.client() as c:
+        r = c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    [row] = ledger_rows(database)
+    assert row.status == "charged" and row.completion_tokens == 5
+
+
+def test_usage_endpoint_reports_today_month_and_keys_and_costs_nothing(engine, database, tmp_path):
+    make_account(database, daily=10, monthly=100)
+    k1, k2 = make_key(database, name="laptop"), make_key(database, name="server")
+    with serve_app(engine, database, tmp_path) as server, server.client() as c:
+        for key in (k1, k1, k2):
+            assert c.post("/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        usage = c.get("/v1/usage", headers={"Authorization": f"Bearer {k1}"}).json()
+        again = c.get("/v1/usage", headers={"Authorization": f"Bearer {k1}"}).json()
+    assert usage == again
+    assert usage["daily"]["used"] == 3 and usage["daily"]["remaining"] == 7 and usage["daily"]["limit"] == 10
+    assert usage["monthly"]["used"] == 3 and usage["monthly"]["limit"] == 100
+    assert [(k["name"], k["credits"]) for k in usage["keys_today"]] == [("laptop", 2), ("server", 1)]

@@ -1,0 +1,159 @@
+"""The credit ledger called directly, on SQLite and PostgreSQL: exact, never oversold, never double-charged."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import func, select
+
+from aimichat.accounts import service as accounts
+from aimichat.keys.service import principal_for
+from aimichat.quota import ledger
+from aimichat.quota.ledger import Cost, Refusal, Reservation
+from aimichat.store.models import UsageCounter, UsageEvent
+from conftest import make_account
+
+NOON = dt.datetime(2024, 1, 18, 12, 0, 0)
+
+
+def principal(database, email="user@example.com"):
+    with database.session() as s:
+        account = accounts.get_account(s, email)
+        return principal_for(account, account.tier)
+
+
+def reserve(database, p, cost=Cost(1, 1), now=NOON):
+    with database.session() as s:
+        return ledger.reserve(s, p, cost, request_id="req-" + secrets.token_hex(8), now=now)
+
+
+def ledger_total(database, account_id, day):
+    with database.session() as s:
+        credits = s.scalar(select(func.coalesce(func.sum(UsageEvent.credits), 0)).where(UsageEvent.account_id == account_id, UsageEvent.day == day))
+        counter = s.scalar(select(UsageCounter.used).where(UsageCounter.account_id == account_id, UsageCounter.period == "day", UsageCounter.period_start == day))
+        return int(credits), counter
+
+
+def test_reservations_stop_exactly_at_the_daily_limit(database):
+    make_account(database, daily=3)
+    p = principal(database)
+    results = [reserve(database, p) for _ in range(4)]
+    assert [type(r) for r in results] == [Reservation] * 3 + [Refusal]
+    assert [r.remaining for r in results[:3]] == [2, 1, 0]
+    refusal = results[3]
+    assert (refusal.message, refusal.limit, refusal.used) == ("Daily credit limit reached", 3, 3)
+    assert refusal.reset_at == dt.datetime(2024, 1, 19)
+    assert refusal.retry_after == 12 * 3600
+
+
+def test_concurrent_reservations_are_never_oversold(database):
+    make_account(database, daily=20)
+    p = principal(database)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda _: reserve(database, p), range(100)))
+    granted = [r for r in results if isinstance(r, Reservation)]
+    assert len(granted) == 20
+    assert sorted(r.day_used for r in granted) == list(range(1, 21))
+    assert ledger_total(database, p.account_id, NOON.date()) == (20, 20)
+
+
+def test_settle_is_idempotent_and_release_refunds_everything(database):
+    make_account(database, daily=10)
+    p = principal(database)
+    first, second = reserve(database, p), reserve(database, p)
+    with database.session() as s:
+        assert ledger.settle(s, first, credits=1, prompt_tokens=5, completion_tokens=7, now=NOON) is True
+        assert ledger.settle(s, first, credits=1, prompt_tokens=5, completion_tokens=7, now=NOON) is False
+        assert ledger.release(s, second, now=NOON) is True
+        assert ledger.release(s, second, now=NOON) is False
+    assert ledger_total(database, p.account_id, NOON.date()) == (1, 1)
+
+
+def test_per_token_reserves_prompt_plus_max_tokens_and_refunds_the_rest(database):
+    make_account(database, daily=1000, cost_rule="per_token", per_1k=10)
+    p = principal(database)
+    cost = ledger.request_cost(p, prompt_tokens=150, max_tokens=850)
+    assert cost == Cost(want=10, minimum=2)  # ceil(1000*10/1000), ceil(151*10/1000)
+    r = reserve(database, p, cost)
+    assert r.credits == 10
+    charge = ledger.final_charge(p, r, prompt_tokens=150, completion_tokens=51)
+    assert charge == 3  # 201 tokens at 10 credits per 1k, rounded up
+    with database.session() as s:
+        ledger.settle(s, r, credits=charge, prompt_tokens=150, completion_tokens=51, now=NOON)
+    assert ledger_total(database, p.account_id, NOON.date()) == (3, 3)
+
+
+def test_per_token_grants_what_is_left_when_the_full_reservation_does_not_fit(database):
+    make_account(database, daily=5, cost_rule="per_token", per_1k=1000)  # one credit per token
+    p = principal(database)
+    r = reserve(database, p, Cost(want=9, minimum=3))
+    assert r.credits == 5 and r.remaining == 0
+    assert ledger.affordable_tokens(p, r.credits) == 5
+    assert isinstance(reserve(database, p, Cost(want=9, minimum=3)), Refusal)
+
+
+def test_monthly_limit_is_checked_with_the_daily_one(database):
+    make_account(database, daily=10, monthly=12)
+    p = principal(database)
+    for _ in range(10):
+        assert isinstance(reserve(database, p), Reservation)
+    next_day = NOON + dt.timedelta(days=1)
+    assert isinstance(reserve(database, p, now=next_day), Reservation)
+    assert isinstance(reserve(database, p, now=next_day), Reservation)
+    refusal = reserve(database, p, now=next_day)
+    assert (refusal.message, refusal.limit, refusal.used) == ("Monthly credit limit reached", 12, 12)
+    assert refusal.reset_at == dt.datetime(2024, 2, 1)
+    assert isinstance(reserve(database, p, now=dt.datetime(2024, 2, 1)), Reservation)
+
+
+def test_daily_credits_reset_at_midnight_utc(database):
+    make_account(database, daily=1)
+    p = principal(database)
+    late = dt.datetime(2024, 1, 18, 23, 59, 59)
+    assert isinstance(reserve(database, p, now=late), Reservation)
+    refusal = reserve(database, p, now=late)
+    assert refusal.retry_after == 1 and refusal.reset_at == dt.datetime(2024, 1, 19)
+    assert isinstance(reserve(database, p, now=dt.datetime(2024, 1, 19, 0, 0, 0)), Reservation)
+
+
+def test_a_request_spanning_midnight_stays_on_the_day_it_was_reserved(database):
+    make_account(database, daily=100, cost_rule="per_token", per_1k=1000)
+    p = principal(database)
+    r = reserve(database, p, Cost(want=50, minimum=10), now=dt.datetime(2024, 1, 18, 23, 59, 59))
+    with database.session() as s:
+        ledger.settle(s, r, credits=20, prompt_tokens=10, completion_tokens=10, now=dt.datetime(2024, 1, 19, 0, 0, 5))
+    assert ledger_total(database, p.account_id, dt.date(2024, 1, 18)) == (20, 20)
+    assert ledger_total(database, p.account_id, dt.date(2024, 1, 19)) == (0, None)
+
+
+def test_month_rollover_on_december_31(database):
+    make_account(database, daily=5, monthly=5)
+    p = principal(database)
+    eve = dt.datetime(2024, 12, 31, 18, 0, 0)
+    for _ in range(5):
+        reserve(database, p, now=eve)
+    refusal = reserve(database, p, now=eve)
+    assert refusal.message == "Daily credit limit reached"  # both are spent: the daily one is named
+    assert refusal.reset_at == dt.datetime(2025, 1, 1)
+    assert isinstance(reserve(database, p, now=dt.datetime(2025, 1, 1)), Reservation)
+
+
+def test_all_keys_of_an_account_share_one_allotment(database):
+    from aimichat.keys import service as keys
+
+    make_account(database, daily=2)
+    with database.session() as s:
+        account = accounts.get_account(s, "user@example.com")
+        k1, k2 = keys.create_key(s, account, "one"), keys.create_key(s, account, "two")
+        s.commit()
+        p1 = keys.authenticate(s, k1.secret)
+        p2 = keys.authenticate(s, k2.secret)
+    assert isinstance(reserve(database, p1), Reservation)
+    assert isinstance(reserve(database, p2), Reservation)
+    assert isinstance(reserve(database, p1), Refusal)
+    with database.session() as s:
+        summary = ledger.summary(s, p1, NOON)
+    assert [k["credits"] for k in summary.per_key_today] == [1, 1]
+    assert summary.day_used == 2
