@@ -131,6 +131,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"Invalid value for '{param}': {msg}." if param else f"Invalid request body: {msg}."), param
 
 
+async def _refuse_key_outside_talk_mode(request: Request) -> JSONResponse | None:
+    """A valid key asking for an API we do not offer is told keys are for talk mode only."""
+    from .auth import presented_key, require_key
+
+    if presented_key(request, request.app.state.settings.allow_query_key) is None:
+        return None
+    try:
+        await require_key(request)
+    except APIError as exc:
+        return exc.response()
+    return mode_not_allowed(f"{request.method} {request.url.path}").response()
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -146,7 +159,11 @@ def install(app: FastAPI) -> None:
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404 and request.url.path.startswith("/v1/"):
+            refused = await _refuse_key_outside_talk_mode(request)
+            if refused is not None:
+                return refused
         messages = {404: "Not found. See /v1/models and /v1/chat/completions.", 405: "Method not allowed."}
         message = exc.detail if isinstance(exc.detail, str) and exc.status_code not in messages else messages.get(exc.status_code, str(exc.detail))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -1,0 +1,173 @@
+"""API keys: the token format, authentication over HTTP, revocation, and that keys never leak."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import requests
+from sqlalchemy import event
+
+from aimichat.accounts import service as accounts
+from aimichat.keys import service as keys
+from aimichat.keys import tokens
+from conftest import make_account, make_key, serve_app
+
+HELLO = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+
+
+# -- the token format ----------------------------------------------------------------------------
+
+
+def test_keys_have_the_documented_shape_and_checksum():
+    key = tokens.generate_key()
+    assert key.startswith("aimichat_") and len(key) == 9 + 32 + 6
+    assert key[9:].isalnum()
+    assert tokens.is_well_formed(key)
+    assert len({tokens.generate_key() for _ in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda k: k[:-1] + ("A" if k[-1] != "A" else "B"),  # checksum typo
+        lambda k: k[:12] + ("x" if k[12] != "x" else "y") + k[13:],  # body typo
+        lambda k: k[:-1],  # truncated
+        lambda k: "sk-" + k[9:],  # wrong prefix
+        lambda k: k[:20] + "-" + k[21:],  # not base62
+        lambda k: "",
+    ],
+)
+def test_mistyped_keys_fail_the_checksum(mangle):
+    assert not tokens.is_well_formed(mangle(tokens.generate_key()))
+
+
+def test_keys_are_stored_as_sha256_with_a_display_prefix(database):
+    make_account(database)
+    with database.session() as s:
+        created = keys.create_key(s, accounts.get_account(s, "user@example.com"), "ci")
+        s.commit()
+        stored = keys.get_key(s, created.key.id)
+    assert stored.key_hash == tokens.hash_key(created.secret) and created.secret not in stored.key_hash
+    assert stored.prefix == created.secret[:13]
+
+
+# -- authentication over HTTP --------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(engine, database, tmp_path):
+    make_account(database, daily=1000)
+    with serve_app(engine, database, tmp_path) as live:
+        live.db = database
+        live.key = make_key(database)
+        yield live
+
+
+def chat(server, headers=None, params=None, body=HELLO):
+    return requests.post(f"{server.url}/v1/chat/completions", json=body, headers=headers or {}, params=params, timeout=60)
+
+
+def assert_401(r):
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_all_three_ways_to_send_a_key(server):
+    assert chat(server, {"Authorization": f"Bearer {server.key}"}).status_code == 200
+    assert chat(server, {"X-API-Key": server.key}).status_code == 200
+    assert chat(server, params={"api_key": server.key}).status_code == 200
+
+
+def test_the_first_key_present_wins(server):
+    other = tokens.generate_key()  # well formed, unknown
+    assert_401(chat(server, {"Authorization": f"Bearer {other}", "X-API-Key": server.key}))
+    assert chat(server, {"X-API-Key": server.key}, params={"api_key": other}).status_code == 200
+
+
+def test_missing_malformed_and_unknown_keys_are_401(server):
+    assert_401(chat(server))
+    assert_401(chat(server, {"Authorization": "Bearer "}))
+    assert_401(chat(server, {"Authorization": "Basic dXNlcjpwYXNz"}))
+    assert_401(chat(server, {"X-API-Key": "aimichat_your_api_key_here"}))
+    assert_401(chat(server, {"X-API-Key": tokens.generate_key()}))
+
+
+def test_a_bad_checksum_is_refused_without_a_database_query(server):
+    statements = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(server.db.engine, "before_cursor_execute", listener)
+    try:
+        assert_401(chat(server, {"Authorization": f"Bearer {server.key[:-1]}{'A' if server.key[-1] != 'A' else 'B'}"}))
+    finally:
+        event.remove(server.db.engine, "before_cursor_execute", listener)
+    assert statements == []
+
+
+def test_a_revoked_key_stops_working_at_once(server):
+    assert chat(server, {"X-API-Key": server.key}).status_code == 200
+    with server.db.session() as s:
+        [key] = keys.list_keys(s, accounts.get_account(s, "user@example.com").id)
+        keys.revoke_key(s, key.id)
+        s.commit()
+    assert_401(chat(server, {"X-API-Key": server.key}))
+
+
+def test_a_disabled_account_is_403(server):
+    with server.db.session() as s:
+        accounts.set_disabled(s, "user@example.com")
+        s.commit()
+    r = chat(server, {"X-API-Key": server.key})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "account_disabled"
+
+
+def test_keys_give_talk_mode_only(server):
+    r = chat(server, {"X-API-Key": server.key}, body={**HELLO, "mode": "image"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "mode_not_allowed"
+    assert chat(server, {"X-API-Key": server.key}, body={**HELLO, "mode": "talk"}).status_code == 200
+    for path in ("/v1/embeddings", "/v1/images/generations", "/v1/audio/speech"):
+        r = requests.post(server.url + path, json={}, headers={"X-API-Key": server.key}, timeout=10)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "mode_not_allowed", path
+
+
+def test_last_used_is_recorded_at_most_once_a_minute(server):
+    for _ in range(3):
+        assert chat(server, {"X-API-Key": server.key}).status_code == 200
+    with server.db.session() as s:
+        [key] = keys.list_keys(s, accounts.get_account(s, "user@example.com").id)
+        assert key.last_used_at is not None
+
+
+def test_a_query_string_key_never_reaches_the_access_log(server, caplog):
+    with caplog.at_level(logging.INFO, logger="aimichat.access"):
+        assert chat(server, params={"api_key": server.key, "x": "1"}).status_code == 200
+        assert_401(chat(server, params={"api_key": server.key[:-2] + "zz"}))
+    lines = [r.getMessage() for r in caplog.records if r.name == "aimichat.access"]
+    assert len(lines) == 2 and all("api_key=[REDACTED]" in line for line in lines)
+    assert not any(server.key[9:20] in line for line in caplog.text.splitlines())
+
+
+def test_the_query_string_key_can_be_turned_off(engine, database, tmp_path):
+    make_account(database)
+    key = make_key(database)
+    with serve_app(engine, database, tmp_path, allow_query_key=False) as live:
+        assert_401(chat(live, params={"api_key": key}))
+        assert chat(live, {"X-API-Key": key}).status_code == 200
+
+
+def test_the_database_file_holds_no_plaintext_key(engine, sqlite_url, tmp_path):
+    from aimichat.store.db import Database
+
+    db = Database(sqlite_url)
+    with serve_app(engine, db, tmp_path) as live:
+        make_account(db)
+        key = make_key(db)
+        assert chat(live, {"X-API-Key": key}).status_code == 200
+    db.dispose()
+    files = list(Path(sqlite_url.split(":///")[1]).parent.glob("aimichat.db*"))
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        assert key.encode() not in data and key[9:41].encode() not in data
