@@ -49,7 +49,7 @@ def _session() -> Iterator[Session]:
         session.commit()
     except (accounts.AccountError, keys.UnknownKey, ValueError) as exc:
         session.rollback()
-        raise click.ClickException(str(exc).strip("'\"")) from None
+        raise click.ClickException(str(exc)) from None
     finally:
         session.close()
         db.dispose()
