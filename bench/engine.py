@@ -1,0 +1,147 @@
+"""Embedded engine through the API vs a raw llama-cpp-python loop, same model, same prompts, one run.
+
+    .venv/bin/python bench/engine.py [--tokens 200] [--reps 3]
+
+(a) raw: llama-cpp-python's ``Llama.generate`` on the exact prompt tokens the API would use;
+(b) api: ``aimichat serve`` in its own process (free port, throwaway data dir), one streaming client.
+Both greedy (temperature 0), so both produce the same tokens. Prints tokens/s (decode rate after the
+first token) and time to first token for each, and last ``engine_ratio=<api tok/s ÷ raw tok/s>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from aimichat.config import Settings
+from aimichat.engines.base import Message
+from aimichat.engines.embedded import EmbeddedEngine
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a map.",
+    "Write a long story about a cat who learns to sail.",
+    "Write a long story about a city built on the back of a whale.",
+    "Write a long story about two robots planting a garden.",
+    "Write a long story about a baker in the mountains.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_raw(engine: EmbeddedEngine, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(ttft seconds, decode tokens/s, tokens) for the bare llama-cpp-python loop."""
+    import llama_cpp
+
+    llm = engine._llm
+    tokens = engine.tokenize_chat([Message("user", prompt)])
+    vocab = llm._model.vocab
+    start = time.perf_counter()
+    first = None
+    n = 0
+    generated: list[int] = []
+    for token in llm.generate(tokens, temp=0.0, top_p=1.0, repeat_penalty=engine.repeat_penalty):
+        if llama_cpp.llama_vocab_is_eog(vocab, token):
+            break
+        llm.detokenize([token], prev_tokens=generated)  # a fair loop turns tokens into text too
+        generated.append(token)
+        n += 1
+        if first is None:
+            first = time.perf_counter()
+        if n >= max_tokens:
+            break
+    end = time.perf_counter()
+    return first - start, (n - 1) / (end - first), n
+
+
+def measure_api(url: str, key: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with httpx.Client(timeout=300) as client, client.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if '"delta":{"content"' in line:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+            elif '"usage"' in line:
+                tokens = int(line.split('"completion_tokens":')[1].split(",")[0])
+    return first - start, (tokens - 1) / (last - first), tokens
+
+
+def start_server(data_dir: str) -> tuple[subprocess.Popen, str, str]:
+    env = {**os.environ, "AIMICHAT_DATA_DIR": data_dir, "AIMICHAT_PARALLEL": os.environ.get("AIMICHAT_PARALLEL", "1")}
+    aimichat = [sys.executable, "-m", "aimichat"]
+    subprocess.run([*aimichat, "accounts", "create", "bench@example.com", "--password", "bench-password"], env=env, check=True, capture_output=True)
+    tier = ["tiers", "set", "free", "--daily-credits", "1000000"]
+    subprocess.run([*aimichat, *tier], env=env, check=True, capture_output=True)
+    key = subprocess.run([*aimichat, "keys", "create", "bench@example.com", "--name", "bench"], env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    port = free_port()
+    proc = subprocess.Popen([*aimichat, "serve", "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url, key
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=len(PROMPTS))
+    args = parser.parse_args()
+    settings = Settings()
+    engine = EmbeddedEngine(context_length=settings.context_length, threads=settings.threads, system_prompt=settings.system_prompt)
+    engine.load()
+    with tempfile.TemporaryDirectory() as data_dir:
+        proc, url, key = start_server(data_dir)
+        try:
+            measure_raw(engine, "Warm up.", 16)
+            measure_api(url, key, "Warm up.", 16)
+            raw, api = [], []
+            for prompt in (PROMPTS * 3)[: args.reps]:  # alternate, so drift hits both sides alike
+                raw.append(measure_raw(engine, prompt, args.tokens))
+                api.append(measure_api(url, key, prompt, args.tokens))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    for name, rows in (("raw llama-cpp-python", raw), ("aimichat api (http, sse)", api)):
+        ttft = statistics.median(r[0] for r in rows) * 1000
+        rate = statistics.median(r[1] for r in rows)
+        print(f"{name:<26} tokens/s={rate:7.2f}  ttft_ms={ttft:7.1f}  tokens={[r[2] for r in rows]}")
+    ttft_overhead = (statistics.median(r[0] for r in api) - statistics.median(r[0] for r in raw)) * 1000
+    print(f"ttft_overhead_ms={ttft_overhead:.1f}")
+    print(f"engine_ratio={statistics.median(r[1] for r in api) / statistics.median(r[1] for r in raw):.3f}")
+
+
+if __name__ == "__main__":
+    main()
