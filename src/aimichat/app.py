@@ -12,9 +12,12 @@ from aimichat.accounts import service as accounts
 from aimichat.api import errors, system, usage
 from aimichat.api.chat import api_router as chat_router
 from aimichat.api.chat.serving import ChatService
+from aimichat.api.metrics import Metrics
+from aimichat.api.metrics import router as metrics_router
 from aimichat.api.middleware import RequestMiddleware
 from aimichat.config import PUBLIC_MODEL_ID, Settings
 from aimichat.engines.base import Engine
+from aimichat.quota.backends import QuotaBackend, RedisQuota, SqlQuota
 from aimichat.quota.periods import Clock, system_clock
 from aimichat.store.db import Database
 
@@ -22,6 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
+    if settings.engine == "upstream":
+        from aimichat.engines.openai_upstream import UpstreamEngine
+
+        return UpstreamEngine.from_settings(settings)
     from aimichat.engines.embedded import EmbeddedEngine
 
     return EmbeddedEngine(
@@ -34,6 +41,12 @@ def build_engine(settings: Settings) -> Engine:
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
     )
+
+
+def build_quota(settings: Settings, db: Database) -> QuotaBackend:
+    if settings.redis_url:
+        return RedisQuota.from_url(db, settings.redis_url, settings.redis_prefix)
+    return SqlQuota(db)
 
 
 def prepare_database(db: Database, settings: Settings) -> None:
@@ -72,11 +85,14 @@ def create_app(
     app.state.db = db
     app.state.clock = clock
     app.state.started = int(time.time())
-    app.state.chat = ChatService(engine, db, clock, settings.default_max_tokens)
+    app.state.metrics = Metrics(engine)
+    app.state.quota = build_quota(settings, db)
+    app.state.chat = ChatService(engine, app.state.quota, clock, settings.default_max_tokens, metrics=app.state.metrics)
 
     errors.install(app)
     app.include_router(chat_router.router)
     app.include_router(usage.router)
     app.include_router(system.router)
+    app.include_router(metrics_router)
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,23 +69,55 @@ def _echo_json(value) -> None:
 @click.option("--port", type=int, help="Port [AIMICHAT_PORT, default 8000].")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="GGUF model file [AIMICHAT_MODEL_PATH].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="State folder [AIMICHAT_DATA_DIR, default ./data].")
+@click.option("--engine", type=click.Choice(["embedded", "upstream"]), help="Who answers [AIMICHAT_ENGINE, default embedded].")
+@click.option("--upstream-url", help="OpenAI-compatible base URL(s), comma-separated, first is primary [AIMICHAT_UPSTREAM_URL].")
+@click.option("--upstream-model", help="Model name sent upstream [AIMICHAT_UPSTREAM_MODEL].")
+@click.option("--upstream-api-key", help="Upstream bearer token; prefer AIMICHAT_UPSTREAM_API_KEY (argv is visible to ps).")
+@click.option("--parallel", type=click.IntRange(1, 256), help="Requests the embedded model answers together [AIMICHAT_PARALLEL, default 8].")
+@click.option("--redis-url", help="Redis for the credit counters of a fleet [AIMICHAT_REDIS_URL].")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes on this host; each loads its own engine (use with --engine upstream).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(host, port, model_path, data_dir, log_level) -> None:
+def serve(log_level: str, workers: int, **options) -> None:
     """Serve the API (and apply pending database migrations first)."""
     import uvicorn
 
     from aimichat.app import create_app, prepare_database
 
-    overrides = {k: v for k, v in {"host": host, "port": port, "model_path": model_path, "data_dir": data_dir}.items() if v is not None}
+    overrides = {name: value for name, value in options.items() if value is not None}
     settings = Settings(**overrides)
-    if settings.model_path and not settings.model_path.is_file():
-        raise click.ClickException(f"model file not found: {settings.model_path}")
+    _check_serve_settings(settings)
     _configure_logging(log_level)
     db = Database(settings.resolved_database_url())
     prepare_database(db, settings)
     _print_first_steps(db, settings)
-    app = create_app(settings, db=db)
-    uvicorn.run(app, host=settings.host, port=settings.port, access_log=False, log_level=log_level, timeout_graceful_shutdown=30)
+    # uvicorn drains on SIGTERM, then re-raises the signal into the handler it found: make that a clean exit.
+    signal.signal(signal.SIGTERM, _exit_after_drain)
+    common = dict(host=settings.host, port=settings.port, access_log=False, log_level=log_level,
+                  timeout_graceful_shutdown=settings.drain_timeout)
+    if workers > 1:
+        # Each worker builds its own app from the environment, so hand the CLI's choices down that way.
+        os.environ.update({f"AIMICHAT_{name.upper()}": str(value) for name, value in overrides.items()})
+        db.dispose()
+        uvicorn.run("aimichat.app:create_app", factory=True, workers=workers, **common)
+    else:
+        uvicorn.run(create_app(settings, db=db), **common)
+
+
+def _check_serve_settings(settings: Settings) -> None:
+    if settings.model_path and not settings.model_path.is_file():
+        raise click.ClickException(f"model file not found: {settings.model_path}")
+    if settings.engine == "upstream":
+        from aimichat.engines.openai_upstream import parse_urls
+
+        try:
+            parse_urls(settings.upstream_url)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _exit_after_drain(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def _configure_logging(level: str) -> None:
@@ -99,7 +133,8 @@ def _print_first_steps(db: Database, settings: Settings) -> None:
         "\nNo accounts yet. Create one and a key with:\n"
         "  aimichat accounts create you@example.com --password 'a-long-password'\n"
         "  aimichat keys create you@example.com --name first-key\n"
-        f"then call {base}/v1/chat/completions with 'Authorization: Bearer <key>'.\n",
+        f"then call {base}/v1/chat/completions with 'Authorization: Bearer <key>'.\n"
+        f"Or open {base}/ in a browser to sign up and generate a key there.\n",
         err=True,
     )
 

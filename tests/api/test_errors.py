@@ -22,11 +22,11 @@ def server(engine, tmp_path_factory):
         yield live
 
 
-def post(server, body=None, *, data=None, headers=None, path="/v1/chat/completions"):
+def post(server, body=None, *, data=None, headers=None, path="/v1/chat/completions", timeout=60):
     headers = {"Authorization": f"Bearer {server.key}", **(headers or {})}
     if data is not None:
-        return requests.post(server.url + path, data=data, headers={"Content-Type": "application/json", **headers}, timeout=60)
-    return requests.post(server.url + path, json=body, headers=headers, timeout=60)
+        return requests.post(server.url + path, data=data, headers={"Content-Type": "application/json", **headers}, timeout=timeout)
+    return requests.post(server.url + path, json=body, headers=headers, timeout=timeout)
 
 
 def assert_error(response, status, code=None, param=None):
@@ -125,7 +125,7 @@ def test_prompt_longer_than_the_context_is_400_context_length_exceeded(server, e
 
 def test_max_tokens_is_clamped_to_what_fits(server, engine):
     words = " ".join(["apple"] * (engine.context_length - 60))
-    r = post(server, {"messages": [{"role": "user", "content": words}], "max_tokens": 5000, "temperature": 0})
+    r = post(server, {"messages": [{"role": "user", "content": words}], "max_tokens": 5000, "temperature": 0}, timeout=180)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert usage["total_tokens"] <= engine.context_length

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from aimichat.engines.base import EngineError, Finish
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
-from conftest import MutableClock, free_port, make_account, make_key, new_postgres_database, serve_app
+from conftest import REDIS_URL, MutableClock, free_port, make_account, make_key, new_postgres_database, serve_app
 
 HELLO = {"messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 1}
 SPEC_429_KEYS = ["error", "message", "limit", "used", "resetAt"]
@@ -66,7 +66,8 @@ def test_100_concurrent_requests_from_two_keys_against_20_credits(engine, databa
     assert len(rows) == 20 and all(r.status == "charged" and r.credits == 1 for r in rows)
 
 
-def test_two_server_processes_sharing_postgresql_never_oversell(tmp_path):
+@pytest.mark.parametrize("counters", ["postgresql", "redis"])
+def test_two_server_processes_sharing_postgresql_never_oversell(tmp_path, counters):
     url, drop = new_postgres_database()
     db = Database(url)
     db.upgrade()
@@ -77,14 +78,24 @@ def test_two_server_processes_sharing_postgresql_never_oversell(tmp_path):
         ports = [free_port(), free_port()]
         for port in ports:
             env = {**os.environ, "AIMICHAT_DATABASE_URL": url, "AIMICHAT_DATA_DIR": str(tmp_path), "AIMICHAT_CONTEXT_LENGTH": "1024"}
+            if counters == "redis":
+                env.update(AIMICHAT_REDIS_URL=REDIS_URL, AIMICHAT_REDIS_PREFIX=f"aimichat-test-{ports[0]}")  # shared by both
             procs.append(subprocess.Popen([sys.executable, "-m", "aimichat", "serve", "--port", str(port), "--log-level", "warning"],
                                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         wait_ready(urls, procs)
         responses = asyncio.run(fire([(urls[i % 2], key) for i in range(100)], HELLO))
         statuses = [r.status_code for r in responses]
-        assert statuses.count(200) == 20 and statuses.count(429) == 80
+        assert statuses.count(200) == 20 and statuses.count(429) == 80, [r.text for r in responses if r.status_code not in (200, 429)]
         assert len(ledger_rows(db)) == 20
+        # A key revoked through the CLI is refused by both replicas within a second.
+        env = {**os.environ, "AIMICHAT_DATABASE_URL": url}
+        subprocess.run([sys.executable, "-m", "aimichat", "keys", "revoke", str(ledger_rows(db)[0].api_key_id)], env=env, check=True, capture_output=True)
+        revoked_at = time.monotonic()
+        for target in urls:
+            while httpx.post(f"{target}/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code != 401:
+                assert time.monotonic() - revoked_at < 1.0
+                time.sleep(0.05)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

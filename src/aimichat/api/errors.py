@@ -12,9 +12,11 @@ import re
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis import exceptions as redis_exc
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aimichat.engines.base import ContextLengthExceeded, EngineBusy, EngineError
+from aimichat.engines.base import ContextLengthExceeded, EngineBusy, EngineError, UpstreamRejected
 from aimichat.quota import periods
 from aimichat.quota.ledger import Refusal
 
@@ -29,6 +31,17 @@ _TYPES = {
     413: "invalid_request_error",
     503: "service_unavailable",
 }
+
+# The database cannot be reached (down, restarting, pool exhausted): fail closed and say when to retry.
+STORE_UNAVAILABLE = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+    redis_exc.BusyLoadingError,
+)
 
 
 _NAMED_REFUSAL = re.compile(r"^'(\w+)': ")
@@ -110,6 +123,8 @@ def engine_error(exc: EngineError) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, EngineBusy):
         return APIError(503, str(exc), code="engine_overloaded", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, UpstreamRejected):  # the upstream's 4xx: the caller's request, not our failure
+        return APIError(400, exc.reason, code=exc.code, param=exc.param)
     return APIError(503, "The model failed to answer; nothing was charged. Retry shortly.", code="engine_error", headers={"Retry-After": "1"})
 
 
@@ -144,6 +159,16 @@ async def _refuse_key_outside_talk_mode(request: Request) -> JSONResponse | None
     return mode_not_allowed(f"{request.method} {request.url.path}").response()
 
 
+async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    log.error("store unavailable: %s", type(exc).__name__)
+    return error_response(
+        503,
+        "The service's data store is unavailable; nothing was charged. Retry shortly.",
+        code="store_unavailable",
+        headers={"Retry-After": "2"},
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -168,6 +193,9 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) and exc.status_code not in messages else messages.get(exc.status_code, str(exc.detail))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
+
+    for exc_class in STORE_UNAVAILABLE:
+        app.add_exception_handler(exc_class, _store_unavailable)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

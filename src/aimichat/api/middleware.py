@@ -70,6 +70,7 @@ class RequestMiddleware:
             await self.app(scope, limited_receive, send_with_id)
         finally:
             self._log(scope, status, start)
+            self._observe(scope, status, start)
 
     async def _too_large(self, send: Send) -> None:
         body = json.dumps(
@@ -91,6 +92,13 @@ class RequestMiddleware:
         )
         await send({"type": "http.response.body", "body": body})
 
+    @staticmethod
+    def _observe(scope: Scope, status: int, start: float) -> None:
+        metrics = getattr(scope["app"].state, "metrics", None) if "app" in scope else None
+        if metrics is not None:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"  # templates, not raw paths
+            metrics.observe_request(route, scope["method"], status, time.perf_counter() - start)
+
     def _log(self, scope: Scope, status: int, start: float) -> None:
         if not access_log.isEnabledFor(logging.INFO):
             return
@@ -106,6 +114,8 @@ class RequestMiddleware:
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
             "account_id": getattr(principal, "account_id", None),
             "key_prefix": getattr(principal, "key_prefix", None),
+            "completion_id": state.get("completion_id"),
+            "credits": state.get("credits"),
             "client": (scope.get("client") or ("-",))[0],
         }
         access_log.info(json.dumps(record, separators=(",", ":")))

@@ -47,6 +47,14 @@ async def readyz(request: Request):
     except Exception as exc:  # any driver error means "not reachable"; the reason goes to the caller
         log.warning("readiness: database unreachable: %s", exc)
         database = {"ok": False, "error": type(exc).__name__}
-    ready = engine_ready and database["ok"]
-    body = {"status": "ready" if ready else "not ready", "engine": engine_details, "database": database}
+    body = {"status": "", "engine": engine_details, "database": database}
+    if state.settings.redis_url:
+        try:
+            await run_in_threadpool(state.quota.redis.ping)
+            body["redis"] = {"ok": True}
+        except Exception as exc:  # any client error means "not reachable"; the reason goes to the caller
+            log.warning("readiness: redis unreachable: %s", exc)
+            body["redis"] = {"ok": False, "error": type(exc).__name__}
+    ready = engine_ready and database["ok"] and body.get("redis", {}).get("ok", True)
+    body["status"] = "ready" if ready else "not ready"
     return JSONResponse(body, status_code=200 if ready else 503)

