@@ -20,6 +20,7 @@ from aimichat.engines.base import Engine
 from aimichat.quota.backends import QuotaBackend, RedisQuota, SqlQuota
 from aimichat.quota.periods import Clock, system_clock
 from aimichat.store.db import Database
+from aimichat.web.site import install as install_web
 
 log = logging.getLogger(__name__)
 
@@ -94,5 +95,6 @@ def create_app(
     app.include_router(usage.router)
     app.include_router(system.router)
     app.include_router(metrics_router)
+    install_web(app)  # account pages, account API and their static files
     app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

@@ -109,3 +109,32 @@ class UsageEvent(Base):
     status: Mapped[str] = mapped_column(String(16))  # reserved | charged | released
     estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     settled_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class WebSession(Base):
+    """A browser session of the account pages. Only the SHA-256 of the cookie's token is stored,
+    so a copy of the database cannot be replayed as a logged-in browser."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class LoginAttempt(Base):
+    """A failed log-in, kept for the throttling window: counted per email and per client address."""
+
+    __tablename__ = "login_attempts"
+    __table_args__ = (
+        Index("ix_login_attempts_email_created", "email", "created_at"),
+        Index("ix_login_attempts_address_created", "address", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320))
+    address: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)

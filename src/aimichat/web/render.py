@@ -1,0 +1,122 @@
+"""Jinja2 pages with autoescaping, the security headers every page carries, and static asset URLs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from functools import cache
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.routing import APIRoute
+from jinja2 import Environment, FileSystemLoader
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from .deps import Visitor, apply_pre_cookie
+
+HERE = Path(__file__).parent
+TEMPLATES = HERE / "templates"
+STATIC = HERE / "static"
+
+# No inline scripts or styles anywhere: a stored-XSS payload that slips past escaping still cannot run.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def _utc(moment: dt.datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else ""
+
+
+def _iso(moment: dt.datetime | None) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else ""
+
+
+env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True, lstrip_blocks=True)
+env.filters["utc"] = _utc
+env.filters["iso"] = _iso
+env.filters["thousands"] = lambda n: f"{n:,}"
+
+
+@cache
+def asset_version() -> str:
+    """A hash of the static files, so their URLs change when they do and can be cached for a year."""
+    digest = hashlib.sha256()
+    for path in sorted(STATIC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def static_url(name: str) -> str:
+    return f"/static/{name}?v={asset_version()}"
+
+
+env.globals["static"] = static_url
+
+
+def base_url(request: Request) -> str:
+    """This server's public base URL, for the examples people copy."""
+    public = request.app.state.settings.public_url
+    return (public or str(request.base_url)).rstrip("/")
+
+
+def security_headers(response: Response, *, cache: bool = False) -> Response:
+    headers = response.headers
+    headers.setdefault("Content-Security-Policy", CSP)
+    headers.setdefault("X-Content-Type-Options", "nosniff")
+    headers.setdefault("X-Frame-Options", "DENY")
+    headers.setdefault("Referrer-Policy", "same-origin")
+    if not cache:
+        # A shown-once key must not come back from a cache or the back/forward cache.
+        headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def page(request: Request, visitor: Visitor, template: str, *, status: int = 200, title: str, **context) -> HTMLResponse:
+    html = env.get_template(template).render(
+        request_path=request.url.path,
+        visitor=visitor,
+        account=visitor.account,
+        csrf_token=visitor.csrf_token,
+        title=title,
+        **context,
+    )
+    response = HTMLResponse(html, status_code=status)
+    apply_pre_cookie(response, visitor)
+    return security_headers(response)
+
+
+class CachedStaticFiles(StaticFiles):
+    """Static files with long caching for versioned URLs (``?v=``), so a slow phone fetches them once."""
+
+    def file_response(self, full_path, stat_result, scope, status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        versioned = b"v=" in scope.get("query_string", b"")
+        response.headers["Cache-Control"] = "public, max-age=31536000, immutable" if versioned else "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+class WebRoute(APIRoute):
+    """Routes of the account pages and account API: every answer gets the security headers."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def with_headers(request: Request) -> Response:
+            return security_headers(await handler(request))
+
+        return with_headers
+
+
+def redirect(url: str) -> RedirectResponse:
+    return security_headers(RedirectResponse(url, status_code=303))  # 303: the browser follows with GET
+
+
+def safe_next(target: str | None, default: str = "/keys") -> str:
+    """Only local paths: ``next=//evil.example`` must not turn log-in into an open redirect."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")) or "\\" in target:
+        return default
+    return target

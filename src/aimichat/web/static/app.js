@@ -1,0 +1,59 @@
+// AimiChat account pages: small enhancements only. Every action also works without this file.
+"use strict";
+
+(function () {
+  // Copy buttons: hidden in the HTML (useless without script), shown here.
+  function copyText(target, button) {
+    var text = target.textContent;
+    var done = function () {
+      var label = button.textContent;
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = label; }, 2000);
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done, function () { selectAndCopy(target) && done(); });
+    } else if (selectAndCopy(target)) {
+      done();
+    }
+  }
+
+  function selectAndCopy(target) {
+    var range = document.createRange();
+    range.selectNodeContents(target);
+    var selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    try { return document.execCommand("copy"); } catch (e) { return false; } // text stays selected for Ctrl+C
+  }
+
+  document.querySelectorAll("button[data-copy]").forEach(function (button) {
+    var target = document.querySelector(button.getAttribute("data-copy"));
+    if (!target) return;
+    button.hidden = false;
+    button.setAttribute("aria-label", button.textContent + " " + (target.id === "new-key" ? "key" : "code"));
+    button.addEventListener("click", function () { copyText(target, button); });
+  });
+
+  // Revoke / Regenerate: ask here; without script the server shows a confirmation page instead.
+  document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      if (!window.confirm(form.getAttribute("data-confirm"))) {
+        event.preventDefault();
+        return;
+      }
+      var field = form.querySelector("input[name=confirm]");
+      if (field) field.value = "yes";
+    });
+  });
+
+  // Times are rendered in UTC; add the reader's local time next to the ones marked data-local.
+  var format = new Intl.DateTimeFormat(undefined, { weekday: "short", day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" });
+  document.querySelectorAll("time[data-local]").forEach(function (time) {
+    var moment = new Date(time.getAttribute("datetime"));
+    if (isNaN(moment)) return;
+    var span = document.createElement("span");
+    span.className = "local-time";
+    span.textContent = " (" + format.format(moment) + " your time)";
+    time.after(span);
+  });
+})();

@@ -1,0 +1,56 @@
+"""Log-in throttling: after ``MAX_FAILURES`` failed log-ins within ``WINDOW`` for one email or from one
+client address, further tries are refused (429) until the oldest counted failure leaves the window.
+
+Counting per email stops a guessing run against one account from many addresses; counting per address
+stops one client from trying a password against many accounts. Refused tries are not counted, so a
+locked-out person is never locked out for longer than the window.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from aimichat.store.models import LoginAttempt
+
+WINDOW = dt.timedelta(minutes=15)
+MAX_FAILURES = 10
+
+
+def email_key(email: str) -> str:
+    return email.strip().lower()[:320]
+
+
+def retry_after(db: Session, email: str, address: str, now: dt.datetime) -> int | None:
+    """Seconds until a log-in may be tried again, or None when it may be tried now."""
+    waits = [_wait(db, LoginAttempt.email == email_key(email), now), _wait(db, LoginAttempt.address == address[:64], now)]
+    longest = max(w for w in waits)
+    return longest or None
+
+
+def _wait(db: Session, who, now: dt.datetime) -> int:
+    recent = db.scalars(
+        select(LoginAttempt.created_at)
+        .where(who, LoginAttempt.created_at > now - WINDOW)
+        .order_by(LoginAttempt.created_at.desc())
+        .limit(MAX_FAILURES)
+    ).all()
+    if len(recent) < MAX_FAILURES:
+        return 0
+    # Free again when the oldest of the last MAX_FAILURES failures is older than the window.
+    return max(1, int((recent[-1] + WINDOW - now).total_seconds() + 0.999))
+
+
+def record_failure(db: Session, email: str, address: str, now: dt.datetime) -> None:
+    # Rows outside the window count for nothing; dropping them here keeps the table small.
+    db.execute(delete(LoginAttempt).where(LoginAttempt.created_at <= now - WINDOW))
+    db.add(LoginAttempt(email=email_key(email), address=address[:64], created_at=now))
+    db.flush()
+
+
+def clear(db: Session, email: str) -> None:
+    """A successful log-in forgives that email's failures (not the address's: one own account must
+    not reset a counter that guards everybody else's)."""
+    db.execute(delete(LoginAttempt).where(LoginAttempt.email == email_key(email)))

@@ -1,0 +1,155 @@
+"""What the usage page and the account API show: per-day totals, per-key use today, the ledger as CSV,
+and the geometry of the 30-day bar chart (drawn as SVG on the server, so it needs no script)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from aimichat.store.models import ApiKey, UsageEvent
+
+MAX_RANGE_DAYS = 366
+
+
+class BadRange(ValueError):
+    pass
+
+
+# -- per day -------------------------------------------------------------------------------------
+
+
+def daily_credits(db: Session, account_id: int, last_day: dt.date, days: int) -> list[tuple[dt.date, int]]:
+    """Credits per UTC day for ``days`` days ending with ``last_day``; days without use are 0."""
+    first = last_day - dt.timedelta(days=days - 1)
+    rows = db.execute(
+        select(UsageEvent.day, func.sum(UsageEvent.credits))
+        .where(UsageEvent.account_id == account_id, UsageEvent.day >= first, UsageEvent.day <= last_day)
+        .group_by(UsageEvent.day)
+    ).all()
+    by_day = {day: int(credits or 0) for day, credits in rows}
+    return [(first + dt.timedelta(days=i), by_day.get(first + dt.timedelta(days=i), 0)) for i in range(days)]
+
+
+@dataclass(frozen=True)
+class Bar:
+    day: dt.date
+    credits: int
+    x: float
+    y: float
+    width: float
+    height: float
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Bars in a ``width`` x ``height`` box; the page stretches it to fit, labels are HTML around it."""
+
+    bars: list[Bar]
+    width: int
+    height: int
+    top_value: int  # the value at the top of the box
+    total: int
+
+
+def bar_chart(series: list[tuple[dt.date, int]], height: int = 100, slot: int = 10) -> Chart:
+    top_value = nice_ceiling(max((c for _, c in series), default=0))
+    bars = []
+    for i, (day, credits) in enumerate(series):
+        # A day without use still gets a 1-unit stub, so every one of the days is visible.
+        h = max(1.0, round(height * credits / top_value, 2))
+        bars.append(Bar(day, credits, i * slot + 1, round(height - h, 2), slot - 2, h))
+    return Chart(bars, slot * len(series), height, top_value, sum(c for _, c in series))
+
+
+def nice_ceiling(value: int) -> int:
+    """A round number at or above ``value`` (1, 2, 5, 10, 20, 50, ...), so the axis reads easily."""
+    step = 1
+    while True:
+        for m in (1, 2, 5):
+            if step * m >= value:
+                return step * m
+        step *= 10
+
+
+# -- per key today -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyUse:
+    id: int | None  # None: the playground (a logged-in browser, no key)
+    name: str
+    prefix: str | None
+    requests: int
+    credits: int
+    last_used_at: dt.datetime | None
+    revoked: bool
+
+
+def keys_today(db: Session, account_id: int, day: dt.date) -> list[KeyUse]:
+    # Plain columns, not the ApiKey entity: its eager-loaded account would break the GROUP BY.
+    columns = (ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.last_used_at, ApiKey.revoked_at)
+    rows = db.execute(
+        select(*columns, func.coalesce(func.sum(UsageEvent.credits), 0), func.count(UsageEvent.id))
+        .join(UsageEvent, (UsageEvent.api_key_id == ApiKey.id) & (UsageEvent.day == day), isouter=True)
+        .where(ApiKey.account_id == account_id)
+        .group_by(*columns)
+        .order_by(ApiKey.id)
+    ).all()
+    uses = [KeyUse(i, name, prefix, int(n), int(c), used, revoked is not None) for i, name, prefix, used, revoked, c, n in rows]
+    credits, requests = db.execute(
+        select(func.coalesce(func.sum(UsageEvent.credits), 0), func.count(UsageEvent.id)).where(
+            UsageEvent.account_id == account_id, UsageEvent.api_key_id.is_(None), UsageEvent.day == day
+        )
+    ).one()
+    if requests:
+        uses.append(KeyUse(None, "Playground", None, int(requests), int(credits), None, False))
+    return uses
+
+
+# -- CSV -----------------------------------------------------------------------------------------
+
+
+def parse_range(start: str | None, end: str | None, today: dt.date) -> tuple[dt.date, dt.date]:
+    """``start``/``end`` as YYYY-MM-DD (default: this month so far); inclusive, at most a year."""
+    try:
+        first = dt.date.fromisoformat(start) if start else today.replace(day=1)
+        last = dt.date.fromisoformat(end) if end else today
+    except ValueError:
+        raise BadRange("Dates must look like 2025-01-31.") from None
+    if last < first:
+        raise BadRange("The end date is before the start date.")
+    if (last - first).days >= MAX_RANGE_DAYS:
+        raise BadRange(f"Choose at most {MAX_RANGE_DAYS} days at a time.")
+    return first, last
+
+
+CSV_COLUMNS = ["time_utc", "day", "request_id", "key_id", "key_name", "key_prefix", "status", "credits", "prompt_tokens", "completion_tokens"]
+
+
+def ledger_csv(db: Session, account_id: int, first: dt.date, last: dt.date) -> str:
+    rows = db.execute(
+        select(UsageEvent, ApiKey.name, ApiKey.prefix)
+        .join(ApiKey, ApiKey.id == UsageEvent.api_key_id, isouter=True)
+        .where(UsageEvent.account_id == account_id, UsageEvent.day >= first, UsageEvent.day <= last)
+        .order_by(UsageEvent.created_at, UsageEvent.id)
+    ).all()
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for event, name, prefix in rows:
+        writer.writerow([
+            event.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"), event.day.isoformat(), event.request_id,
+            event.api_key_id or "", spreadsheet_safe(name if event.api_key_id else "playground"), prefix or "",
+            event.status, event.credits, event.prompt_tokens, event.completion_tokens,
+        ])
+    return out.getvalue()
+
+
+def spreadsheet_safe(text: str) -> str:
+    # A key named "=HYPERLINK(...)" must open in a spreadsheet as text, not as a formula.
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text

@@ -1,0 +1,301 @@
+"""The account pages in Debian's Chromium, driven by Playwright: the newcomer's whole path from sign-up
+to a working key, the playground, the docs, keyboard-only use, 360 px screens and no JavaScript.
+
+One server and one browser per module; each test uses its own account. Screenshots of every page go
+to the test output folder (``test-output/web-*.png``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from aimichat.accounts import service as accounts
+from aimichat.store.db import Database
+from conftest import OUTPUT, make_account, serve_app
+from web_helpers import PASSWORD, chat
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+PAGES = ["/keys", "/usage", "/plan", "/playground", "/docs", "/account"]
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    from aimichat.web import playground
+
+    saved, playground.MAX_TOKENS = playground.MAX_TOKENS, 24  # short replies keep the test quick
+    tmp = tmp_path_factory.mktemp("web")
+    db = Database(f"sqlite:///{tmp / 'aimichat.db'}")
+    with serve_app(engine, db, tmp) as live:
+        live.db = db
+        yield live
+    playground.MAX_TOKENS = saved
+    db.dispose()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (make browser)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def context(browser, server):
+    ctx = browser.new_context(base_url=server.url, viewport={"width": 1200, "height": 900})
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    yield ctx
+    ctx.close()
+
+
+class Watched:
+    """A page whose console errors and script exceptions (CSP violations among them) are collected."""
+
+    def __init__(self, page):
+        self.page = page
+        self.errors: list[str] = []
+        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+
+@pytest.fixture
+def page(context):
+    watched = Watched(context.new_page())
+    yield watched.page
+    assert watched.errors == [], "no console errors or CSP violations"
+
+
+def shot(page, name: str) -> None:
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(OUTPUT / f"web-{name}.png"), full_page=True)
+
+
+def log_in(page, email: str, password: str = PASSWORD) -> None:
+    page.goto("/login")
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url("**/keys")
+
+
+def key_row(page, name: str):
+    return page.locator("table.keys tbody tr").filter(has=page.get_by_role("rowheader", name=name, exact=True))
+
+
+# -- the newcomer's path -------------------------------------------------------------------------
+
+
+def test_sign_up_generate_use_revoke_regenerate(page, server):
+    page.goto("/")
+    shot(page, "landing")
+    page.get_by_label("Email").fill("newcomer@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign up").click()
+    page.wait_for_url("**/keys")
+    shot(page, "keys-empty")
+
+    page.get_by_label("Key name").fill("laptop")
+    page.get_by_role("button", name="Generate key").click()
+    key = page.locator("#new-key").inner_text()
+    assert re.fullmatch(r"aimichat_[0-9A-Za-z]{38}", key)
+    assert page.get_by_text("It will not be shown again").is_visible()
+    page.get_by_role("button", name="Copy key").click()
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    shot(page, "key-created")
+
+    # The newcomer copies the curl example shown with the key and runs it: it works as printed.
+    page.get_by_role("button", name="Copy code").first.click()
+    example = page.evaluate("navigator.clipboard.readText()")
+    assert example.startswith(f"curl {server.url}/v1/chat/completions") and key in example
+    done = subprocess.run(["bash", "-c", example], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["choices"][0]["message"]["content"]
+
+    page.goto("/usage")
+    assert page.locator("#day-used").inner_text() == "1"
+    assert "1 of 100 credits used" in page.locator("#today-title + p").inner_text().replace("\n", " ")
+    row = page.locator("tr", has=page.get_by_role("rowheader", name=re.compile("^laptop")))
+    assert row.locator("td.credits").inner_text() == "1"
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", row.locator("td.last-used time").inner_text())
+    assert page.locator("svg.bars rect.bar").count() == 30
+    assert page.locator("time[data-local] + .local-time").count() >= 1, "reset time in local time too"
+    shot(page, "usage")
+
+    page.goto("/keys")
+    assert "Never" not in key_row(page, "laptop").locator(".last-used").inner_text()
+    page.once("dialog", lambda d: d.accept())
+    key_row(page, "laptop").get_by_role("button", name="Revoke").click()
+    page.wait_for_url("**/keys?revoked=*")
+    assert key_row(page, "laptop").locator(".badge").inner_text() == "Revoked"
+    assert chat(server, key).status_code == 401
+
+    page.once("dialog", lambda d: d.accept())
+    key_row(page, "laptop").get_by_role("button", name="Regenerate").click()
+    new_key = page.locator("#new-key").inner_text()
+    assert new_key != key and "New key for “laptop”" in page.locator("#new-key-title").inner_text()
+    assert chat(server, new_key).status_code == 200
+    assert chat(server, key).status_code == 401
+    shot(page, "key-regenerated")
+    page.goto("/keys")
+    assert key_row(page, "laptop").count() == 2, "the revoked key stays listed"
+    assert new_key not in page.content(), "never shown again"
+    shot(page, "keys")
+
+
+def test_dismissing_the_confirmation_keeps_the_key(page, server):
+    make_account(server.db, "careful@example.com", password=PASSWORD)
+    log_in(page, "careful@example.com")
+    page.get_by_label("Key name").fill("keep me")
+    page.get_by_role("button", name="Generate key").click()
+    key = page.locator("#new-key").inner_text()
+    page.goto("/keys")
+    page.once("dialog", lambda d: d.dismiss())
+    key_row(page, "keep me").get_by_role("button", name="Revoke").click()
+    page.wait_for_timeout(300)
+    assert key_row(page, "keep me").locator(".badge").inner_text() == "Active"
+    assert chat(server, key).status_code == 200
+
+
+# -- playground and docs -------------------------------------------------------------------------
+
+
+def test_playground_streams_and_shows_remaining_credits(page, server):
+    make_account(server.db, "talker@example.com", password=PASSWORD)
+    log_in(page, "talker@example.com")
+    page.goto("/playground")
+    assert page.locator("#remaining").inner_text() == "100"
+    page.get_by_label("Message").fill("What is the capital of France?")
+    page.get_by_label("Message").press("Enter")
+    expect(page.locator("#remaining")).to_have_text("99", timeout=120_000)  # (wait_for_function would need eval: CSP)
+    page.wait_for_selector(".msg.assistant:not(.pending)")
+    assert page.locator(".msg.assistant .text").inner_text().strip()
+    assert page.locator(".msg.user .text").inner_text() == "What is the capital of France?"
+    page.get_by_label("Message").fill("Thanks!")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#remaining")).to_have_text("98", timeout=120_000)
+    assert page.locator(".msg").count() == 4
+    shot(page, "playground")
+
+
+def test_docs_page(page, server):
+    page.goto("/docs")
+    assert page.get_by_role("heading", name="API documentation").is_visible()
+    for label in ("Python", "Node.js", "curl"):
+        block = page.locator(".code", has=page.locator(".code-label", has_text=re.compile(f"^{re.escape(label)}$")))
+        text = block.locator("code").inner_text()
+        assert f"{server.url}/v1/chat/completions" in text and "YOUR_API_KEY" in text
+    assert page.locator("button.copy:visible").count() >= 5
+    assert page.get_by_text("Never commit API keys to version control").is_visible()
+    shot(page, "docs")
+
+
+# -- reach: keyboard, narrow screens, no JavaScript ----------------------------------------------
+
+
+def test_keyboard_alone(page, server):
+    page.goto("/signup")
+    page.keyboard.type("keys@example.com")  # the Email field has focus on arrival
+    page.keyboard.press("Tab")
+    page.keyboard.type(PASSWORD)
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/keys")
+    page.keyboard.type("keyboard")  # Key name has focus when there are no keys yet
+    page.keyboard.press("Enter")
+    expect(page.locator("#new-key")).to_be_visible()
+    # From the top of the page, Tab reaches the first Revoke button, and Enter plus the dialog revokes.
+    page.goto("/keys")
+    page.once("dialog", lambda d: d.accept())
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.textContent.trim()") == "Revoke":
+            break
+    else:
+        pytest.fail("Revoke is not reachable with Tab")
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") != "none", "focus is visible"
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/keys?revoked=*")
+
+
+def test_pages_fit_a_360px_screen(browser, server):
+    with server.db.session() as s:
+        accounts.create_account(s, "narrow@example.com", PASSWORD, is_admin=True)
+        s.commit()
+    ctx = browser.new_context(base_url=server.url, viewport={"width": 360, "height": 740}, device_scale_factor=2, is_mobile=True, has_touch=True)
+    watched = Watched(ctx.new_page())
+    page = watched.page
+    page.goto("/login")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    shot(page, "360-login")
+    log_in(page, "narrow@example.com")
+    page.get_by_label("Key name").fill("phone")
+    page.get_by_role("button", name="Generate key").click()
+    for path in ["/keys?fresh"] + PAGES + ["/admin"]:
+        page.goto(path)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 360, f"{path} scrolls sideways ({width}px)"
+        shot(page, "360-" + path.strip("/").replace("?", "-"))
+    ctx.close()
+    assert watched.errors == []
+
+
+def test_without_javascript(browser, server):
+    make_account(server.db, "nojs@example.com", password=PASSWORD)
+    ctx = browser.new_context(base_url=server.url, java_script_enabled=False)
+    page = ctx.new_page()
+    log_in(page, "nojs@example.com")
+    page.get_by_label("Key name").fill("plain form")
+    page.get_by_role("button", name="Generate key").click()
+    key = page.locator("#new-key").inner_text()
+    assert not page.locator("button[data-copy]").first.is_visible(), "copy buttons need script, so they stay hidden"
+    page.goto("/keys")
+    key_row(page, "plain form").get_by_role("button", name="Revoke").click()
+    assert "Revoke the key “plain form”?" in page.locator("h1").inner_text()
+    shot(page, "revoke-confirm")
+    page.get_by_role("button", name="Revoke").click()
+    page.wait_for_url("**/keys?revoked=*")
+    assert chat(server, key).status_code == 401
+    page.goto("/playground")
+    page.get_by_label("Message").fill("Hello")
+    page.get_by_role("button", name="Send").click()
+    assert page.locator(".msg.assistant").count() == 1 and page.locator("#remaining").inner_text() == "99"
+    page.get_by_role("button", name="Log out").click()
+    page.wait_for_url("**/login")
+    ctx.close()
+
+
+def test_admin_pages(page, server):
+    with server.db.session() as s:
+        accounts.set_tier(s, "pro", daily_credits=10_000, monthly_credits=200_000)
+        accounts.create_account(s, "boss@example.com", PASSWORD, is_admin=True)
+        accounts.create_account(s, "member@example.com", PASSWORD)
+        s.commit()
+    log_in(page, "boss@example.com")
+    page.get_by_role("link", name="Admin").click()
+    row = page.locator("tr", has=page.get_by_role("rowheader", name="member@example.com"))
+    row.get_by_label("Tier").select_option("pro")
+    row.get_by_role("button", name="Change tier").click()
+    page.wait_for_url("**/admin?updated=*")
+    assert "tier pro" in page.locator(".alert.success").inner_text()
+    row = page.locator("tr", has=page.get_by_role("rowheader", name="member@example.com"))
+    row.get_by_role("button", name="Disable").click()
+    row = page.locator("tr", has=page.get_by_role("rowheader", name="member@example.com"))
+    assert row.locator(".badge").last.inner_text() == "Disabled"
+    shot(page, "admin")
+    row.get_by_role("button", name="Enable").click()
+    with server.db.session() as s:
+        member = accounts.get_account(s, "member@example.com")
+        assert member.tier.name == "pro" and not member.disabled

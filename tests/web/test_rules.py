@@ -1,0 +1,218 @@
+"""The account pages' business rules as plain functions: sessions, throttling, the usage chart and
+CSV, the docs page's parsing of the API document, and the migration that matches the models."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Table
+
+from aimichat.accounts import service as accounts
+from aimichat.store import db as store
+from aimichat.store.models import Base, UsageEvent, WebSession
+from aimichat.web import auth, docs_page, sessions, throttle, usage_data
+from conftest import make_account
+
+NOW = dt.datetime(2026, 3, 14, 15, 9, 26)
+WEB_TABLES = {"web_sessions", "login_attempts"}
+
+
+def account(db, email="rules@example.com"):
+    make_account(db, email, password="correct horse")
+    with db.session() as s:
+        return accounts.get_account(s, email)
+
+
+# -- sessions ------------------------------------------------------------------------------------
+
+
+def test_sessions_store_only_a_hash_and_expire(database):
+    acc = account(database)
+    with database.session() as s:
+        token = sessions.start(s, acc, NOW)
+        s.commit()
+        row = s.query(WebSession).one()
+        assert row.token_hash == sessions.hash_token(token) and token not in row.token_hash
+        user = sessions.lookup(s, token, NOW + dt.timedelta(minutes=1))
+        assert user.account.id == acc.id and user.csrf_token == sessions.csrf_for(token) != token
+        assert sessions.lookup(s, token + "x", NOW) is None
+        assert sessions.lookup(s, token, NOW + sessions.IDLE_TIMEOUT + dt.timedelta(seconds=1)) is None, "idle too long"
+        # Seen every few days, it lives until its absolute lifetime and no longer.
+        moment = NOW
+        while moment + dt.timedelta(days=6) < NOW + sessions.LIFETIME:
+            moment += dt.timedelta(days=6)
+            assert sessions.lookup(s, token, moment) is not None
+            s.commit()
+        assert sessions.lookup(s, token, NOW + sessions.LIFETIME) is None
+
+
+def test_a_new_session_ends_the_one_it_replaces(database):
+    acc = account(database)
+    with database.session() as s:
+        old = sessions.start(s, acc, NOW)
+        new = sessions.start(s, acc, NOW, replacing=old)
+        s.commit()
+        assert new != old and sessions.lookup(s, old, NOW) is None and sessions.lookup(s, new, NOW)
+        assert sessions.end_all(s, acc.id) == 1 and sessions.lookup(s, new, NOW) is None
+
+
+def test_disabled_accounts_have_no_sessions(database):
+    acc = account(database)
+    with database.session() as s:
+        token = sessions.start(s, acc, NOW)
+        accounts.set_disabled(s, acc.email)
+        s.commit()
+        assert sessions.lookup(s, token, NOW) is None
+
+
+# -- throttling ----------------------------------------------------------------------------------
+
+
+def test_throttle_window(database):
+    with database.session() as s:
+        for i in range(throttle.MAX_FAILURES - 1):
+            throttle.record_failure(s, "T@Example.com ", "10.0.0.1", NOW + dt.timedelta(minutes=i))
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.2", NOW + dt.timedelta(minutes=9)) is None
+        throttle.record_failure(s, "t@example.com", "10.0.0.1", NOW + dt.timedelta(minutes=9))
+        later = NOW + dt.timedelta(minutes=10)
+        # Blocked until the first failure is 15 minutes old: 5 minutes from "later".
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later) == 300
+        assert throttle.retry_after(s, "other@example.com", "10.0.0.1", later) == 300, "same address"
+        assert throttle.retry_after(s, "other@example.com", "10.0.0.9", later) is None
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", NOW + throttle.WINDOW) is None
+        throttle.clear(s, "t@example.com")
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later) is None
+
+
+def test_log_in_counts_failures_and_refuses_when_throttled(database):
+    acc = account(database)
+    with database.session() as s:
+        for _ in range(throttle.MAX_FAILURES):
+            with pytest.raises(auth.Refused) as refused:
+                auth.log_in(s, acc.email, "wrong password", address="10.1.1.1", now=NOW)
+            assert refused.value.status == 400
+        with pytest.raises(auth.Refused) as refused:
+            auth.log_in(s, acc.email, "correct horse", address="10.1.1.2", now=NOW)
+        assert refused.value.status == 429 and refused.value.retry_after == 900
+        assert "Too many failed log-in attempts" in refused.value.message
+        _, token = auth.log_in(s, acc.email, "correct horse", address="10.1.1.2", now=NOW + throttle.WINDOW)
+        assert sessions.lookup(s, token, NOW + throttle.WINDOW)
+
+
+def test_unknown_emails_count_too(database):
+    with database.session() as s:
+        for _ in range(throttle.MAX_FAILURES):
+            with pytest.raises(auth.Refused):
+                auth.log_in(s, "nobody@example.com", "x", address="10.2.2.2", now=NOW)
+        with pytest.raises(auth.Refused) as refused:
+            auth.log_in(s, "nobody@example.com", "x", address="10.2.2.3", now=NOW)
+        assert refused.value.status == 429
+
+
+# -- usage ---------------------------------------------------------------------------------------
+
+
+def test_daily_series_and_chart(database):
+    acc = account(database)
+    today = NOW.date()
+    with database.session() as s:
+        for i, (days_ago, credits) in enumerate([(0, 3), (0, 2), (1, 7), (29, 1), (30, 50)]):
+            day = today - dt.timedelta(days=days_ago)
+            s.add(UsageEvent(request_id=f"r{i}", account_id=acc.id, created_at=dt.datetime.combine(day, dt.time(12)), day=day,
+                             reserved_credits=credits, credits=credits, status="charged"))
+        s.commit()
+        series = usage_data.daily_credits(s, acc.id, today, 30)
+    assert len(series) == 30 and series[0] == (today - dt.timedelta(days=29), 1) and series[-1] == (today, 5)
+    assert series[-2][1] == 7 and sum(c for _, c in series) == 13, "day 30 is outside the window"
+    chart = usage_data.bar_chart(series)
+    assert len(chart.bars) == 30 and chart.top_value == 10 and chart.total == 13
+    tallest = max(chart.bars, key=lambda b: b.height)
+    assert tallest.credits == 7 and tallest.y + tallest.height == chart.height and tallest.height == 70
+    assert all(b.height >= 1 for b in chart.bars) and all(a.x < b.x for a, b in zip(chart.bars, chart.bars[1:]))
+
+
+@pytest.mark.parametrize("value, ceiling", [(0, 1), (1, 1), (3, 5), (7, 10), (11, 20), (100, 100), (101, 200), (4999, 5000)])
+def test_nice_ceiling(value, ceiling):
+    assert usage_data.nice_ceiling(value) == ceiling
+
+
+def test_csv_range_rules():
+    today = dt.date(2026, 3, 14)
+    assert usage_data.parse_range(None, None, today) == (dt.date(2026, 3, 1), today)
+    assert usage_data.parse_range("2026-01-01", "2026-01-31", today) == (dt.date(2026, 1, 1), dt.date(2026, 1, 31))
+    for start, end in (("2026-02-01", "2026-01-01"), ("2024-01-01", "2026-01-01"), ("01/02/2026", None)):
+        with pytest.raises(usage_data.BadRange):
+            usage_data.parse_range(start, end, today)
+    assert usage_data.spreadsheet_safe("=cmd()") == "'=cmd()" and usage_data.spreadsheet_safe("laptop") == "laptop"
+
+
+# -- docs ----------------------------------------------------------------------------------------
+
+
+def test_docs_fill_in_base_url_and_placeholder():
+    sections = docs_page.sections("http://example.test:8000")
+    code = {b.label: b.text for s in sections for b in s.blocks if b.kind == "code" and b.label}
+    assert set(code) >= {"Python", "Node.js", "curl", "Request", "Response", "429 response body"}
+    for label in ("Python", "Node.js", "curl"):
+        assert "http://example.test:8000/v1/chat/completions" in code[label]
+        assert docs_page.PLACEHOLDER in code[label] and "aimichat.app" not in code[label]
+    assert [s.title for s in sections][-2:] == ["Best practices", "Help"]
+    practices = next(s for s in sections if s.id == "best-practices").blocks[0]
+    assert practices.kind == "list" and len(practices.items) == 4
+
+
+def test_docs_python_example_still_compiles_after_reindenting():
+    python = next(b.text for s in docs_page.sections("http://x") for b in s.blocks if b.label == "Python")
+    compile(python, "example.py", "exec")
+    assert '    "Authorization": f"Bearer {api_key}",' in python
+
+
+def test_docs_node_example_is_valid_javascript(tmp_path):
+    node = next(b.text for s in docs_page.sections("http://x") for b in s.blocks if b.label == "Node.js")
+    path = tmp_path / "example.js"
+    path.write_text(node)
+    if subprocess.run(["node", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("node is not installed")
+    assert subprocess.run(["node", "--check", str(path)], capture_output=True).returncode == 0
+
+
+# -- migration -----------------------------------------------------------------------------------
+
+
+def test_migration_matches_the_models(database):
+    with database.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    ours = [d for d in diff if WEB_TABLES & set(_tables(d))]
+    assert ours == []
+
+
+def test_migration_downgrades_and_upgrades(database):
+    store.downgrade(database.engine, "0001")
+    with database.engine.connect() as conn:
+        assert not WEB_TABLES & set(conn.dialect.get_table_names(conn))
+    store.upgrade(database.engine)
+    with database.engine.connect() as conn:
+        assert WEB_TABLES <= set(conn.dialect.get_table_names(conn))
+
+
+def _tables(diff) -> list[str]:
+    """Table names an Alembic diff entry is about (entries are tuples, or lists of them)."""
+    if isinstance(diff, list):
+        return [t for d in diff for t in _tables(d)]
+    names = []
+    for part in diff:
+        if isinstance(part, Table):
+            names.append(part.name)
+        elif isinstance(getattr(part, "table", None), Table):  # indexes, constraints, columns
+            names.append(part.table.name)
+        elif isinstance(part, str):
+            names.append(part)
+    return names
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))

@@ -1,0 +1,90 @@
+"""Helpers for the account-page tests: a cookie-keeping HTTP client that knows the forms' CSRF rule."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+PASSWORD = "correct horse battery"
+_CSRF = re.compile(r'<meta name="csrf-token" content="([^"]*)">')
+_NEW_KEY = re.compile(r'<code id="new-key">([^<]+)</code>')
+
+
+def csrf_of(html: str) -> str:
+    match = _CSRF.search(html)
+    assert match, "every page carries the CSRF token in a meta tag"
+    return match.group(1)
+
+
+def new_key_of(html: str) -> str:
+    match = _NEW_KEY.search(html)
+    assert match, "the page shows the new key"
+    return match.group(1)
+
+
+class Browser:
+    """An httpx client with a cookie jar, reading the CSRF token from the last page it fetched."""
+
+    def __init__(self, server, **kwargs):
+        self.http = server.client(follow_redirects=False, **kwargs)
+        self.token = ""
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        response = self.http.get(path, **kwargs)
+        if "text/html" in response.headers.get("content-type", ""):
+            self.token = csrf_of(response.text)
+        return response
+
+    def post(self, path: str, data: dict | None = None, *, csrf: bool = True, **kwargs) -> httpx.Response:
+        data = dict(data or {})
+        if csrf:
+            data.setdefault("csrf_token", self.token)
+        response = self.http.post(path, data=data, **kwargs)
+        if "text/html" in response.headers.get("content-type", ""):
+            self.token = csrf_of(response.text)
+        return response
+
+    def api(self, method: str, path: str, *, csrf: bool = True, **kwargs) -> httpx.Response:
+        headers = kwargs.pop("headers", {})
+        if csrf:
+            headers.setdefault("X-CSRF-Token", self.token)
+        return self.http.request(method, path, headers=headers, **kwargs)
+
+    def session_cookie(self) -> str | None:
+        return self.http.cookies.get("aimichat_session")
+
+    def sign_up(self, email: str, password: str = PASSWORD) -> httpx.Response:
+        self.get("/signup")
+        response = self.post("/signup", {"email": email, "password": password})
+        assert response.status_code == 303, response.text
+        self.get("/keys")
+        return response
+
+    def log_in(self, email: str, password: str = PASSWORD, **kwargs) -> httpx.Response:
+        self.get("/login")  # as a browser would: the form's token comes from the page
+        response = self.post("/login", {"email": email, "password": password}, **kwargs)
+        if response.status_code == 303:
+            self.get("/keys")  # the new session's token
+        return response
+
+    def generate_key(self, name: str = "laptop") -> tuple[int, str]:
+        response = self.post("/keys", {"name": name})
+        assert response.status_code == 201, response.text
+        key_id = int(re.search(r'data-key-id="(\d+)"', response.text).group(1))  # newest first
+        return key_id, new_key_of(response.text)
+
+
+def chat(server, key: str, **kwargs) -> httpx.Response:
+    with server.client() as c:
+        return c.post(
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 3, **kwargs},
+        )
