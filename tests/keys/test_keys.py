@@ -144,8 +144,10 @@ def test_a_query_string_key_never_reaches_the_access_log(server, caplog):
     with caplog.at_level(logging.INFO, logger="aimichat.access"):
         assert chat(server, params={"api_key": server.key, "x": "1"}).status_code == 200
         assert_401(chat(server, params={"api_key": server.key[:-2] + "zz"}))
+        encoded = requests.post(f"{server.url}/v1/chat/completions?api%5Fkey={server.key}", json=HELLO, timeout=60)
+        assert encoded.status_code == 200  # the app decodes the name, so the log must too
     lines = [r.getMessage() for r in caplog.records if r.name == "aimichat.access"]
-    assert len(lines) == 2 and all("api_key=[REDACTED]" in line for line in lines)
+    assert len(lines) == 3 and all("api_key=[REDACTED]" in line for line in lines)
     assert not any(server.key[9:20] in line for line in caplog.text.splitlines())
 
 

@@ -122,3 +122,14 @@ def test_redis_counters_lost_are_rebuilt_from_the_ledger(database):
         for key in client.scan_iter(f"{quota.prefix}:*"):
             client.delete(key)
         client.close()
+
+
+def test_per_token_takes_what_the_month_has_left(quota, database):
+    make_account(database, daily=1000, monthly=100, cost_rule="per_token", per_1k=1000)
+    p = principal(database)
+    first = reserve(quota, p, Cost(want=95, minimum=10))
+    assert first.credits == 95
+    second = reserve(quota, p, Cost(want=50, minimum=3))
+    assert isinstance(second, Reservation) and second.credits == 5
+    refusal = reserve(quota, p, Cost(want=50, minimum=3))
+    assert (refusal.message, refusal.used) == ("Monthly credit limit reached", 100)

@@ -216,3 +216,16 @@ def _tables(diff) -> list[str]:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_sign_ups_from_one_address_are_limited_without_locking_log_ins(database):
+    now = dt.datetime(2024, 1, 18, 12, 0)
+    with database.session() as db:
+        for i in range(throttle.MAX_FAILURES):
+            auth.sign_up(db, f"user{i}@example.com", "long enough", tier="free", now=now, address="10.0.0.9")
+        with pytest.raises(auth.Refused) as refused:
+            auth.sign_up(db, "one-more@example.com", "long enough", tier="free", now=now, address="10.0.0.9")
+        assert refused.value.status == 429 and refused.value.retry_after > 0
+        auth.sign_up(db, "elsewhere@example.com", "long enough", tier="free", now=now, address="10.0.0.10")
+        auth.log_in(db, "user0@example.com", "long enough", address="10.0.0.9", now=now)  # not throttled
+        auth.sign_up(db, "later@example.com", "long enough", tier="free", now=now + throttle.WINDOW, address="10.0.0.9")

@@ -12,7 +12,9 @@ from aimichat.store.models import Account, Tier
 
 COST_RULES = ("per_request", "per_token")
 MIN_PASSWORD = 8
-_hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
+# argon2id at OWASP's recommended minimum (19 MiB, 2 passes): the library default (64 MiB) times a
+# thread pool of sign-ups and log-ins would let a burst of them take gigabytes.
+_hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 
 
 class AccountError(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+from urllib.parse import parse_qsl, urlencode
 import secrets
 import time
 
@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("aimichat.access")
 
-_SECRET_PARAMS = re.compile(r"(?i)((?:^|&)(?:api_key|key|token|password)=)[^&]*")
+_SECRET_PARAMS = {"api_key", "key", "token", "password"}
 
 
 class BodyTooLarge(HTTPException):
@@ -23,7 +23,9 @@ class BodyTooLarge(HTTPException):
 
 
 def redact_query(query: str) -> str:
-    return _SECRET_PARAMS.sub(r"\1[REDACTED]", query)
+    """Decode names before matching (``api%5Fkey`` is ``api_key`` to the app) and re-encode."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return urlencode([(k, "[REDACTED]" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs], safe="[]")
 
 
 class RequestMiddleware:

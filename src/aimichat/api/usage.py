@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from aimichat.keys.service import Principal
@@ -22,7 +23,12 @@ async def usage(request: Request, principal: Principal = Depends(require_key)):
             return ledger.summary(db, principal, state.clock())
 
     s = await run_in_threadpool(read)
-    return usage_body(principal, s)
+    headers = {
+        "X-RateLimit-Limit": str(s.daily_limit),
+        "X-RateLimit-Remaining": str(max(0, s.daily_limit - s.day_used)),
+        "X-RateLimit-Reset": periods.iso_utc(s.day_reset),
+    }
+    return JSONResponse(usage_body(principal, s), headers=headers)
 
 
 def usage_body(principal: Principal, s: ledger.UsageSummary) -> dict:

@@ -28,15 +28,12 @@ from .base import (
     PreparedPrompt,
     SamplingParams,
 )
-from .llama_common import DEFAULT_GGUF, ChatPrompt, default_model_path, retry_after
+from .llama_common import DEFAULT_GGUF, ChatPrompt, default_model_path, retry_after, tokenize_off_loop
 from .text import StopScanner, TokenText
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_GGUF", "EmbeddedEngine", "default_model_path"]
-
-_LONG_PROMPT_CHARS = 4000  # tokenising more than this happens off the event loop
-
 
 @dataclass
 class _Job:
@@ -123,10 +120,7 @@ class EmbeddedEngine:
     # -- prompt --------------------------------------------------------------------------------
 
     async def prepare(self, messages: list[Message]) -> PreparedPrompt:
-        if sum(len(m.content) for m in messages) > _LONG_PROMPT_CHARS:
-            tokens = await asyncio.to_thread(self.tokenize_chat, messages)
-        else:
-            tokens = self.tokenize_chat(messages)
+        tokens = await tokenize_off_loop(self.tokenize_chat, messages, self.context_length)
         room = self.context_length - len(tokens)
         if room < 1:
             raise ContextLengthExceeded(len(tokens), self.context_length)

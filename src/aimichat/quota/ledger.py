@@ -110,25 +110,32 @@ _RACED = object()  # another request took credits between our read and our updat
 
 
 def _try_reserve(db: Session, principal: Principal, cost: Cost, request_id: str, now: dt.datetime):
-    day, month = periods.day_start(now), periods.month_start(now)
-    monthly = principal.monthly_credits is not None
     flexible = cost.minimum < cost.want
-    # The common case is one statement: the whole cost fits.
+    # The common case is one statement per counter: the whole cost fits.
     amount = cost.want
-    day_used = _take(db, principal.account_id, "day", day, amount, principal.daily_credits)
+    day_used = _take_all(db, principal, now, amount)
     if day_used is None and flexible:
-        amount = _affordable(db, principal, day, month, cost)
+        db.rollback()  # undo a day counter that took it when the month would not
+        amount = _affordable(db, principal, periods.day_start(now), periods.month_start(now), cost)
         if amount:
-            day_used = _take(db, principal.account_id, "day", day, amount, principal.daily_credits)
-    if day_used is not None and monthly:
-        if _take(db, principal.account_id, "month", month, amount, principal.monthly_credits) is None:
-            day_used = None
+            day_used = _take_all(db, principal, now, amount)
     if day_used is None:
         db.rollback()
         return _RACED if flexible and amount else refusal(db, principal, cost, now)
     reservation = record_reservation(db, principal, amount, request_id=request_id, now=now, day_used=day_used)
     db.commit()
     return reservation
+
+
+def _take_all(db: Session, principal: Principal, now: dt.datetime, amount: int) -> int | None:
+    """Take ``amount`` from the day and, if the tier has one, the month; the day's new total, or None
+    if either does not fit (the caller rolls back)."""
+    day_used = _take(db, principal.account_id, "day", periods.day_start(now), amount, principal.daily_credits)
+    if day_used is None or principal.monthly_credits is None:
+        return day_used
+    if _take(db, principal.account_id, "month", periods.month_start(now), amount, principal.monthly_credits) is None:
+        return None
+    return day_used
 
 
 def record_reservation(

@@ -26,11 +26,16 @@ class Refused(Exception):
         self.retry_after = retry_after
 
 
-def sign_up(db: Session, email: str, password: str, *, tier: str, now: dt.datetime, old_token: str | None = None) -> tuple[Account, str]:
+def sign_up(db: Session, email: str, password: str, *, tier: str, now: dt.datetime, old_token: str | None = None,
+            address: str = "unknown") -> tuple[Account, str]:
+    wait = throttle.signup_retry_after(db, address, now)
+    if wait:
+        raise Refused(f"Too many new accounts from your address. Try again in {max(1, round(wait / 60))} minutes.", 429, wait)
     try:
         account = accounts.create_account(db, email, password, tier=tier)
     except accounts.AccountError as exc:
         raise Refused(_sentence(str(exc))) from None
+    throttle.record_signup(db, address, now)
     return account, sessions.start(db, account, now, replacing=old_token)
 
 

@@ -33,7 +33,8 @@ def signup(request: Request, visitor: Visitor = Depends(any_form), email: str = 
     state = request.app.state
     with state.db.session() as db:
         try:
-            _, token = auth.sign_up(db, email, password, tier=state.settings.default_tier, now=state.clock(), old_token=visitor.session_token)
+            _, token = auth.sign_up(db, email, password, tier=state.settings.default_tier, now=state.clock(),
+                                    old_token=visitor.session_token, address=client_address(request))
             db.commit()
         except auth.Refused as exc:
             db.rollback()

@@ -23,9 +23,13 @@ def email_key(email: str) -> str:
     return email.strip().lower()[:320]
 
 
+SIGNUP = "#signup"  # marks sign-up rows, which count per address apart from failed log-ins
+
+
 def retry_after(db: Session, email: str, address: str, now: dt.datetime) -> int | None:
     """Seconds until a log-in may be tried again, or None when it may be tried now."""
-    waits = [_wait(db, LoginAttempt.email == email_key(email), now), _wait(db, LoginAttempt.address == address[:64], now)]
+    by_address = (LoginAttempt.address == address[:64]) & (LoginAttempt.email != SIGNUP)
+    waits = [_wait(db, LoginAttempt.email == email_key(email), now), _wait(db, by_address, now)]
     longest = max(w for w in waits)
     return longest or None
 
@@ -54,3 +58,12 @@ def clear(db: Session, email: str) -> None:
     """A successful log-in forgives that email's failures (not the address's: one own account must
     not reset a counter that guards everybody else's)."""
     db.execute(delete(LoginAttempt).where(LoginAttempt.email == email_key(email)))
+
+
+def signup_retry_after(db: Session, address: str, now: dt.datetime) -> int | None:
+    """Sign-ups from one address are limited like failed log-ins: each account is free credits."""
+    return _wait(db, (LoginAttempt.email == SIGNUP) & (LoginAttempt.address == address[:64]), now) or None
+
+
+def record_signup(db: Session, address: str, now: dt.datetime) -> None:
+    record_failure(db, SIGNUP, address, now)

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aimichat.api.metrics import Metrics
 from aimichat.api.errors import STORE_UNAVAILABLE, APIError, engine_error, quota_exceeded
-from aimichat.engines.base import Delta, Engine, EngineError, Event, Finish, SamplingParams
+from aimichat.engines.base import Delta, Engine, EngineError, Event, Finish, PreparedPrompt, SamplingParams
 from aimichat.keys.service import Principal
 from aimichat.quota import ledger, periods
 from aimichat.quota.backends import QuotaBackend
@@ -49,14 +49,18 @@ class ChatService:
         max_tokens = min(request.requested_max_tokens() or self.default_max_tokens, prompt.max_completion_tokens)
 
         request_id = "chatcmpl-" + secrets.token_hex(12)
-        reservation = await self._reserve(principal, request_id, prompt.prompt_tokens, max_tokens)
+        # An engine that only estimates the prompt is reserved for at worst one token per UTF-8 byte,
+        # so a prompt that counts higher than estimated is still paid for in full.
+        prompt_bound = _prompt_upper_bound(prompt)
+        with anyio.CancelScope(shield=True):  # once the database has granted it, we must know about it
+            reservation = await self._reserve(principal, request_id, prompt_bound, max_tokens)
         if isinstance(reservation, ledger.Refusal):
             if self.metrics:
                 self.metrics.refusals.inc()
             return quota_exceeded(reservation)
         if principal.cost_rule == "per_token":
             # Never generate more than the reserved credits pay for.
-            max_tokens = min(max_tokens, ledger.affordable_tokens(principal, reservation.credits) - prompt.prompt_tokens)
+            max_tokens = min(max_tokens, ledger.affordable_tokens(principal, reservation.credits) - prompt_bound)
         params = SamplingParams(
             max_tokens=max(1, max_tokens),
             temperature=1.0 if request.temperature is None else request.temperature,
@@ -140,7 +144,9 @@ class _Call:
             await self._release()
             if self.service.metrics:
                 self.service.metrics.engine_errors.labels(type(exc).__name__).inc()
-            raise engine_error(exc) from exc
+            error = engine_error(exc)
+            error.headers.update(self.rate_headers(self.reservation.remaining + self.reservation.credits))
+            raise error from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await events.aclose()
@@ -257,6 +263,14 @@ class _Call:
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
             }
         )
+
+
+def _prompt_upper_bound(prompt: PreparedPrompt) -> int:
+    if not prompt.estimated:
+        return prompt.prompt_tokens
+    per_message_overhead = 8  # role markers and separators of common chat templates
+    encoded = sum(len(m.content.encode("utf-8")) + per_message_overhead for m in prompt.messages)
+    return max(prompt.prompt_tokens, encoded)
 
 
 def _usage(finish: Finish) -> dict:
