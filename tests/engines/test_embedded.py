@@ -34,7 +34,7 @@ def stream(server, body, results, index):
         "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, headers={"Authorization": f"Bearer {server.key}"}
     ) as r:
         text = "".join(r.iter_text())
-        results[index] = (r.status_code, r.headers.get("retry-after"), text.endswith("data: [DONE]\n\n"))
+        results[index] = (r.status_code, r.headers.get("retry-after"), text.endswith("data: [DONE]\n\n"), text[:300])
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(server, engine, monkeypatch):
@@ -50,7 +50,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(server, eng
     busy = [r for r in results.values() if r[0] == 503]
     assert len(ok) + len(busy) == 8
     assert busy and all(int(r[1]) >= 1 for r in busy)
-    assert len(ok) >= 3 and all(r[2] for r in ok)  # one running + two queued, each completed
+    assert len(ok) >= 3 and all(r[2] for r in ok), busy  # one running + two queued, each completed
     with server.db.session() as s:  # refused requests reserved nothing: exactly the served ones are charged
         rows = s.scalars(select(UsageEvent)).all()
         assert sorted(r.status for r in rows) == ["charged"] * len(ok) + ["released"] * len(busy)

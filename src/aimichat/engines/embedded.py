@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_GGUF", "EmbeddedEngine", "default_model_path"]
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs live in a set
 class _Job:
     tokens: list[int]
     params: SamplingParams
@@ -74,7 +74,8 @@ class EmbeddedEngine:
         self._llm = None
         self._prompt: ChatPrompt | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aimichat-engine")
-        self._waiting = 0
+        self._queued: set[_Job] = set()
+        self._queue_lock = threading.Lock()
         self._running = 0
         self._load_lock = threading.Lock()
 
@@ -113,7 +114,7 @@ class EmbeddedEngine:
             "model": self.model_path.name,
             "loaded": self._llm is not None,
             "running": self._running,
-            "queued": self._waiting,
+            "queued": len(self._queued),
             "max_queue": self.max_queue,
         }
 
@@ -135,19 +136,17 @@ class EmbeddedEngine:
     # -- generation ----------------------------------------------------------------------------
 
     async def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncIterator[Event]:
-        if self._waiting >= self.max_queue:
-            raise EngineBusy("The engine queue is full; retry shortly.", retry_after=retry_after(self._waiting))
         job = _Job(list(prompt.payload), params, asyncio.get_running_loop())
-        self._waiting += 1
-        queued = True
+        with self._queue_lock:  # several event loops (one per test server, or none) may share an engine
+            if len(self._queued) >= self.max_queue:
+                raise EngineBusy("The engine queue is full; retry shortly.", retry_after=retry_after(len(self._queued)))
+            self._queued.add(job)
         try:
             self._executor.submit(self._run, job)
             try:
                 await asyncio.wait_for(job.started.wait(), self.queue_timeout)
             except TimeoutError:
                 raise EngineBusy("Timed out waiting for the engine; retry shortly.", retry_after=5) from None
-            self._waiting -= 1
-            queued = False
             while True:
                 item = await job.events.get()
                 if isinstance(item, BaseException):
@@ -158,10 +157,14 @@ class EmbeddedEngine:
         finally:
             # Runs on normal end, on error and when the consumer goes away (client disconnect).
             job.cancelled = True
-            if queued:
-                self._waiting -= 1
+            self._dequeue(job)
+
+    def _dequeue(self, job: _Job) -> None:
+        with self._queue_lock:
+            self._queued.discard(job)
 
     def _run(self, job: _Job) -> None:
+        self._dequeue(job)  # the worker decides what is waiting: no event-loop round trip can skew it
         if job.cancelled:
             return
         job.loop.call_soon_threadsafe(job.started.set)

@@ -107,15 +107,32 @@ def authenticate(db: Session, presented: str) -> Principal | None:
     if not tokens.is_well_formed(presented):
         return None
     digest = tokens.hash_key(presented)
+    # Plain columns, not ORM entities: this runs on every request.
     row = db.execute(
-        select(ApiKey.id, ApiKey.key_hash, ApiKey.prefix, ApiKey.last_used_at, Account, Tier)
+        select(
+            ApiKey.id, ApiKey.key_hash, ApiKey.prefix, ApiKey.last_used_at,
+            Account.id.label("account_id"), Account.email, Account.disabled,
+            Tier.name, Tier.daily_credits, Tier.monthly_credits, Tier.cost_rule, Tier.credits_per_1k_tokens,
+        )
         .join(Account, Account.id == ApiKey.account_id)
         .join(Tier, Tier.id == Account.tier_id)
         .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
     ).first()
     if row is None or not tokens.secrets.compare_digest(row.key_hash, digest):
         return None
-    return principal_for(row.Account, row.Tier, key_id=row.id, key_prefix=row.prefix, last_used=row.last_used_at)
+    return Principal(
+        account_id=row.account_id,
+        account_email=row.email,
+        account_disabled=row.disabled,
+        key_id=row.id,
+        key_prefix=row.prefix,
+        key_last_used_at=row.last_used_at,
+        tier_name=row.name,
+        daily_credits=row.daily_credits,
+        monthly_credits=row.monthly_credits,
+        cost_rule=row.cost_rule,
+        credits_per_1k_tokens=row.credits_per_1k_tokens,
+    )
 
 
 def principal_for(
