@@ -92,7 +92,7 @@ def measure_api(url: str, key: str, prompt: str, max_tokens: int) -> tuple[float
 
 
 def start_server(data_dir: str) -> tuple[subprocess.Popen, str, str]:
-    env = {**os.environ, "AIMICHAT_DATA_DIR": data_dir, "AIMICHAT_PARALLEL": os.environ.get("AIMICHAT_PARALLEL", "1")}
+    env = {**os.environ, "AIMICHAT_DATA_DIR": data_dir}  # the default engine, unless AIMICHAT_PARALLEL says otherwise
     aimichat = [sys.executable, "-m", "aimichat"]
     subprocess.run([*aimichat, "accounts", "create", "bench@example.com", "--password", "bench-password"], env=env, check=True, capture_output=True)
     tier = ["tiers", "set", "free", "--daily-credits", "1000000"]

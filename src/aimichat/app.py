@@ -30,6 +30,20 @@ def build_engine(settings: Settings) -> Engine:
         from aimichat.engines.openai_upstream import UpstreamEngine
 
         return UpstreamEngine.from_settings(settings)
+    if settings.parallel > 1:
+        from aimichat.engines.batched import BatchedEngine
+
+        return BatchedEngine(
+            settings.model_path,
+            model_id=PUBLIC_MODEL_ID,
+            slots=settings.parallel,
+            context_length=settings.context_length,
+            threads=settings.threads,
+            system_prompt=settings.system_prompt,
+            repeat_penalty=settings.repeat_penalty,
+            max_queue=settings.max_queue,
+            queue_timeout=settings.queue_timeout,
+        )
     from aimichat.engines.embedded import EmbeddedEngine
 
     return EmbeddedEngine(

@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Concurrent streaming throughput: AimiChat's batched engine, its one-at-a-time engine, and llama-cpp-python's server.
+
+Starts each server itself (free port, throwaway data dir, an account and key made with the
+``aimichat`` CLI), runs 1, 4 and 8 concurrent streaming clients of 100 tokens each against it, and
+stops it. For every run it prints total completion tokens per second and the worst time to first
+token, then the servers' resident memory, and as the very last line::
+
+    concurrency_ratio_8=<AimiChat total tok/s at 8 streams ÷ AimiChat at 1 stream>
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/concurrency.py                    # everything, about a minute on a quiet machine
+    .venv/bin/python bench/concurrency.py --streams 1,8 --tokens 30 --no-baseline   # a quick check
+
+Throughput on a shared machine is noisy: take final numbers on a quiet one (``--repeat 3`` reports medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+PYTHON = sys.executable
+TOPICS = [
+    "a dragon", "the sea", "a lost robot", "a lighthouse keeper", "a city of glass", "a talking cat",
+    "a long winter", "a time traveller", "a desert caravan", "an old library", "a mountain village",
+    "a clockmaker", "a river pirate", "a snow fox", "a night train", "a forgotten island",
+]
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    key: str
+    proc: subprocess.Popen
+
+
+@dataclass
+class Run:
+    server: str
+    streams: int
+    tokens: int
+    seconds: float
+    worst_ttft: float
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def aimichat_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    """This environment, but with our own data dir and nothing that would point AimiChat elsewhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMICHAT_")}
+    env["AIMICHAT_DATA_DIR"] = str(data_dir)
+    env.update({f"AIMICHAT_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def make_key(data_dir: Path) -> str:
+    """An account on a tier with plenty of credits, and an API key for it, through the aimichat CLI."""
+    env = aimichat_env(data_dir)
+
+    def cli(*args: str) -> str:
+        return subprocess.run([PYTHON, "-m", "aimichat", *args], env=env, check=True, capture_output=True, text=True).stdout
+
+    cli("tiers", "set", "bench", "--daily-credits", "1000000")
+    cli("accounts", "create", "bench@example.com", "--password", "a-long-bench-password", "--tier", "bench")
+    return cli("keys", "create", "bench@example.com", "--name", "bench").strip().splitlines()[-1]
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f}s")
+
+
+@contextmanager
+def running(name: str, argv: list[str], ready_path: str, port: int, key: str, env: dict[str, str]) -> Iterator[Server]:
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(proc, url + ready_path)
+        yield Server(name, url, key, proc)
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End the server this script started (by its own handle), forcefully if it will not go."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def aimichat(data_dir: Path, key: str, parallel: int, threads: int, context_length: int):
+    port = free_port()
+    argv = [PYTHON, "-m", "aimichat", "serve", "--port", str(port), "--parallel", str(parallel), "--log-level", "warning"]
+    env = aimichat_env(data_dir, threads=str(threads), context_length=str(context_length), engine="embedded")
+    label = f"aimichat parallel={parallel}" if parallel > 1 else "aimichat one-at-a-time"
+    return running(label, argv, "/readyz", port, key, env)
+
+
+def llama_cpp_server(model: Path, threads: int, context_length: int):
+    port = free_port()
+    argv = [
+        PYTHON, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", str(context_length), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        # By default a new request interrupts the running one; queueing is the fair comparison.
+        "--interrupt_requests", "False", "--verbose", "False",
+    ]
+    return running("llama_cpp.server", argv, "/v1/models", port, "none", dict(os.environ))
+
+
+def memory(server: Server) -> str:
+    """The server's current and peak resident memory, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.split()
+    rss, peak = int(fields["VmRSS"][0]) / 1024, int(fields["VmHWM"][0]) / 1024
+    return f"{server.name}: {rss:.0f} MiB resident (peak {peak:.0f} MiB)"
+
+
+# -- clients -------------------------------------------------------------------------------------
+
+
+async def one_stream(client: httpx.AsyncClient, server: Server, content: str, max_tokens: int, started: float) -> tuple[int, float]:
+    """Stream one completion; returns (completion tokens, seconds to the first text)."""
+    body = {
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    headers = {"Authorization": f"Bearer {server.key}"}
+    first, chunks, usage = None, 0, None
+    async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = first or time.perf_counter() - started
+                chunks += 1
+    tokens = usage["completion_tokens"] if usage else chunks  # one chunk per token where usage is not sent
+    return tokens, first if first is not None else float("inf")
+
+
+def prompts(streams: int, run: int) -> list[str]:
+    """Different questions in every run, so no server answers from a cache of the previous run's prompt."""
+    return [f"Write a long, detailed story about {TOPICS[(run * streams + i) % len(TOPICS)]}." for i in range(streams)]
+
+
+async def measure(server: Server, questions: list[str], max_tokens: int) -> Run:
+    async with httpx.AsyncClient(timeout=600) as client:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, server, q, max_tokens, started) for q in questions))
+        seconds = time.perf_counter() - started
+    return Run(server.name, len(questions), sum(t for t, _ in results), seconds, max(f for _, f in results))
+
+
+def bench(server: Server, stream_counts: list[int], max_tokens: int, repeat: int) -> list[Run]:
+    asyncio.run(measure(server, ["Say hello."], 8))  # warm-up: first-request costs are not what we measure
+    runs = []
+    for streams in stream_counts:
+        tries = [asyncio.run(measure(server, prompts(streams, run), max_tokens)) for run in range(repeat)]
+        run = sorted(tries, key=lambda r: r.tok_s)[len(tries) // 2]  # the median run
+        run.worst_ttft = statistics.median(t.worst_ttft for t in tries)
+        print(f"{run.server:<26} {streams:>7} {run.tok_s:>12.1f} {run.worst_ttft:>13.2f} {run.tokens:>7}", flush=True)
+        runs.append(run)
+    return runs
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", default="1,4,8", help="concurrent client counts (default 1,4,8)")
+    parser.add_argument("--tokens", type=int, default=100, help="max_tokens per stream (default 100)")
+    parser.add_argument("--parallel", type=int, default=8, help="AimiChat slots (default 8)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads for every server")
+    parser.add_argument("--context-length", type=int, default=4096, help="context per request (per slot)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median is reported")
+    parser.add_argument("--no-baseline", action="store_true", help="skip llama_cpp.server")
+    parser.add_argument("--no-single", action="store_true", help="skip AimiChat's one-at-a-time engine")
+    args = parser.parse_args()
+    stream_counts = sorted({int(s) for s in args.streams.split(",")})
+    if 1 not in stream_counts:
+        stream_counts.insert(0, 1)  # the ratio needs the single-stream figure
+
+    from aimichat.engines.llama_common import default_model_path
+
+    print(f"model {default_model_path().name}, {args.threads} threads, {args.tokens} tokens per stream, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"{'server':<26} {'streams':>7} {'total tok/s':>12} {'worst TTFT s':>13} {'tokens':>7}")
+    memories: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="aimichat-bench-") as tmp:
+        data_dir = Path(tmp)
+        key = make_key(data_dir)
+        with aimichat(data_dir, key, args.parallel, args.threads, args.context_length) as server:
+            batched = bench(server, stream_counts, args.tokens, args.repeat)
+            memories.append(memory(server))
+        single = []
+        if not args.no_single:
+            with aimichat(data_dir, key, 1, args.threads, args.context_length) as server:
+                single = bench(server, [1], args.tokens, args.repeat)
+                memories.append(memory(server))
+    if not args.no_baseline:
+        with llama_cpp_server(default_model_path(), args.threads, args.context_length) as server:
+            bench(server, stream_counts, args.tokens, args.repeat)
+            memories.append(memory(server))
+    for line in memories:
+        print(f"memory after the runs, {line}")
+    by_streams = {run.streams: run for run in batched}
+    if single:
+        print(f"single_stream_ratio={by_streams[1].tok_s / single[0].tok_s:.2f}")
+    top = max(stream_counts)
+    print(f"concurrency_ratio_{top}={by_streams[top].tok_s / by_streams[1].tok_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
