@@ -54,7 +54,9 @@ def make_engine(url: str) -> Engine:
         # so concurrent writers queue on busy_timeout rather than failing to upgrade a read lock.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # No pre-ping (a round trip per checkout): a dead connection raises, SQLAlchemy then drops the
+    # whole pool, the request fails closed with 503 and the next one reconnects.
+    return create_engine(url, pool_size=10, max_overflow=20)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
