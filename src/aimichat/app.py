@@ -30,24 +30,7 @@ def build_engine(settings: Settings) -> Engine:
         from aimichat.engines.openai_upstream import UpstreamEngine
 
         return UpstreamEngine.from_settings(settings)
-    if settings.parallel > 1:
-        from aimichat.engines.batched import BatchedEngine
-
-        return BatchedEngine(
-            settings.model_path,
-            model_id=PUBLIC_MODEL_ID,
-            slots=settings.parallel,
-            context_length=settings.context_length,
-            threads=settings.threads,
-            system_prompt=settings.system_prompt,
-            repeat_penalty=settings.repeat_penalty,
-            max_queue=settings.max_queue,
-            queue_timeout=settings.queue_timeout,
-        )
-    from aimichat.engines.embedded import EmbeddedEngine
-
-    return EmbeddedEngine(
-        settings.model_path,
+    common = dict(
         model_id=PUBLIC_MODEL_ID,
         context_length=settings.context_length,
         threads=settings.threads,
@@ -56,6 +39,13 @@ def build_engine(settings: Settings) -> Engine:
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
     )
+    if settings.parallel > 1:
+        from aimichat.engines.batched import BatchedEngine
+
+        return BatchedEngine(settings.model_path, slots=settings.parallel, **common)
+    from aimichat.engines.embedded import EmbeddedEngine
+
+    return EmbeddedEngine(settings.model_path, **common)
 
 
 def build_quota(settings: Settings, db: Database) -> QuotaBackend:

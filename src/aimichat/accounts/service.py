@@ -5,6 +5,7 @@ from __future__ import annotations
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from aimichat.store.db import utcnow
@@ -65,7 +66,11 @@ def ensure_default_tier(db: Session, name: str = "free", daily_credits: int = 10
     """Create the default tier on a fresh database; True if it was created."""
     if db.scalar(select(Tier).where(Tier.name == name)) is not None:
         return False
-    set_tier(db, name, daily_credits=daily_credits)
+    try:
+        with db.begin_nested():  # replicas starting together race to create it: one wins, no one fails
+            set_tier(db, name, daily_credits=daily_credits)
+    except IntegrityError:
+        return False
     return True
 
 
