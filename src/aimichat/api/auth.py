@@ -35,7 +35,7 @@ async def require_key(request: Request) -> Principal:
         raise invalid_api_key()
 
     def lookup():
-        with state.db.session() as db:
+        with state.db.read_session() as db:
             return keys.authenticate(db, key)
 
     principal = await run_in_threadpool(lookup)

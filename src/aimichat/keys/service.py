@@ -108,7 +108,7 @@ def authenticate(db: Session, presented: str) -> Principal | None:
         return None
     digest = tokens.hash_key(presented)
     # Plain columns, not ORM entities: this runs on every request.
-    row = db.execute(
+    row = db.connection().execute(
         select(
             ApiKey.id, ApiKey.key_hash, ApiKey.prefix, ApiKey.last_used_at,
             Account.id.label("account_id"), Account.email, Account.disabled,
@@ -163,4 +163,4 @@ def touch_last_used(db: Session, principal: Principal, now: dt.datetime) -> None
     last = principal.key_last_used_at
     if principal.key_id is None or (last is not None and now - last < LAST_USED_RESOLUTION):
         return
-    db.execute(update(ApiKey).where(ApiKey.id == principal.key_id).values(last_used_at=now))
+    db.connection().execute(update(ApiKey).where(ApiKey.id == principal.key_id).values(last_used_at=now))

@@ -142,7 +142,7 @@ def record_reservation(
     db: Session, principal: Principal, amount: int, *, request_id: str, now: dt.datetime, day_used: int
 ) -> Reservation:
     """Write the ledger row of a granted reservation (the caller commits)."""
-    ledger_id = db.scalar(  # a Core INSERT: the ORM's unit of work costs more than the statement here
+    ledger_id = db.connection().scalar(  # Core: the ORM layer costs more than the statement here
         insert(UsageEvent)
         .values(
             request_id=request_id,
@@ -185,7 +185,7 @@ def _take(db: Session, account_id: int, period: str, start: dt.date, amount: int
 
 
 def _add(db: Session, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
-    return db.scalar(
+    return db.connection().scalar(  # Core: no ORM session synchronisation on the hot path
         update(UsageCounter)
         .where(
             UsageCounter.account_id == account_id,
@@ -272,7 +272,7 @@ def settle(
     """
     credits = max(0, min(credits, reservation.credits))
     try:
-        changed = db.scalar(
+        changed = db.connection().scalar(
             update(UsageEvent)
             .where(UsageEvent.id == reservation.ledger_id, UsageEvent.status == "reserved")
             .values(
@@ -304,7 +304,7 @@ def release(db: Session, reservation: Reservation, *, now: dt.datetime, refund_c
 
 
 def _refund(db: Session, account_id: int, period: str, start: dt.date, amount: int) -> None:
-    db.execute(
+    db.connection().execute(
         update(UsageCounter)
         .where(
             UsageCounter.account_id == account_id,
