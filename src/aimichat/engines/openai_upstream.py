@@ -197,6 +197,16 @@ class _Relay:
         """Did the upstream end its answer properly (rather than the connection just closing)?"""
         return self.done or self.finish_reason is not None
 
+    async def release(self) -> None:
+        """Close the response. After a complete answer, read what is left of the body first, so the
+        connection goes back to the pool (closing a half-read response closes the TCP connection,
+        which is what we want when the caller has gone away, and a waste otherwise)."""
+        if self.done:
+            with anyio.move_on_after(1):
+                async for _ in self._lines:
+                    pass
+        await self.response.aclose()
+
     async def next_text(self) -> str | None:
         """The next non-empty piece of text, or None when the stream is over."""
         while not self.ended:
@@ -392,7 +402,7 @@ class UpstreamEngine:
             self._in_flight -= 1
             if opened is not None:
                 with anyio.CancelScope(shield=True):
-                    await opened.relay.response.aclose()
+                    await opened.relay.release()
 
     def _request_body(self, prompt: PreparedPrompt, params: SamplingParams) -> dict:
         body: dict = {
