@@ -387,6 +387,15 @@ def test_playground_charges_the_account(server):
         assert len(events) == 3 and all(e.api_key_id is None and e.credits == 1 for e in events)
 
 
+def test_a_conversation_longer_than_the_context_is_explained_on_the_page(server, engine):
+    with Browser(server) as b:
+        b.sign_up("long@example.com")
+        earlier = "word " * 1500  # each turn within the page's limit, together past the model's window
+        page = b.post("/playground", {"role": ["user", "assistant"], "content": [earlier, earlier], "message": "and?"})
+        assert page.status_code == 400 and "maximum context length" in page.text
+        assert page.text.count('class="msg assistant"') == 1  # the earlier turn, and no new reply
+
+
 def test_playground_shows_when_credits_are_spent(engine, database, tmp_path):
     make_account(database, "broke@example.com", daily=1, password=PASSWORD)
     with serve_app(engine, database, tmp_path) as live, Browser(live) as b:

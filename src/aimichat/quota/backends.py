@@ -113,7 +113,7 @@ class RedisQuota:
         else:
             raise redis.exceptions.ConnectionError("Redis keeps losing the credit counters (maxmemory eviction?)")
         if granted == 0:
-            return self._refusal(principal, cost, now, day_used, month_used)
+            return ledger.refusal_from(principal, cost, now, day_used, month_used)
         try:
             with self.db.session() as s:
                 reservation = ledger.record_reservation(s, principal, granted, request_id=request_id, now=now, day_used=day_used)
@@ -138,16 +138,6 @@ class RedisQuota:
         if principal.monthly_credits is not None:
             pipe.set(keys[1], month_used, nx=True, ex=periods.seconds_until(periods.next_month_reset(now), now) + 3600)
         pipe.execute()
-
-    def _refusal(self, principal: Principal, cost: Cost, now: dt.datetime, day_used: int, month_used: int) -> Refusal:
-        day_reset = periods.next_day_reset(now)
-        day_full = day_used + cost.minimum > principal.daily_credits
-        if principal.monthly_credits is not None and not day_full:
-            reset, message, limit, used = periods.next_month_reset(now), "Monthly credit limit reached", principal.monthly_credits, month_used
-        else:
-            reset, message, limit, used = day_reset, "Daily credit limit reached", principal.daily_credits, day_used
-        return Refusal(message=message, limit=limit, used=used, reset_at=reset, retry_after=periods.seconds_until(reset, now),
-                       daily_limit=principal.daily_credits, day_used=day_used, daily_reset_at=day_reset)
 
     def settle(self, reservation, *, credits, prompt_tokens, completion_tokens, now, estimated=False):
         with self.db.session() as s:

@@ -225,12 +225,17 @@ def _used(db: Session, account_id: int, period: str, start: dt.date) -> int:
 
 
 def refusal(db: Session, principal: Principal, cost: Cost, now: dt.datetime) -> Refusal:
-    """Which allotment is spent (the daily one when both are), with its figures."""
+    """Read the counters and say which allotment is spent."""
     try:
         day_used = _used(db, principal.account_id, "day", periods.day_start(now))
         month_used = _used(db, principal.account_id, "month", periods.month_start(now))
     finally:
         db.rollback()
+    return refusal_from(principal, cost, now, day_used, month_used)
+
+
+def refusal_from(principal: Principal, cost: Cost, now: dt.datetime, day_used: int, month_used: int) -> Refusal:
+    """Which allotment is spent (the daily one when both are), with its figures; any counter backend."""
     day_reset = periods.next_day_reset(now)
     day_full = day_used + cost.minimum > principal.daily_credits
     if principal.monthly_credits is not None and not day_full:

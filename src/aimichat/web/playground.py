@@ -13,7 +13,8 @@ from fastapi import APIRouter, Depends, Form, Request
 from starlette.concurrency import run_in_threadpool
 
 from aimichat.api.chat.protocol import ChatCompletionRequest
-from aimichat.api.errors import APIError
+from aimichat.api.errors import APIError, engine_error
+from aimichat.engines.base import EngineError
 from aimichat.keys import service as keys
 from aimichat.quota import ledger
 
@@ -86,12 +87,14 @@ async def playground_post(request: Request, visitor: Visitor = Depends(user_form
     try:
         turns = conversation(raw)
     except ValueError as exc:
-        return await run_in_threadpool(lambda: _page(request, visitor, turns=raw[:-1], error=str(exc), status=400))
+        error = str(exc)
+        return await run_in_threadpool(lambda: _page(request, visitor, turns=raw[:-1], error=error, status=400))
     principal = keys.principal_for(visitor.account, visitor.account.tier)
     try:
         response = await request.app.state.chat.complete(principal, chat_request(turns, stream=False))
-    except APIError as exc:
-        return await run_in_threadpool(lambda: _page(request, visitor, turns=turns, error=exc.message, status=exc.status))
+    except (APIError, EngineError) as exc:  # e.g. a conversation grown past the context window
+        failure = exc if isinstance(exc, APIError) else engine_error(exc)
+        return await run_in_threadpool(lambda: _page(request, visitor, turns=turns, error=failure.message, status=failure.status))
     body = json.loads(response.body)
     if response.status_code != 200:  # credits spent: the spec's 429 body
         error = f"{body.get('message', 'Credit limit reached')}. Credits come back at {body.get('resetAt', '')}."

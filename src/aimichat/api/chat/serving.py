@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aimichat.api.metrics import Metrics
 from aimichat.api.errors import STORE_UNAVAILABLE, APIError, engine_error, quota_exceeded
-from aimichat.engines.base import Delta, Engine, EngineError, Event, Finish, PreparedPrompt, SamplingParams
+from aimichat.engines.base import Engine, EngineError, Event, Finish, PreparedPrompt, SamplingParams
 from aimichat.keys.service import Principal
 from aimichat.quota import ledger, periods
 from aimichat.quota.backends import QuotaBackend
