@@ -60,7 +60,8 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_nothing(server, eng
 def test_waiting_longer_than_the_queue_timeout_answers_503(server, engine, monkeypatch):
     monkeypatch.setattr(engine, "queue_timeout", 0.5)
     results: dict[int, tuple] = {}
-    first = threading.Thread(target=stream, args=(server, {**LONG, "max_tokens": 80}, results, 0))
+    # The first stream must still be running when the second has waited 0.5 s: ~3 s at 100 tok/s.
+    first = threading.Thread(target=stream, args=(server, {**LONG, "max_tokens": 300}, results, 0))
     first.start()
     time.sleep(0.3)
     started = time.monotonic()
