@@ -170,3 +170,18 @@ def serve_app(engine, db: Database, tmp_path: Path, *, clock=None, **settings) -
     kwargs = {"clock": clock} if clock else {}
     app = create_app(cfg, engine=engine, db=db, close_engine=False, **kwargs)
     return LiveServer(app)
+
+
+def wait_ready(urls: list[str], procs: list, timeout: float = 60) -> None:
+    """Wait until every `aimichat serve` subprocess answers /readyz with 200 (fail at once if one exits)."""
+    deadline = time.monotonic() + timeout
+    for url, proc in zip(urls, procs):
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
