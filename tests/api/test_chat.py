@@ -161,6 +161,10 @@ def test_usage_counts_come_from_the_tokenizer(server, engine):
 
 
 def test_stream_equals_non_stream_at_temperature_zero(server):
+    check_stream_equals_non_stream(server)
+
+
+def check_stream_equals_non_stream(server, before_each=lambda: None) -> None:
     request = {
         "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
         "max_tokens": 40,
@@ -168,7 +172,9 @@ def test_stream_equals_non_stream_at_temperature_zero(server):
         "seed": 7,
     }
     headers = {"Authorization": f"Bearer {server.key}"}
+    before_each()
     plain = requests.post(f"{server.url}/v1/chat/completions", headers=headers, json=request, timeout=60).json()
+    before_each()
     r = requests.post(f"{server.url}/v1/chat/completions", headers=headers, json={**request, "stream": True}, timeout=60)
     assert r.headers["content-type"].startswith("text/event-stream")
     for name in ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"):

@@ -353,6 +353,33 @@ def test_slots_reuse_the_shared_prompt_start_and_answers_do_not_depend_on_histor
     assert first[1].prompt_tokens == prompt_tokens(batched, PROMPTS[0])  # usage counts the whole prompt
 
 
+def test_a_conversations_next_turn_reads_only_what_is_new(batched):
+    """A slot keeps its last prompt and answer: the next turn of that chat reads just the new part."""
+    def cached() -> int:
+        return batched.ready()[1]["prompt_tokens_cached"]
+
+    question = [Message("user", "Name three rivers in Europe.")]
+    (answer, first), = alone(batched, [(question, {"max_tokens": 24, "temperature": 0})])
+    turn = question + [Message("assistant", answer), Message("user", "Which is the longest?")]
+    before = cached()
+    (reply, second), = alone(batched, [(turn, {"max_tokens": 8, "temperature": 0})])
+    reused = cached() - before
+    assert second.prompt_tokens == len(batched.tokenize_chat(turn))  # usage still counts the whole prompt
+    assert reused >= first.prompt_tokens + first.completion_tokens - 8 - 4  # - re-read, - re-tokenised answer end
+    # A repeated request finds its whole prompt in a slot, reads its end again, and answers as it did.
+    assert alone(batched, [(turn, {"max_tokens": 8, "temperature": 0})])[0][0] == reply
+    assert cached() - before - reused == second.prompt_tokens - 8
+
+
+def test_a_burst_of_short_identical_requests_all_complete_and_leave_the_engine_idle(batched):
+    """Many more requests than slots, each done in one step: admissions and releases never drift."""
+    burst = [("Hello, how are you?", {"max_tokens": 1, "temperature": 0})] * 60
+    answers = together(batched, burst)
+    assert len({text for text, _ in answers}) == 1 and all(f.completion_tokens == 1 for _, f in answers)
+    state = batched.ready()[1]
+    assert (state["slots_busy"], state["queued"]) == (0, 0)
+
+
 def test_stop_strings_are_cut_and_never_shown(batched):
     (text, finish), = alone(batched, [(LONG, {"max_tokens": 40, "temperature": 0, "stop": (",",)})])
     assert "," not in text and finish.finish_reason == "stop"

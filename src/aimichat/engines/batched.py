@@ -23,10 +23,12 @@ lengths, and a prompt that passed :meth:`BatchedEngine.prepare` always has room.
 multi-stream batch into one micro-batch per run of *consecutive* sequence ids (each run re-reads the
 weights), so slots are handed out lowest id first to keep the busy ids contiguous.
 
-A finished sequence's KV cells are dropped (``llama_memory_seq_rm``) in the step it ends, all but
-the prompt start that every chat with our default system prompt shares: each slot holds those cells,
-computed once the same way for every slot (see ``_pin_prefix``), so a request reads only the rest of
-its prompt and its answer never depends on what the slot served before.
+A finished sequence leaves its KV cells in its slot. The next request takes the free slot whose cells
+hold the longest start of its prompt (a chat's next turn finds its previous turn there, as with
+llama-server's slot prompt cache) and reads only the rest, less a few tokens read again so that its
+last prompt token is computed as on a fresh read (see ``REREAD_TOKENS``). Every slot also starts with the
+prompt start that every chat with our default system prompt shares, computed once the same way for
+every slot (see ``_pin_prefix``).
 
 Prompts are rendered and counted exactly as in :class:`~aimichat.engines.embedded.EmbeddedEngine`
 (same chat template, default system prompt, sampler chain and stop-string handling), so usage and
@@ -57,7 +59,7 @@ from .base import (
     PreparedPrompt,
     SamplingParams,
 )
-from .llama_common import ChatPrompt, default_model_path, retry_after, tokenize_off_loop
+from .llama_common import REREAD_TOKENS, ChatPrompt, default_model_path, retry_after, tokenize_off_loop
 from .sampling import SamplerChain
 from .text import StopScanner, TokenText
 
@@ -166,7 +168,7 @@ class BatchedEngine:
         # Scheduler-thread state.
         self._seqs: list[_Sequence | None] = [None] * slots
         self._pinned: list[int] = []  # how every prompt with our system prompt starts (see _pin_prefix)
-        self._kept = [0] * slots  # leading _pinned tokens each slot's KV cells hold
+        self._cells: list[list[int]] = [[] for _ in range(slots)]  # the tokens each slot's KV cells hold, in order
         self._outbox: list[tuple[_Request, object]] = []
         self._admissions = itertools.count()
         self._busy = 0  # slots in use; written by the scheduler, read by ready()/generate()
@@ -244,19 +246,21 @@ class BatchedEngine:
     def _prefill(self, seq_id: int) -> None:
         import llama_cpp
 
-        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, -1, -1)
-        self._kept[seq_id] = 0
+        self._drop_cells(seq_id, 0)
         if not self._pinned:
             return
         n = 0
         for pos, token in enumerate(self._pinned):
             n = self._add(n, token, pos, seq_id, pos == len(self._pinned) - 1)
-        try:
-            self._decode(n)
-        except EngineError:
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, -1, -1)
-            raise
-        self._kept[seq_id] = len(self._pinned)
+        self._decode(n)  # on failure the slot's cells hold an unknown part: _cells says none
+        self._cells[seq_id] = list(self._pinned)
+
+    def _drop_cells(self, seq_id: int, keep: int) -> None:
+        """Forget all but the first ``keep`` tokens of a slot's KV cells."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, keep, -1)
+        del self._cells[seq_id][keep:]
 
     def _context_params(self):
         import llama_cpp
@@ -308,6 +312,7 @@ class BatchedEngine:
             "queued": len(self._pending),
             "max_queue": self.max_queue,
             "context_length": self.context_length,
+            "threads": self.threads,
             "prompt_tokens_cached": self._prompt_tokens_cached,
         }
 
@@ -334,8 +339,8 @@ class BatchedEngine:
             raise EngineError("empty prompt")  # nothing to decode: it would hold a slot forever
         if len(tokens) >= self.context_length:  # never let a prompt that cannot fit take a slot
             raise ContextLengthExceeded(len(tokens), self.context_length)
-        if self._thread is None or self._closing:
-            raise EngineError("model is not loaded")
+        if self._thread is None or self._closing or not self._thread.is_alive():
+            raise EngineError("model is not loaded")  # never queue behind a scheduler that is gone
         request = _Request(tokens, params, asyncio.get_running_loop())
         with self._cond:
             queued_ahead = len(self._pending) - (self.slots - self._busy)  # those that will find no free slot
@@ -422,15 +427,20 @@ class BatchedEngine:
         self._outbox.append((request, _STARTED))
 
     def _claim_slot(self, tokens: list[int]) -> tuple[int, int]:
-        """The lowest free slot, and how many leading prompt tokens its KV cells already hold."""
-        import llama_cpp
+        """The free slot whose KV cells hold the longest start of ``tokens``, and how many tokens it keeps.
 
-        seq_id = self._seqs.index(None)
-        if self._kept[seq_id] < len(self._pinned):
+        A conversation's next turn usually finds its previous turn (prompt and answer) still in a slot,
+        as with llama-server's slot prompt cache, and reads only what is new. Among equals the lowest
+        id wins, which keeps the busy ids contiguous (see the module docstring).
+        """
+        free = [seq_id for seq_id, seq in enumerate(self._seqs) if seq is None]
+        seq_id = max(free, key=lambda i: (_common_prefix(self._cells[i], tokens), -i))
+        shared = _common_prefix(self._cells[seq_id], tokens)
+        if shared < _common_prefix(self._pinned, tokens):
             self._prefill(seq_id)  # a request with another system prompt cut into the shared prefix
-        kept = min(_common_prefix(self._pinned, tokens), len(tokens) - 1)  # the last token is read for its logits
-        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, kept, -1)
-        self._kept[seq_id] = kept
+            shared = _common_prefix(self._cells[seq_id], tokens)
+        kept = min(shared, max(len(tokens) - REREAD_TOKENS, _common_prefix(self._pinned, tokens)), len(tokens) - 1)
+        self._drop_cells(seq_id, kept)
         self._prompt_tokens_cached += kept
         return seq_id, kept
 
@@ -443,7 +453,7 @@ class BatchedEngine:
             for seq in active:
                 if self._seqs[seq.seq_id] is seq:
                     self._outbox.append((seq.request, exc))
-                    self._release(seq, keep_prefix=False)  # what the failed decode left behind is unknown
+                    self._release(seq, keep_cells=False)  # what the failed decode left behind is unknown
 
     def _step(self, active: list[_Sequence]) -> None:
         """One token for every generating sequence, then prompt chunks within the step's budget."""
@@ -465,6 +475,8 @@ class BatchedEngine:
             n = self._add(n, seq.next_token, seq.n_past, seq.seq_id, True)
             seq.n_past += 1
         self._decode(n)
+        for seq in generating:
+            self._cells[seq.seq_id].append(seq.next_token)
         for index, seq in enumerate(generating):  # before the next decode overwrites the logits
             self._advance(seq, seq.sampler.sample(self._ctx.ctx, index))
 
@@ -484,6 +496,7 @@ class BatchedEngine:
         for pos in range(start, end):
             n = self._add(n, tokens[pos], pos, seq.seq_id, pos == len(tokens) - 1)
         self._decode(n)
+        self._cells[seq.seq_id] += tokens[start:end]
         seq.n_past = end
         if end == len(tokens):
             self._advance(seq, seq.sampler.sample(self._ctx.ctx, n - 1))
@@ -529,13 +542,10 @@ class BatchedEngine:
         self._outbox.append((seq.request, Finish(reason, len(seq.request.tokens), seq.output.generated)))
         self._release(seq)
 
-    def _release(self, seq: _Sequence, keep_prefix: bool = True) -> None:
-        """Free the slot and its KV cells now (all but the shared prompt prefix), for the next request."""
-        import llama_cpp
-
-        kept = self._kept[seq.seq_id] if keep_prefix else 0
-        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq.seq_id, kept, -1)
-        self._kept[seq.seq_id] = kept
+    def _release(self, seq: _Sequence, keep_cells: bool = True) -> None:
+        """Free the slot for the next request; its KV cells stay for a prompt that starts the same way."""
+        if not keep_cells:
+            self._drop_cells(seq.seq_id, 0)
         seq.sampler.close()
         self._seqs[seq.seq_id] = None
         self._busy -= 1
@@ -559,7 +569,7 @@ class BatchedEngine:
     def _fail_everything(self, error: EngineError) -> None:
         for seq in self._active():
             self._outbox.append((seq.request, error))
-            self._release(seq, keep_prefix=False)
+            self._release(seq, keep_cells=False)
         with self._cond:
             waiting, self._pending = list(self._pending), deque()
         for request in waiting:  # wake them from their wait for a slot, then fail them

@@ -28,7 +28,7 @@ from .base import (
     PreparedPrompt,
     SamplingParams,
 )
-from .llama_common import DEFAULT_GGUF, ChatPrompt, default_model_path, retry_after, tokenize_off_loop
+from .llama_common import DEFAULT_GGUF, REREAD_TOKENS, ChatPrompt, default_model_path, retry_after, tokenize_off_loop
 from .text import StopScanner, TokenText
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class EmbeddedEngine:
             "loaded": self._llm is not None,
             "running": self._running,
             "queued": len(self._queued),
+            "threads": self.threads,
             "max_queue": self.max_queue,
         }
 
@@ -184,6 +185,9 @@ class EmbeddedEngine:
         llm, params = self._llm, job.params
         vocab = llm._model.vocab
         llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        # Llama.generate reuses the KV cache's common prefix with the last prompt; leave it at most all
+        # but the last REREAD_TOKENS, so a repeated prompt is answered as it was the first time.
+        llm.n_tokens = min(llm.n_tokens, max(len(job.tokens) - REREAD_TOKENS, 0))
         text, stops = TokenText(), StopScanner(params.stop)
         generated: list[int] = []
         pending_tokens = 0
