@@ -25,8 +25,8 @@ def principal(database, email="user@example.com"):
 
 
 def reserve(database, p, cost=Cost(1, 1), now=NOON):
-    with database.session() as s:
-        return ledger.reserve(s, p, cost, request_id="req-" + secrets.token_hex(8), now=now)
+    with database.connect() as conn:
+        return ledger.reserve(conn, p, cost, request_id="req-" + secrets.token_hex(8), now=now)
 
 
 def ledger_total(database, account_id, day):
@@ -63,11 +63,11 @@ def test_settle_is_idempotent_and_release_refunds_everything(database):
     make_account(database, daily=10)
     p = principal(database)
     first, second = reserve(database, p), reserve(database, p)
-    with database.session() as s:
-        assert ledger.settle(s, first, credits=1, prompt_tokens=5, completion_tokens=7, now=NOON) is True
-        assert ledger.settle(s, first, credits=1, prompt_tokens=5, completion_tokens=7, now=NOON) is False
-        assert ledger.release(s, second, now=NOON) is True
-        assert ledger.release(s, second, now=NOON) is False
+    with database.connect() as conn:
+        assert ledger.settle(conn, first, credits=1, prompt_tokens=5, completion_tokens=7, now=NOON) is True
+        assert ledger.settle(conn, first, credits=1, prompt_tokens=5, completion_tokens=7, now=NOON) is False
+        assert ledger.release(conn, second, now=NOON) is True
+        assert ledger.release(conn, second, now=NOON) is False
     assert ledger_total(database, p.account_id, NOON.date()) == (1, 1)
 
 
@@ -80,8 +80,8 @@ def test_per_token_reserves_prompt_plus_max_tokens_and_refunds_the_rest(database
     assert r.credits == 10
     charge = ledger.final_charge(p, r, prompt_tokens=150, completion_tokens=51)
     assert charge == 3  # 201 tokens at 10 credits per 1k, rounded up
-    with database.session() as s:
-        ledger.settle(s, r, credits=charge, prompt_tokens=150, completion_tokens=51, now=NOON)
+    with database.connect() as conn:
+        ledger.settle(conn, r, credits=charge, prompt_tokens=150, completion_tokens=51, now=NOON)
     assert ledger_total(database, p.account_id, NOON.date()) == (3, 3)
 
 
@@ -122,8 +122,8 @@ def test_a_request_spanning_midnight_stays_on_the_day_it_was_reserved(database):
     make_account(database, daily=100, cost_rule="per_token", per_1k=1000)
     p = principal(database)
     r = reserve(database, p, Cost(want=50, minimum=10), now=dt.datetime(2024, 1, 18, 23, 59, 59))
-    with database.session() as s:
-        ledger.settle(s, r, credits=20, prompt_tokens=10, completion_tokens=10, now=dt.datetime(2024, 1, 19, 0, 0, 5))
+    with database.connect() as conn:
+        ledger.settle(conn, r, credits=20, prompt_tokens=10, completion_tokens=10, now=dt.datetime(2024, 1, 19, 0, 0, 5))
     assert ledger_total(database, p.account_id, dt.date(2024, 1, 18)) == (20, 20)
     assert ledger_total(database, p.account_id, dt.date(2024, 1, 19)) == (0, None)
 
@@ -157,3 +157,41 @@ def test_all_keys_of_an_account_share_one_allotment(database):
         summary = ledger.summary(s, p1, NOON)
     assert [k["credits"] for k in summary.per_key_today] == [1, 1]
     assert summary.day_used == 2
+
+
+def test_every_reservation_path_writes_the_same_row_and_the_keys_last_use(database):
+    """On PostgreSQL a reservation that fits an existing counter is one statement; others take the full path."""
+    from aimichat.keys import service as keys
+    from aimichat.quota.backends import SqlQuota
+    from aimichat.store.models import ApiKey
+
+    make_account(database, daily=10)
+    with database.session() as s:
+        created = keys.create_key(s, accounts.get_account(s, "user@example.com"), "k")
+        s.commit()
+
+    def reserve_as_key(request_id: str, now: dt.datetime) -> Reservation:
+        with database.connect() as conn:
+            p = keys.authenticate(conn, created.secret)
+        return SqlQuota(database).reserve(p, Cost(1, 1), request_id=request_id, now=now)
+
+    def last_used() -> dt.datetime:
+        with database.session() as s:
+            return s.get(ApiKey, created.key.id).last_used_at
+
+    first = reserve_as_key("first", NOON)  # the day's first: creates the counter
+    assert last_used() == NOON
+    second = reserve_as_key("second", NOON + dt.timedelta(seconds=30))  # fits the counter
+    assert last_used() == NOON  # at most one write a minute
+    third = reserve_as_key("third", NOON + dt.timedelta(minutes=2))
+    assert last_used() == NOON + dt.timedelta(minutes=2)
+    assert [r.day_used for r in (first, second, third)] == [1, 2, 3] and third.remaining == 7
+    with database.session() as s:
+        rows = s.scalars(select(UsageEvent).order_by(UsageEvent.id)).all()
+    assert [r.id for r in rows] == [first.ledger_id, second.ledger_id, third.ledger_id]
+    shape = {(r.account_id, r.api_key_id, r.day, r.reserved_credits, r.credits, r.prompt_tokens, r.completion_tokens,
+              r.status, r.estimated, r.settled_at) for r in rows}
+    assert shape == {(first.account_id, created.key.id, NOON.date(), 1, 1, 0, 0, "reserved", False, None)}
+    assert [(r.request_id, r.created_at) for r in rows] == [
+        ("first", NOON), ("second", NOON + dt.timedelta(seconds=30)), ("third", NOON + dt.timedelta(minutes=2))]
+    assert ledger_total(database, first.account_id, NOON.date()) == (3, 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from aimichat.store.db import utcnow
@@ -98,7 +98,20 @@ def key_status(key: ApiKey) -> str:
     return "revoked" if key.revoked_at else "active"
 
 
-def authenticate(db: Session, presented: str) -> Principal | None:
+# Plain columns, not ORM entities, in a statement built once: this runs on every request.
+_PRINCIPAL = (
+    select(
+        ApiKey.id, ApiKey.key_hash, ApiKey.prefix, ApiKey.last_used_at,
+        Account.id.label("account_id"), Account.email, Account.disabled,
+        Tier.name, Tier.daily_credits, Tier.monthly_credits, Tier.cost_rule, Tier.credits_per_1k_tokens,
+    )
+    .join(Account, Account.id == ApiKey.account_id)
+    .join(Tier, Tier.id == Account.tier_id)
+    .where(ApiKey.key_hash == bindparam("p_digest"), ApiKey.revoked_at.is_(None))
+)
+
+
+def authenticate(db: Connection | Session, presented: str) -> Principal | None:
     """The principal for a live key, or None. Malformed keys are refused before any query.
 
     The lookup is by SHA-256 of the key; comparing hashes in the index leaks nothing useful about
@@ -107,17 +120,7 @@ def authenticate(db: Session, presented: str) -> Principal | None:
     if not tokens.is_well_formed(presented):
         return None
     digest = tokens.hash_key(presented)
-    # Plain columns, not ORM entities: this runs on every request.
-    row = db.connection().execute(
-        select(
-            ApiKey.id, ApiKey.key_hash, ApiKey.prefix, ApiKey.last_used_at,
-            Account.id.label("account_id"), Account.email, Account.disabled,
-            Tier.name, Tier.daily_credits, Tier.monthly_credits, Tier.cost_rule, Tier.credits_per_1k_tokens,
-        )
-        .join(Account, Account.id == ApiKey.account_id)
-        .join(Tier, Tier.id == Account.tier_id)
-        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    ).first()
+    row = db.execute(_PRINCIPAL, {"p_digest": digest}).first()
     if row is None or not tokens.secrets.compare_digest(row.key_hash, digest):
         return None
     return Principal(
@@ -158,9 +161,15 @@ def principal_for(
     )
 
 
-def touch_last_used(db: Session, principal: Principal, now: dt.datetime) -> None:
+_TOUCH = update(ApiKey).where(ApiKey.id == bindparam("p_key")).values(last_used_at=bindparam("p_now"))
+
+
+def touch_last_used(db: Connection, principal: Principal, now: dt.datetime) -> None:
     """Record use at most once a minute per key, so a busy key costs no extra write per request."""
+    if last_use_is_stale(principal, now):
+        db.execute(_TOUCH, {"p_key": principal.key_id, "p_now": now})
+
+
+def last_use_is_stale(principal: Principal, now: dt.datetime) -> bool:
     last = principal.key_last_used_at
-    if principal.key_id is None or (last is not None and now - last < LAST_USED_RESOLUTION):
-        return
-    db.connection().execute(update(ApiKey).where(ApiKey.id == principal.key_id).values(last_used_at=now))
+    return principal.key_id is not None and (last is None or now - last >= LAST_USED_RESOLUTION)

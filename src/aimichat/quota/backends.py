@@ -18,7 +18,7 @@ from typing import Protocol
 
 import redis
 
-from aimichat.keys.service import Principal
+from aimichat.keys.service import Principal, last_use_is_stale
 from aimichat.store.db import Database
 
 from . import ledger, periods
@@ -41,17 +41,23 @@ class SqlQuota:
         self.db = db
 
     def reserve(self, principal, cost, *, request_id, now):
-        with self.db.session() as s:
-            return ledger.reserve(s, principal, cost, request_id=request_id, now=now)
+        if not self.db.is_sqlite:  # PostgreSQL: the common case in one round trip
+            with self.db.connect(single_statement=True) as conn:
+                reservation = ledger.reserve_in_one_statement(conn, principal, cost, request_id=request_id, now=now)
+            if reservation is not None:
+                return reservation
+        with self.db.connect() as conn:
+            return ledger.reserve(conn, principal, cost, request_id=request_id, now=now)
 
     def settle(self, reservation, *, credits, prompt_tokens, completion_tokens, now, estimated=False):
-        with self.db.session() as s:
-            return ledger.settle(s, reservation, credits=credits, prompt_tokens=prompt_tokens,
+        nothing_to_refund = credits >= reservation.credits  # then settling is one guarded UPDATE
+        with self.db.connect(single_statement=nothing_to_refund) as conn:
+            return ledger.settle(conn, reservation, credits=credits, prompt_tokens=prompt_tokens,
                                  completion_tokens=completion_tokens, now=now, estimated=estimated)
 
     def release(self, reservation, *, now):
-        with self.db.session() as s:
-            return ledger.release(s, reservation, now=now)
+        with self.db.connect() as conn:
+            return ledger.release(conn, reservation, now=now)
 
 
 # KEYS: day counter, month counter. ARGV: want, minimum, daily limit, monthly limit (-1: none),
@@ -115,9 +121,10 @@ class RedisQuota:
         if granted == 0:
             return ledger.refusal_from(principal, cost, now, day_used, month_used)
         try:
-            with self.db.session() as s:
-                reservation = ledger.record_reservation(s, principal, granted, request_id=request_id, now=now, day_used=day_used)
-                s.commit()
+            # Usually the ledger row alone: one INSERT, in autocommit on PostgreSQL.
+            with self.db.connect(single_statement=not last_use_is_stale(principal, now)) as conn:
+                reservation = ledger.record_reservation(conn, principal, granted, request_id=request_id, now=now, day_used=day_used)
+                conn.commit()
         except BaseException:
             self._refund(keys=self._period_keys(principal, keys), args=[granted])  # not recorded, so not taken
             raise
@@ -140,8 +147,8 @@ class RedisQuota:
         pipe.execute()
 
     def settle(self, reservation, *, credits, prompt_tokens, completion_tokens, now, estimated=False):
-        with self.db.session() as s:
-            changed = ledger.settle(s, reservation, credits=credits, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+        with self.db.connect(single_statement=True) as conn:  # the counters are in Redis: one UPDATE here
+            changed = ledger.settle(conn, reservation, credits=credits, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                     now=now, estimated=estimated, refund_counters=False)
         refund = reservation.credits - max(0, min(credits, reservation.credits))
         if changed and refund:
@@ -149,8 +156,8 @@ class RedisQuota:
         return changed
 
     def release(self, reservation, *, now):
-        with self.db.session() as s:
-            changed = ledger.release(s, reservation, now=now, refund_counters=False)
+        with self.db.connect(single_statement=True) as conn:
+            changed = ledger.release(conn, reservation, now=now, refund_counters=False)
         if changed:
             self._refund_reservation(reservation, reservation.credits)
         return changed

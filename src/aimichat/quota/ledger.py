@@ -5,6 +5,10 @@ Exactness comes from the database, not from this process: a reservation is one c
 tells whether it fitted, so concurrent requests from any key, thread or replica can never oversell.
 The ledger row is written in the same transaction, and settlement is guarded by the row's status,
 so nothing is charged twice.
+
+The functions on the request path (reserve, settle, release) take a SQLAlchemy Core ``Connection`` and
+run statements built once, at import: on this path an ORM session and statements built per call cost
+several times the database round trips themselves.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from aimichat.keys.service import Principal, touch_last_used
+from aimichat.keys.service import LAST_USED_RESOLUTION, Principal, touch_last_used
 from aimichat.store.models import ApiKey, UsageCounter, UsageEvent
 
 from . import periods
@@ -92,7 +96,7 @@ def final_charge(principal: Principal, reservation: Reservation, prompt_tokens: 
 
 
 def reserve(
-    db: Session, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
+    db: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
 ) -> Reservation | Refusal:
     """Atomically take credits from the account's day (and month) allotment, or say why not."""
     for _ in range(_MAX_ATTEMPTS):
@@ -109,7 +113,65 @@ def reserve(
 _RACED = object()  # another request took credits between our read and our update: try again
 
 
-def _try_reserve(db: Session, principal: Principal, cost: Cost, request_id: str, now: dt.datetime):
+def reserve_in_one_statement(
+    db: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
+) -> Reservation | None:
+    """PostgreSQL's common case in one round trip, for a connection in autocommit: the whole cost fits
+    the day's existing counter of a tier without a monthly limit. The conditional UPDATE, the ledger
+    row and the key's last use are one statement, so one atomic transaction. None when that case does
+    not apply (no counter yet, not enough left, a race): :func:`reserve` then decides, in full.
+    """
+    if db.dialect.name != "postgresql" or principal.monthly_credits is not None:
+        return None
+    day = periods.day_start(now)
+    params = {
+        **_counter(principal.account_id, "day", day, p_amount=cost.want, p_limit=principal.daily_credits),
+        "p_request": request_id, "p_key": principal.key_id, "p_now": now, "p_day": day,
+        "p_stale": now - LAST_USED_RESOLUTION,
+    }
+    row = db.execute(_RESERVE_ONE, params).first()
+    if row is None:
+        return None
+    return _reservation(principal, row.id, cost.want, request_id, now, day_used=row.used)
+
+
+def _build_reserve_one():
+    from sqlalchemy import cast, exists, literal, null, or_, true
+
+    day = _ADD.cte("day")
+    taken = exists(select(day.c.used))
+    t = UsageEvent.__table__.c
+    values = {  # typed: PostgreSQL cannot infer the type of a bare parameter in a SELECT list
+        "request_id": bindparam("p_request", type_=t.request_id.type),
+        "account_id": bindparam("p_account", type_=t.account_id.type),
+        "api_key_id": bindparam("p_key", type_=t.api_key_id.type),
+        "created_at": bindparam("p_now", type_=t.created_at.type),
+        "day": bindparam("p_day", type_=t.day.type),
+        "reserved_credits": bindparam("p_amount", type_=t.reserved_credits.type),
+        "credits": bindparam("p_amount", type_=t.credits.type),
+        "prompt_tokens": literal(0, t.prompt_tokens.type),
+        "completion_tokens": literal(0, t.completion_tokens.type),
+        "status": literal("reserved", t.status.type),
+        "estimated": literal(False, t.estimated.type),
+        "settled_at": cast(null(), t.settled_at.type),
+    }
+    row = select(*values.values()).where(taken)
+    columns = list(values)
+    recorded = insert(UsageEvent).from_select(columns, row).returning(UsageEvent.id).cte("recorded")
+    touched = (
+        update(ApiKey)
+        .where(ApiKey.id == bindparam("p_key"), taken,
+               or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < bindparam("p_stale")))
+        .values(last_used_at=bindparam("p_now"))
+        .returning(ApiKey.id)
+        .cte("touched")
+    )
+    return select(day.c.used, recorded.c.id).join_from(day, recorded, true()).add_cte(touched)
+
+
+
+
+def _try_reserve(db: Connection, principal: Principal, cost: Cost, request_id: str, now: dt.datetime):
     flexible = cost.minimum < cost.want
     # The common case is one statement per counter: the whole cost fits.
     amount = cost.want
@@ -127,7 +189,7 @@ def _try_reserve(db: Session, principal: Principal, cost: Cost, request_id: str,
     return reservation
 
 
-def _take_all(db: Session, principal: Principal, now: dt.datetime, amount: int) -> int | None:
+def _take_all(db: Connection, principal: Principal, now: dt.datetime, amount: int) -> int | None:
     """Take ``amount`` from the day and, if the tier has one, the month; the day's new total, or None
     if either does not fit (the caller rolls back)."""
     day_used = _take(db, principal.account_id, "day", periods.day_start(now), amount, principal.daily_credits)
@@ -138,28 +200,33 @@ def _take_all(db: Session, principal: Principal, now: dt.datetime, amount: int) 
     return day_used
 
 
+_RECORD = insert(UsageEvent).returning(UsageEvent.id)
+
+
 def record_reservation(
-    db: Session, principal: Principal, amount: int, *, request_id: str, now: dt.datetime, day_used: int
+    db: Connection, principal: Principal, amount: int, *, request_id: str, now: dt.datetime, day_used: int
 ) -> Reservation:
     """Write the ledger row of a granted reservation (the caller commits)."""
-    ledger_id = db.connection().scalar(  # Core: the ORM layer costs more than the statement here
-        insert(UsageEvent)
-        .values(
-            request_id=request_id,
-            account_id=principal.account_id,
-            api_key_id=principal.key_id,
-            created_at=now,
-            day=periods.day_start(now),
-            reserved_credits=amount,
-            credits=amount,
-            prompt_tokens=0,
-            completion_tokens=0,
-            status="reserved",
-            estimated=False,
-        )
-        .returning(UsageEvent.id)
+    row = dict(
+        request_id=request_id,
+        account_id=principal.account_id,
+        api_key_id=principal.key_id,
+        created_at=now,
+        day=periods.day_start(now),
+        reserved_credits=amount,
+        credits=amount,
+        prompt_tokens=0,
+        completion_tokens=0,
+        status="reserved",
+        estimated=False,
+        settled_at=None,
     )
+    ledger_id = db.execute(_RECORD, row).scalar_one()
     touch_last_used(db, principal, now)
+    return _reservation(principal, ledger_id, amount, request_id, now, day_used=day_used)
+
+
+def _reservation(principal: Principal, ledger_id: int, amount: int, request_id: str, now: dt.datetime, *, day_used: int) -> Reservation:
     return Reservation(
         ledger_id=ledger_id,
         request_id=request_id,
@@ -173,7 +240,7 @@ def record_reservation(
     )
 
 
-def _take(db: Session, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
+def _take(db: Connection, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
     """Add ``amount`` if it fits under ``limit``; the new total, or None if it does not fit."""
     used = _add(db, account_id, period, start, amount, limit)
     if used is None:
@@ -184,47 +251,50 @@ def _take(db: Session, account_id: int, period: str, start: dt.date, amount: int
     return used
 
 
-def _add(db: Session, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
-    return db.connection().scalar(  # Core: no ORM session synchronisation on the hot path
-        update(UsageCounter)
-        .where(
-            UsageCounter.account_id == account_id,
-            UsageCounter.period == period,
-            UsageCounter.period_start == start,
-            UsageCounter.used + amount <= limit,
-        )
-        .values(used=UsageCounter.used + amount)
-        .returning(UsageCounter.used)
-    )
+# Bound parameter names must differ from the column names in an UPDATE (SQLAlchemy reserves those).
+_COUNTER = (
+    (UsageCounter.account_id == bindparam("p_account"))
+    & (UsageCounter.period == bindparam("p_period"))
+    & (UsageCounter.period_start == bindparam("p_start"))
+)
+_ADD = (
+    update(UsageCounter)
+    .where(_COUNTER, UsageCounter.used + bindparam("p_amount") <= bindparam("p_limit"))
+    .values(used=UsageCounter.used + bindparam("p_amount"))
+    .returning(UsageCounter.used)
+)
+_SUBTRACT = update(UsageCounter).where(_COUNTER).values(used=UsageCounter.used - bindparam("p_amount"))
+_USED = select(UsageCounter.used).where(_COUNTER)
 
 
-def _create_counter(db: Session, account_id: int, period: str, start: dt.date) -> None:
+def _counter(account_id: int, period: str, start: dt.date, **more) -> dict:
+    return {"p_account": account_id, "p_period": period, "p_start": start, **more}
+
+
+def _add(db: Connection, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
+    return db.execute(_ADD, _counter(account_id, period, start, p_amount=amount, p_limit=limit)).scalar()
+
+
+def _create_counter(db: Connection, account_id: int, period: str, start: dt.date) -> None:
     """Create the period's counter if missing (race-safe)."""
-    upsert = postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert
+    upsert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
     db.execute(
         upsert(UsageCounter).values(account_id=account_id, period=period, period_start=start, used=0).on_conflict_do_nothing()
     )
 
 
-def _affordable(db: Session, principal: Principal, day: dt.date, month: dt.date, cost: Cost) -> int:
+def _affordable(db: Connection, principal: Principal, day: dt.date, month: dt.date, cost: Cost) -> int:
     left = principal.daily_credits - _used(db, principal.account_id, "day", day)
     if principal.monthly_credits is not None:
         left = min(left, principal.monthly_credits - _used(db, principal.account_id, "month", month))
     return min(cost.want, left) if left >= cost.minimum else 0
 
 
-def _used(db: Session, account_id: int, period: str, start: dt.date) -> int:
-    used = db.scalar(
-        select(UsageCounter.used).where(
-            UsageCounter.account_id == account_id,
-            UsageCounter.period == period,
-            UsageCounter.period_start == start,
-        )
-    )
-    return used or 0
+def _used(db: Connection, account_id: int, period: str, start: dt.date) -> int:
+    return db.execute(_USED, _counter(account_id, period, start)).scalar() or 0
 
 
-def refusal(db: Session, principal: Principal, cost: Cost, now: dt.datetime) -> Refusal:
+def refusal(db: Connection, principal: Principal, cost: Cost, now: dt.datetime) -> Refusal:
     """Read the counters and say which allotment is spent."""
     try:
         day_used = _used(db, principal.account_id, "day", periods.day_start(now))
@@ -259,8 +329,23 @@ def refusal_from(principal: Principal, cost: Cost, now: dt.datetime, day_used: i
 # -- settle / release ----------------------------------------------------------------------------
 
 
+_SETTLE = (
+    update(UsageEvent)
+    .where(UsageEvent.id == bindparam("p_id"), UsageEvent.status == "reserved")
+    .values(
+        credits=bindparam("p_credits"),
+        prompt_tokens=bindparam("p_prompt"),
+        completion_tokens=bindparam("p_completion"),
+        status=bindparam("p_status"),
+        estimated=bindparam("p_estimated"),
+        settled_at=bindparam("p_now"),
+    )
+    .returning(UsageEvent.id)
+)
+
+
 def settle(
-    db: Session,
+    db: Connection,
     reservation: Reservation,
     *,
     credits: int,
@@ -276,20 +361,10 @@ def settle(
     ``refund_counters=False`` leaves the SQL counters alone, for a backend that keeps them elsewhere.
     """
     credits = max(0, min(credits, reservation.credits))
+    params = dict(p_id=reservation.ledger_id, p_credits=credits, p_prompt=prompt_tokens, p_completion=completion_tokens,
+                  p_status=status, p_estimated=estimated, p_now=now)
     try:
-        changed = db.connection().scalar(
-            update(UsageEvent)
-            .where(UsageEvent.id == reservation.ledger_id, UsageEvent.status == "reserved")
-            .values(
-                credits=credits,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                status=status,
-                estimated=estimated,
-                settled_at=now,
-            )
-            .returning(UsageEvent.id)
-        ) is not None
+        changed = db.execute(_SETTLE, params).scalar() is not None
         refund = reservation.credits - credits
         if changed and refund and refund_counters:
             _refund(db, reservation.account_id, "day", reservation.day, refund)
@@ -302,22 +377,14 @@ def settle(
     return bool(changed)
 
 
-def release(db: Session, reservation: Reservation, *, now: dt.datetime, refund_counters: bool = True) -> bool:
+def release(db: Connection, reservation: Reservation, *, now: dt.datetime, refund_counters: bool = True) -> bool:
     """The engine produced nothing: give every reserved credit back."""
     return settle(db, reservation, credits=0, prompt_tokens=0, completion_tokens=0, now=now,
                   status="released", refund_counters=refund_counters)
 
 
-def _refund(db: Session, account_id: int, period: str, start: dt.date, amount: int) -> None:
-    db.connection().execute(
-        update(UsageCounter)
-        .where(
-            UsageCounter.account_id == account_id,
-            UsageCounter.period == period,
-            UsageCounter.period_start == start,
-        )
-        .values(used=UsageCounter.used - amount)
-    )
+def _refund(db: Connection, account_id: int, period: str, start: dt.date, amount: int) -> None:
+    db.execute(_SUBTRACT, _counter(account_id, period, start, p_amount=amount))
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -364,3 +431,6 @@ def ledger_sum(db: Session, account_id: int, first_day: dt.date, last_day: dt.da
         )
     )
     return int(total or 0)
+
+
+_RESERVE_ONE = _build_reserve_one()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -24,8 +24,9 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        readers = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._reads = sessionmaker(readers, expire_on_commit=False)
+        # SQLite keeps its transactions: they cost no round trip, and our BEGIN IMMEDIATE hook (see
+        # make_engine) would otherwise open one that autocommit never closes.
+        self._single = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def is_sqlite(self) -> bool:
@@ -34,10 +35,13 @@ class Database:
     def session(self) -> Session:
         return self.sessions()
 
-    def read_session(self) -> Session:
-        """A session for a single read on the request path. On PostgreSQL it runs in autocommit,
-        which spares the BEGIN and ROLLBACK round trips around the one SELECT."""
-        return self._reads()
+    def connect(self, *, single_statement: bool = False) -> Connection:
+        """A Core connection for the request path (no ORM session: it costs more than the statements).
+
+        ``single_statement``: the caller runs one statement, atomic on its own; on PostgreSQL the
+        connection is in autocommit, which spares the BEGIN and COMMIT round trips around it.
+        """
+        return (self._single if single_statement else self.engine).connect()
 
     def upgrade(self) -> None:
         upgrade(self.engine)
