@@ -7,6 +7,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy import event
 
 from aimichat.accounts import service as accounts
 from aimichat.api import errors, system, usage
@@ -17,6 +18,7 @@ from aimichat.api.metrics import router as metrics_router
 from aimichat.api.middleware import RequestMiddleware
 from aimichat.config import PUBLIC_MODEL_ID, Settings
 from aimichat.engines.base import Engine
+from aimichat.keys.cache import PrincipalCache
 from aimichat.quota.backends import QuotaBackend, RedisQuota, SqlQuota
 from aimichat.quota.periods import Clock, system_clock
 from aimichat.store.db import Database
@@ -76,11 +78,19 @@ def create_app(
     engine = engine or build_engine(settings)
     db = db or Database(settings.resolved_database_url())
 
+    principals = PrincipalCache(settings.key_cache_seconds)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         prepare_database(db, settings)
+        # Keys, accounts and tiers change through ORM sessions (web pages, tests); key lookups on the
+        # request path use Core connections and never clear it.
+        event.listen(db.sessions, "after_commit", principals.clear)
         await engine.start()
-        yield
+        try:
+            yield
+        finally:
+            event.remove(db.sessions, "after_commit", principals.clear)
         if close_engine:
             await engine.close()
 
@@ -88,6 +98,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.db = db
+    app.state.principals = principals
     app.state.clock = clock
     app.state.started = int(time.time())
     app.state.metrics = Metrics(engine)

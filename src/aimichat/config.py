@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     drain_timeout: int = Field(30, ge=0, description="Seconds running streams may take to finish after SIGTERM.")
     max_body_bytes: int = Field(1024 * 1024, description="Largest accepted request body.")
     allow_query_key: bool = Field(True, description="Accept ?api_key= (it is always redacted from logs).")
+    key_cache_seconds: float = Field(
+        0.5, ge=0, le=1,
+        description="How long a replica trusts a key lookup: revocations made elsewhere reach it within this time (0: never cache).",
+    )
     default_tier: str = Field("free", description="Tier given to new accounts.")
 
     def resolved_database_url(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from sqlalchemy import event
 
 from aimichat.accounts import service as accounts
 from aimichat.keys import service as keys
+from aimichat.config import Settings
 from aimichat.keys import tokens
+from aimichat.keys.cache import PrincipalCache
+from aimichat.store.db import Database
 from conftest import make_account, make_key, serve_app
 
 HELLO = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
@@ -113,6 +117,54 @@ def test_a_revoked_key_stops_working_at_once(server):
         keys.revoke_key(s, key.id)
         s.commit()
     assert_401(chat(server, {"X-API-Key": server.key}))
+
+
+def test_a_key_revoked_by_another_process_is_refused_within_the_cache_time(server):
+    """A replica trusts a lookup for key_cache_seconds (0.5 s by default); the CLI or another replica
+    revokes through a database connection of its own, which this process cannot see."""
+    assert chat(server, {"X-API-Key": server.key}).status_code == 200
+    elsewhere = Database(server.db.url)
+    try:
+        with elsewhere.session() as s:
+            [key] = keys.list_keys(s, accounts.get_account(s, "user@example.com").id)
+            keys.revoke_key(s, key.id)
+            s.commit()
+    finally:
+        elsewhere.dispose()
+    revoked_at = time.monotonic()
+    while chat(server, {"X-API-Key": server.key}).status_code != 401:
+        assert time.monotonic() - revoked_at < Settings().key_cache_seconds + 0.2
+    assert_401(chat(server, {"X-API-Key": server.key}))
+
+
+def test_a_known_key_skips_the_database_lookup(server):
+    assert chat(server, {"X-API-Key": server.key}).status_code == 200
+    statements = []
+    listener = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(server.db.engine, "before_cursor_execute", listener)
+    try:
+        assert chat(server, {"X-API-Key": server.key}).status_code == 200
+    finally:
+        event.remove(server.db.engine, "before_cursor_execute", listener)
+    assert statements and not any("api_keys.key_hash" in sql for sql in statements)  # only the credit ledger ran
+
+
+def test_the_principal_cache_expires_and_never_caches_a_miss():
+    now = [0.0]
+    cache = PrincipalCache(0.5, clock=lambda: now[0])
+    principal = object()
+    assert cache.get("d") is None
+    cache.put("d", principal)
+    now[0] = 0.49
+    assert cache.get("d") is principal
+    now[0] = 0.5
+    assert cache.get("d") is None
+    cache.put("d", principal)
+    cache.clear()
+    assert cache.get("d") is None
+    off = PrincipalCache(0)
+    off.put("d", principal)
+    assert off.get("d") is None
 
 
 def test_a_disabled_account_is_403(server):

@@ -34,14 +34,19 @@ async def require_key(request: Request) -> Principal:
     if not key or not tokens.is_well_formed(key):  # refused before any database work
         raise invalid_api_key()
 
-    def lookup():
-        with state.db.read_session() as db:
-            return keys.authenticate(db, key)
-
-    principal = await run_in_threadpool(lookup)
+    digest = tokens.hash_key(key)
+    principal = state.principals.get(digest)
     if principal is None:
-        raise invalid_api_key()
+        principal = await run_in_threadpool(_lookup, state.db, key)
+        if principal is None:
+            raise invalid_api_key()
+        state.principals.put(digest, principal)
     if principal.account_disabled:
         raise APIError(403, "This account is disabled. Contact the operator of this server.", code="account_disabled")
     request.state.principal = principal
     return principal
+
+
+def _lookup(db, key: str) -> Principal | None:
+    with db.connect(single_statement=True) as conn:
+        return keys.authenticate(conn, key)
