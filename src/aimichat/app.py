@@ -86,8 +86,8 @@ def create_app(
         # Keys, accounts and tiers change through ORM sessions (web pages, tests); key lookups on the
         # request path use Core connections and never clear it.
         event.listen(db.sessions, "after_commit", principals.clear)
-        await engine.start()
         try:
+            await engine.start()
             yield
         finally:
             event.remove(db.sessions, "after_commit", principals.clear)

@@ -112,7 +112,7 @@ def threads_per_worker(workers: int) -> int:
     """Split the cores among worker processes. llama.cpp's threads spin while they wait for each other,
     so processes that together run more threads than there are cores slow each other down several-fold
     (measured here: two processes of 2 threads on 2 cores, 14 tok/s each instead of 90 alone)."""
-    return max(1, (os.cpu_count() or 1) // workers)
+    return max(1, len(os.sched_getaffinity(0)) // workers)  # the cores this process may use
 
 
 def _check_serve_settings(settings: Settings) -> None:

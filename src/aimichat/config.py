@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         4096, ge=256, description="Context window (tokens) of each request; the embedded model keeps one per parallel slot."
     )
     threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 1, ge=1,
+        default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
         description="CPU threads of the embedded model. Processes sharing a host must not add up to more than its cores.",
     )
     default_max_tokens: int = Field(1024, ge=1, description="Completion budget when a request sets none.")

@@ -149,21 +149,22 @@ def test_a_known_key_skips_the_database_lookup(server):
     assert statements and not any("api_keys.key_hash" in sql for sql in statements)  # only the credit ledger ran
 
 
-def test_the_principal_cache_expires_and_never_caches_a_miss():
+def test_the_principal_cache_expires_and_never_keeps_a_lookup_older_than_a_change():
     now = [0.0]
     cache = PrincipalCache(0.5, clock=lambda: now[0])
     principal = object()
     assert cache.get("d") is None
-    cache.put("d", principal)
+    cache.put("d", principal, cache.generation)
     now[0] = 0.49
     assert cache.get("d") is principal
     now[0] = 0.5
     assert cache.get("d") is None
-    cache.put("d", principal)
+    started = cache.generation  # a lookup starts, then a revocation commits before it is stored
     cache.clear()
+    cache.put("d", principal, started)
     assert cache.get("d") is None
     off = PrincipalCache(0)
-    off.put("d", principal)
+    off.put("d", principal, off.generation)
     assert off.get("d") is None
 
 

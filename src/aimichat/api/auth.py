@@ -37,10 +37,11 @@ async def require_key(request: Request) -> Principal:
     digest = tokens.hash_key(key)
     principal = state.principals.get(digest)
     if principal is None:
+        generation = state.principals.generation  # a revocation committed during the lookup wins
         principal = await run_in_threadpool(_lookup, state.db, key)
         if principal is None:
             raise invalid_api_key()
-        state.principals.put(digest, principal)
+        state.principals.put(digest, principal, generation)
     if principal.account_disabled:
         raise APIError(403, "This account is disabled. Contact the operator of this server.", code="account_disabled")
     request.state.principal = principal

@@ -26,7 +26,10 @@ weights), so slots are handed out lowest id first to keep the busy ids contiguou
 A finished sequence leaves its KV cells in its slot. The next request takes the free slot whose cells
 hold the longest start of its prompt (a chat's next turn finds its previous turn there, as with
 llama-server's slot prompt cache) and reads only the rest, less a few tokens read again so that its
-last prompt token is computed as on a fresh read (see ``REREAD_TOKENS``). Every slot also starts with the
+last prompt token is computed in a decode of several rows (see ``REREAD_TOKENS``): a repeated request
+then gets the answer it got the first time. Cells computed otherwise than on a fresh read (an earlier
+answer, decoded a row at a time) can still move a near tie, so at temperature 0 the next turn of a chat
+may differ from what an empty engine would answer (18 of 20 prompts matched). Every slot also starts with the
 prompt start that every chat with our default system prompt shares, computed once the same way for
 every slot (see ``_pin_prefix``).
 
@@ -255,12 +258,19 @@ class BatchedEngine:
         self._decode(n)  # on failure the slot's cells hold an unknown part: _cells says none
         self._cells[seq_id] = list(self._pinned)
 
-    def _drop_cells(self, seq_id: int, keep: int) -> None:
-        """Forget all but the first ``keep`` tokens of a slot's KV cells."""
+    def _drop_cells(self, seq_id: int, keep: int) -> int:
+        """Forget all but the first ``keep`` tokens of a slot's KV cells; returns how many it keeps.
+
+        A model whose memory cannot drop a tail (recurrent, or a sliding window that already lost part
+        of the prefix) refuses a partial removal: the slot then starts empty.
+        """
         import llama_cpp
 
-        llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, keep, -1)
+        if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, -1, -1)
+            keep = 0
         del self._cells[seq_id][keep:]
+        return keep
 
     def _context_params(self):
         import llama_cpp
@@ -440,7 +450,7 @@ class BatchedEngine:
             self._prefill(seq_id)  # a request with another system prompt cut into the shared prefix
             shared = _common_prefix(self._cells[seq_id], tokens)
         kept = min(shared, max(len(tokens) - REREAD_TOKENS, _common_prefix(self._pinned, tokens)), len(tokens) - 1)
-        self._drop_cells(seq_id, kept)
+        kept = self._drop_cells(seq_id, kept)
         self._prompt_tokens_cached += kept
         return seq_id, kept
 

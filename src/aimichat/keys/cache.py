@@ -21,6 +21,7 @@ class PrincipalCache:
         self.max_entries = max_entries
         self._clock = clock
         self._entries: dict[str, tuple[float, Principal]] = {}  # key digest -> (expiry, principal)
+        self.generation = 0  # bumped by clear(): a lookup that started before a change must not be stored
 
     def get(self, digest: str) -> Principal | None:
         entry = self._entries.get(digest)
@@ -31,12 +32,14 @@ class PrincipalCache:
             return None
         return entry[1]
 
-    def put(self, digest: str, principal: Principal) -> None:
-        if self.ttl <= 0:
+    def put(self, digest: str, principal: Principal, generation: int) -> None:
+        """Store a lookup that started at ``generation``, unless the cache was cleared since."""
+        if self.ttl <= 0 or generation != self.generation:
             return
         if len(self._entries) >= self.max_entries:
             self._entries.clear()  # all would expire within a second anyway
         self._entries[digest] = (self._clock() + self.ttl, principal)
 
     def clear(self, *_ignored) -> None:
+        self.generation += 1
         self._entries.clear()
