@@ -95,6 +95,20 @@ def test_a_disconnect_frees_the_engine_for_the_next_request(server):
         assert 1 <= cut.completion_tokens < 100  # what was generated before the hang-up, not 1,500
 
 
+def test_a_non_streaming_caller_that_hangs_up_frees_the_engine_and_pays_nothing(server):
+    headers = {"Authorization": f"Bearer {server.key}"}
+    with pytest.raises(httpx.ReadTimeout):  # ~1,500 tokens would take ~20 s; the caller gives up after 1 s
+        httpx.post(f"{server.url}/v1/chat/completions", json={**LONG, "max_tokens": 1500}, headers=headers, timeout=1.0)
+    started = time.monotonic()
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**LONG, "max_tokens": 5}, headers=headers, timeout=60)
+    elapsed = time.monotonic() - started
+    assert r.status_code == 200
+    assert elapsed < 2.0, f"the next request waited {elapsed:.2f}s behind the abandoned one"
+    with server.db.session() as s:
+        abandoned = s.scalars(select(UsageEvent).order_by(UsageEvent.id)).first()
+    assert (abandoned.status, abandoned.credits) == ("released", 0)  # it received nothing
+
+
 def test_the_server_stays_responsive_during_a_long_generation(server):
     results: dict[int, tuple] = {}
     t = threading.Thread(target=stream, args=(server, {**LONG, "max_tokens": 150}, results, 0))

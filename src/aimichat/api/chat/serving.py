@@ -6,11 +6,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from aimichat.api.metrics import Metrics
@@ -25,6 +25,8 @@ from .protocol import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for the access log: the client hung up; nothing is sent
+
 @dataclass
 class ChatService:
     engine: Engine
@@ -33,9 +35,11 @@ class ChatService:
     default_max_tokens: int = 1024
     metrics: Metrics | None = None
 
-    async def complete(self, principal: Principal, request: ChatCompletionRequest, log_state: object | None = None):
+    async def complete(self, principal: Principal, request: ChatCompletionRequest, log_state: object | None = None,
+                       client_gone: Callable[[], Awaitable[None]] | None = None):
         """Answer one chat request. ``log_state`` (the request's state) receives the completion id and
-        the credits charged, for the access log line."""
+        the credits charged, for the access log line. ``client_gone`` returns when the caller hangs up:
+        a non-streaming answer then stops generating (a stream notices by itself, at its next write)."""
         if request.mode not in (None, "talk"):
             raise APIError(403, f"Mode '{request.mode}' is not available: API keys give talk mode only.", code="mode_not_allowed", param="mode")
         if request.model not in (None, self.engine.model_id):
@@ -88,7 +92,9 @@ class ChatService:
                 media_type="text/event-stream",
                 headers={**call.rate_headers(), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        return await call.collect(first, events)
+        if client_gone is None:
+            return await call.collect(first, events)
+        return await call.collect_unless_gone(first, events, client_gone)
 
     async def _reserve(self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int):
         cost = ledger.request_cost(principal, prompt_tokens, max_tokens)
@@ -173,6 +179,30 @@ class _Call:
             self.log_state.credits = credits
         return self.reservation.credits - credits  # refunded
 
+    async def collect_unless_gone(self, first: Event, events: AsyncIterator[Event],
+                                  client_gone: Callable[[], Awaitable[None]]) -> Response:
+        """:meth:`collect`, stopped when the caller hangs up first: it receives nothing, so it pays nothing."""
+        response: Response | None = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as group:
+            async def collect() -> None:
+                nonlocal response, error
+                try:
+                    response = await self.collect(first, events)
+                except Exception as exc:  # re-raised below as itself, not wrapped in an ExceptionGroup
+                    error = exc
+                group.cancel_scope.cancel()
+
+            group.start_soon(collect)
+            await client_gone()
+            group.cancel_scope.cancel()  # collect's finally closes the engine's stream and releases the credits
+        if error is not None:
+            raise error
+        if response is None:
+            log.info("%s: the client went away before the answer was complete; nothing charged", self.id)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return response
+
     async def collect(self, first: Event, events: AsyncIterator[Event]) -> JSONResponse:
         parts: list[str] = []
         finish: Finish | None = None
@@ -188,9 +218,9 @@ class _Call:
         except EngineError as exc:
             log.warning("engine failed mid-completion: %s", exc)
         finally:
-            await events.aclose()
-            if finish is None:  # the caller gets an error and no text: it pays nothing
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):  # also when cancelled because the caller hung up
+                await events.aclose()
+                if finish is None:  # the caller gets an error, or nothing at all: it pays nothing
                     await self._release()
         if finish is None:
             raise engine_error(EngineError("generation failed"))
