@@ -396,11 +396,7 @@ def test_a_callers_disconnect_closes_the_upstream_connection_within_a_second(dat
                 if received == 3:
                     break
             left = time.monotonic()
-        deadline = left + 5
-        while not a.disconnects and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert a.disconnects, "the upstream never saw its client go away"
-        assert a.disconnects[0] - left < 1.0
+        assert_upstream_saw_the_hang_up_within_a_second(a, left)
         time.sleep(0.2)  # let the settlement land
         row = ledger(database)[-1]
     assert row.status == "charged" and 3 <= row.completion_tokens < 100
@@ -413,15 +409,18 @@ def test_a_non_streaming_caller_that_hangs_up_closes_the_upstream_and_pays_nothi
         body = {"messages": USER, "max_tokens": 5000}
         with pytest.raises(httpx.ReadTimeout):  # the caller gives up waiting for the whole answer
             httpx.post(f"{live.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=1.0)
-        left = time.monotonic()
-        deadline = left + 5
-        while not a.disconnects and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert a.disconnects, "the upstream never saw its client go away"
-        assert a.disconnects[0] - left < 1.0
+        assert_upstream_saw_the_hang_up_within_a_second(a, time.monotonic())
         time.sleep(0.2)  # let the release land
         row = ledger(database)[-1]
     assert (row.status, row.credits) == ("released", 0)  # it received nothing
+
+
+def assert_upstream_saw_the_hang_up_within_a_second(upstream, left: float) -> None:
+    deadline = left + 5
+    while not upstream.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstream.disconnects, "the upstream never saw its client go away"
+    assert upstream.disconnects[0] - left < 1.0
 
 
 def test_readyz_lists_every_upstream(database, tmp_path, key, up):
