@@ -247,8 +247,6 @@ class BatchedEngine:
             self._prefill(seq_id)
 
     def _prefill(self, seq_id: int) -> None:
-        import llama_cpp
-
         self._drop_cells(seq_id, 0)
         if not self._pinned:
             return
@@ -446,10 +444,11 @@ class BatchedEngine:
         free = [seq_id for seq_id, seq in enumerate(self._seqs) if seq is None]
         seq_id = max(free, key=lambda i: (_common_prefix(self._cells[i], tokens), -i))
         shared = _common_prefix(self._cells[seq_id], tokens)
-        if shared < _common_prefix(self._pinned, tokens):
+        pinned = _common_prefix(self._pinned, tokens)
+        if shared < pinned:
             self._prefill(seq_id)  # a request with another system prompt cut into the shared prefix
-            shared = _common_prefix(self._cells[seq_id], tokens)
-        kept = min(shared, max(len(tokens) - REREAD_TOKENS, _common_prefix(self._pinned, tokens)), len(tokens) - 1)
+            shared = pinned
+        kept = min(shared, max(len(tokens) - REREAD_TOKENS, pinned), len(tokens) - 1)
         kept = self._drop_cells(seq_id, kept)
         self._prompt_tokens_cached += kept
         return seq_id, kept

@@ -17,7 +17,7 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, cast, exists, func, insert, literal, null, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -95,6 +95,65 @@ def final_charge(principal: Principal, reservation: Reservation, prompt_tokens: 
 # -- reserve -------------------------------------------------------------------------------------
 
 
+# Bound parameter names must differ from the column names in an UPDATE (SQLAlchemy reserves those).
+_COUNTER = (
+    (UsageCounter.account_id == bindparam("p_account"))
+    & (UsageCounter.period == bindparam("p_period"))
+    & (UsageCounter.period_start == bindparam("p_start"))
+)
+_ADD = (
+    update(UsageCounter)
+    .where(_COUNTER, UsageCounter.used + bindparam("p_amount") <= bindparam("p_limit"))
+    .values(used=UsageCounter.used + bindparam("p_amount"))
+    .returning(UsageCounter.used)
+)
+_SUBTRACT = update(UsageCounter).where(_COUNTER).values(used=UsageCounter.used - bindparam("p_amount"))
+_USED = select(UsageCounter.used).where(_COUNTER)
+
+
+def _counter(account_id: int, period: str, start: dt.date, **more) -> dict:
+    return {"p_account": account_id, "p_period": period, "p_start": start, **more}
+
+
+def _reserve_one_statement():
+    """PostgreSQL's common case as one statement (see :func:`reserve_in_one_statement`)."""
+    day = _ADD.cte("day")
+    taken = exists(select(day.c.used))
+    t = UsageEvent.__table__.c
+    values = {  # typed: PostgreSQL cannot infer the type of a bare parameter in a SELECT list
+        "request_id": bindparam("p_request", type_=t.request_id.type),
+        "account_id": bindparam("p_account", type_=t.account_id.type),
+        "api_key_id": bindparam("p_key", type_=t.api_key_id.type),
+        "created_at": bindparam("p_now", type_=t.created_at.type),
+        "day": bindparam("p_day", type_=t.day.type),
+        "reserved_credits": bindparam("p_amount", type_=t.reserved_credits.type),
+        "credits": bindparam("p_amount", type_=t.credits.type),
+        "prompt_tokens": literal(0, t.prompt_tokens.type),
+        "completion_tokens": literal(0, t.completion_tokens.type),
+        "status": literal("reserved", t.status.type),
+        "estimated": literal(False, t.estimated.type),
+        "settled_at": cast(null(), t.settled_at.type),
+    }
+    recorded = (
+        insert(UsageEvent)
+        .from_select(list(values), select(*values.values()).where(taken))
+        .returning(UsageEvent.id)
+        .cte("recorded")
+    )
+    touched = (
+        update(ApiKey)
+        .where(ApiKey.id == bindparam("p_key"), taken,
+               or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < bindparam("p_stale")))
+        .values(last_used_at=bindparam("p_now"))
+        .returning(ApiKey.id)
+        .cte("touched")
+    )
+    return select(day.c.used, recorded.c.id).join_from(day, recorded, true()).add_cte(touched)
+
+
+_RESERVE_ONE = _reserve_one_statement()
+
+
 def reserve(
     db: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
 ) -> Reservation | Refusal:
@@ -133,42 +192,6 @@ def reserve_in_one_statement(
     if row is None:
         return None
     return _reservation(principal, row.id, cost.want, request_id, now, day_used=row.used)
-
-
-def _build_reserve_one():
-    from sqlalchemy import cast, exists, literal, null, or_, true
-
-    day = _ADD.cte("day")
-    taken = exists(select(day.c.used))
-    t = UsageEvent.__table__.c
-    values = {  # typed: PostgreSQL cannot infer the type of a bare parameter in a SELECT list
-        "request_id": bindparam("p_request", type_=t.request_id.type),
-        "account_id": bindparam("p_account", type_=t.account_id.type),
-        "api_key_id": bindparam("p_key", type_=t.api_key_id.type),
-        "created_at": bindparam("p_now", type_=t.created_at.type),
-        "day": bindparam("p_day", type_=t.day.type),
-        "reserved_credits": bindparam("p_amount", type_=t.reserved_credits.type),
-        "credits": bindparam("p_amount", type_=t.credits.type),
-        "prompt_tokens": literal(0, t.prompt_tokens.type),
-        "completion_tokens": literal(0, t.completion_tokens.type),
-        "status": literal("reserved", t.status.type),
-        "estimated": literal(False, t.estimated.type),
-        "settled_at": cast(null(), t.settled_at.type),
-    }
-    row = select(*values.values()).where(taken)
-    columns = list(values)
-    recorded = insert(UsageEvent).from_select(columns, row).returning(UsageEvent.id).cte("recorded")
-    touched = (
-        update(ApiKey)
-        .where(ApiKey.id == bindparam("p_key"), taken,
-               or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < bindparam("p_stale")))
-        .values(last_used_at=bindparam("p_now"))
-        .returning(ApiKey.id)
-        .cte("touched")
-    )
-    return select(day.c.used, recorded.c.id).join_from(day, recorded, true()).add_cte(touched)
-
-
 
 
 def _try_reserve(db: Connection, principal: Principal, cost: Cost, request_id: str, now: dt.datetime):
@@ -249,26 +272,6 @@ def _take(db: Connection, account_id: int, period: str, start: dt.date, amount: 
         _create_counter(db, account_id, period, start)
         used = _add(db, account_id, period, start, amount, limit)
     return used
-
-
-# Bound parameter names must differ from the column names in an UPDATE (SQLAlchemy reserves those).
-_COUNTER = (
-    (UsageCounter.account_id == bindparam("p_account"))
-    & (UsageCounter.period == bindparam("p_period"))
-    & (UsageCounter.period_start == bindparam("p_start"))
-)
-_ADD = (
-    update(UsageCounter)
-    .where(_COUNTER, UsageCounter.used + bindparam("p_amount") <= bindparam("p_limit"))
-    .values(used=UsageCounter.used + bindparam("p_amount"))
-    .returning(UsageCounter.used)
-)
-_SUBTRACT = update(UsageCounter).where(_COUNTER).values(used=UsageCounter.used - bindparam("p_amount"))
-_USED = select(UsageCounter.used).where(_COUNTER)
-
-
-def _counter(account_id: int, period: str, start: dt.date, **more) -> dict:
-    return {"p_account": account_id, "p_period": period, "p_start": start, **more}
 
 
 def _add(db: Connection, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
@@ -431,6 +434,3 @@ def ledger_sum(db: Session, account_id: int, first_day: dt.date, last_day: dt.da
         )
     )
     return int(total or 0)
-
-
-_RESERVE_ONE = _build_reserve_one()
