@@ -18,10 +18,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/aimichat serve
 
-# Browser tests drive Debian's Chromium; node-fetch is for the spec's Node example.
+# Browser tests drive Debian's Chromium; node-fetch and curl run the spec's Node and curl examples.
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
-	@if command -v npm >/dev/null; then cd tests/node && npm install --silent --no-audit --no-fund >/dev/null; fi
+	@command -v npm >/dev/null && command -v curl >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm curl >/dev/null)
+	@cd tests/node && npm install --silent --no-audit --no-fund >/dev/null
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

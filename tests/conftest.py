@@ -34,6 +34,13 @@ REDIS_URL = os.environ.get("AIMICHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 OUTPUT = Path(os.environ.get("AIMICHAT_TEST_OUTPUT", Path(__file__).parent.parent / "test-output"))
 
 
+def tool_missing(reason: str) -> None:
+    """A tool that `make test` installs is missing: skip on a developer's machine, fail in CI (``CI`` set)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; `make test` installs it, so CI must have it")
+    pytest.skip(reason)
+
+
 # -- model ---------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import requests
 
 from aimichat.engines.base import Message
 from aimichat.store.db import Database
-from conftest import make_account, make_key, serve_app
+from conftest import make_account, make_key, serve_app, tool_missing
 
 SPEC = (Path(__file__).parents[2] / "src/aimichat/docs/api.txt").read_text()
 NODE_DIR = Path(__file__).parents[1] / "node"
@@ -71,7 +71,7 @@ def test_spec_python_example(server):
 
 def test_spec_curl_example_shows_rate_limit_headers(server):
     if not shutil.which("curl"):
-        pytest.skip("curl is not installed")
+        tool_missing("curl is not installed")
     begin = SPEC.index("curl", SPEC.index("popular programming languages"))
     example = SPEC[begin : SPEC.index("}'", begin) + 2]
     example = example.replace("https://aimichat.app", server.url).replace("aimichat_your_api_key_here", server.key)
@@ -88,7 +88,7 @@ def test_spec_curl_example_shows_rate_limit_headers(server):
 
 def test_spec_node_example(server):
     if not shutil.which("node") or not (NODE_DIR / "node_modules" / "node-fetch").is_dir():
-        pytest.skip("node or node-fetch is not installed (make test installs node-fetch)")
+        tool_missing("node or node-fetch is not installed")
     code = spec_block("const fetch = require('node-fetch');", ".then(data => console.log(data));")
     code = code.replace("https://aimichat.app", server.url).replace("aimichat_your_api_key_here", server.key)
     code = code.replace("console.log(data)", "console.log(JSON.stringify(data))")

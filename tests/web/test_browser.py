@@ -17,7 +17,7 @@ from playwright.sync_api import expect
 
 from aimichat.accounts import service as accounts
 from aimichat.store.db import Database
-from conftest import OUTPUT, make_account, serve_app
+from conftest import OUTPUT, make_account, serve_app, tool_missing
 from web_helpers import PASSWORD, chat
 
 pytestmark = pytest.mark.browser
@@ -45,7 +45,7 @@ def server(engine, tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (make browser)")
+        tool_missing("Debian's chromium is not installed (make browser)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

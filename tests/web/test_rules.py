@@ -16,7 +16,7 @@ from aimichat.accounts import service as accounts
 from aimichat.store import db as store
 from aimichat.store.models import Base, UsageEvent, WebSession
 from aimichat.web import auth, docs_page, sessions, throttle, usage_data
-from conftest import make_account
+from conftest import make_account, tool_missing
 
 NOW = dt.datetime(2026, 3, 14, 15, 9, 26)
 WEB_TABLES = {"web_sessions", "login_attempts"}
@@ -177,7 +177,7 @@ def test_docs_node_example_is_valid_javascript(tmp_path):
     path = tmp_path / "example.js"
     path.write_text(node)
     if subprocess.run(["node", "--version"], capture_output=True).returncode != 0:
-        pytest.skip("node is not installed")
+        tool_missing("node is not installed")
     assert subprocess.run(["node", "--check", str(path)], capture_output=True).returncode == 0
 
 
