@@ -26,6 +26,7 @@ from .protocol import ChatCompletionRequest
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for the access log: the client hung up; nothing is sent
+HANG_UP_CHECK_SECONDS = 0.25  # how often a non-streaming answer checks that its caller is still there
 
 @dataclass
 class ChatService:
@@ -36,10 +37,11 @@ class ChatService:
     metrics: Metrics | None = None
 
     async def complete(self, principal: Principal, request: ChatCompletionRequest, log_state: object | None = None,
-                       client_gone: Callable[[], Awaitable[None]] | None = None):
+                       client_gone: Callable[[], Awaitable[bool]] | None = None):
         """Answer one chat request. ``log_state`` (the request's state) receives the completion id and
-        the credits charged, for the access log line. ``client_gone`` returns when the caller hangs up:
-        a non-streaming answer then stops generating (a stream notices by itself, at its next write)."""
+        the credits charged, for the access log line. ``client_gone`` says, without waiting, whether the
+        caller has hung up: a non-streaming answer then stops generating (a stream notices by itself,
+        at its next write)."""
         if request.mode not in (None, "talk"):
             raise APIError(403, f"Mode '{request.mode}' is not available: API keys give talk mode only.", code="mode_not_allowed", param="mode")
         if request.model not in (None, self.engine.model_id):
@@ -92,9 +94,7 @@ class ChatService:
                 media_type="text/event-stream",
                 headers={**call.rate_headers(), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        if client_gone is None:
-            return await call.collect(first, events)
-        return await call.collect_unless_gone(first, events, client_gone)
+        return await call.collect(first, events, client_gone)
 
     async def _reserve(self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int):
         cost = ledger.request_cost(principal, prompt_tokens, max_tokens)
@@ -179,33 +179,12 @@ class _Call:
             self.log_state.credits = credits
         return self.reservation.credits - credits  # refunded
 
-    async def collect_unless_gone(self, first: Event, events: AsyncIterator[Event],
-                                  client_gone: Callable[[], Awaitable[None]]) -> Response:
-        """:meth:`collect`, stopped when the caller hangs up first: it receives nothing, so it pays nothing."""
-        response: Response | None = None
-        error: Exception | None = None
-        async with anyio.create_task_group() as group:
-            async def collect() -> None:
-                nonlocal response, error
-                try:
-                    response = await self.collect(first, events)
-                except Exception as exc:  # re-raised below as itself, not wrapped in an ExceptionGroup
-                    error = exc
-                group.cancel_scope.cancel()
-
-            group.start_soon(collect)
-            await client_gone()
-            group.cancel_scope.cancel()  # collect's finally closes the engine's stream and releases the credits
-        if error is not None:
-            raise error
-        if response is None:
-            log.info("%s: the client went away before the answer was complete; nothing charged", self.id)
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return response
-
-    async def collect(self, first: Event, events: AsyncIterator[Event]) -> JSONResponse:
+    async def collect(self, first: Event, events: AsyncIterator[Event],
+                      client_gone: Callable[[], Awaitable[bool]] | None = None) -> Response:
         parts: list[str] = []
         finish: Finish | None = None
+        gone = False
+        next_check = time.monotonic() + HANG_UP_CHECK_SECONDS  # a quick answer never pays for the check
         try:
             event = first
             while True:
@@ -214,14 +193,21 @@ class _Call:
                     break
                 parts.append(event.text)
                 self.delivered_tokens += event.tokens
+                if client_gone is not None and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + HANG_UP_CHECK_SECONDS
+                    if gone := await client_gone():
+                        break
                 event = await anext(events)
         except EngineError as exc:
             log.warning("engine failed mid-completion: %s", exc)
         finally:
-            with anyio.CancelScope(shield=True):  # also when cancelled because the caller hung up
+            with anyio.CancelScope(shield=True):
                 await events.aclose()
-                if finish is None:  # the caller gets an error, or nothing at all: it pays nothing
+                if finish is None:  # the caller gets an error, or hung up: it receives nothing and pays nothing
                     await self._release()
+        if gone:
+            log.info("%s: the client hung up before the answer was complete; nothing charged", self.id)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         if finish is None:
             raise engine_error(EngineError("generation failed"))
         refunded = await self._settle(finish)
