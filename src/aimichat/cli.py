@@ -350,7 +350,7 @@ def usage_cmd(email, as_json) -> None:
 
     with _session() as s:
         account = accounts.get_account(s, email)
-        principal = keys.principal_for(account, account.tier)
+        principal = keys.principal_for(account)
         body = usage_body(principal, ledger.summary(s, principal, periods.system_clock()))
     if as_json:
         return _echo_json(body)

@@ -36,7 +36,7 @@ def quota(request, database):
 def principal(database):
     with database.session() as s:
         account = accounts.get_account(s, "user@example.com")
-        return principal_for(account, account.tier)
+        return principal_for(account)
 
 
 def reserve(quota, p, cost=Cost(1, 1), now=NOON):

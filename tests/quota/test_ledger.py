@@ -21,7 +21,7 @@ NOON = dt.datetime(2024, 1, 18, 12, 0, 0)
 def principal(database, email="user@example.com"):
     with database.session() as s:
         account = accounts.get_account(s, email)
-        return principal_for(account, account.tier)
+        return principal_for(account)
 
 
 def reserve(database, p, cost=Cost(1, 1), now=NOON):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,39 @@ class Finish:
 
 
 Event = Delta | Finish
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine reports about itself: read by ``/readyz`` and by the Prometheus gauges.
+
+    ``running`` and ``queued`` are counted by every engine; ``slots`` only by engines that have them
+    (None otherwise); ``details`` holds what is particular to one kind of engine (its upstreams, its
+    prompt cache), shown as is on ``/readyz``.
+    """
+
+    ready: bool
+    kind: str  # "llama" | "upstream" | "scripted": shown as /readyz's engine.engine
+    model: str | None  # the file or upstream model name behind the public id
+    running: int = 0  # requests generating now
+    queued: int = 0  # requests waiting for the engine
+    slots: int | None = None  # sequences the engine decodes together
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``engine`` object of ``/readyz``."""
+        body: dict[str, Any] = {"engine": self.kind, "model": self.model, "loaded": self.ready,
+                                "running": self.running, "queued": self.queued}
+        if self.slots is not None:
+            body |= {"slots": self.slots, "slots_busy": self.running}
+        return body | self.details
+
+
+def with_default_system_prompt(messages: list[Message], system_prompt: str) -> list[Message]:
+    """The chat as an engine renders it: ``system_prompt`` first when the caller sent no system message."""
+    if not system_prompt or any(m.role == "system" for m in messages):
+        return list(messages)
+    return [Message("system", system_prompt), *messages]
 
 
 @dataclass(frozen=True)
@@ -99,8 +132,8 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    def ready(self) -> tuple[bool, dict]:
-        """(is ready, details for /readyz)."""
+    def stats(self) -> EngineStats:
+        """Readiness and load, cheap enough to call on every ``/readyz`` and metrics scrape."""
         ...
 
     async def prepare(self, messages: list[Message]) -> PreparedPrompt:

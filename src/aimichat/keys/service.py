@@ -140,12 +140,13 @@ def authenticate(db: Connection | Session, presented: str) -> Principal | None:
 
 def principal_for(
     account: Account,
-    tier: Tier,
     *,
     key_id: int | None = None,
     key_prefix: str | None = None,
     last_used: dt.datetime | None = None,
 ) -> Principal:
+    """The principal of an account on its tier; without a key (the web pages, the CLI), key_id is None."""
+    tier = account.tier
     return Principal(
         account_id=account.id,
         account_email=account.email,

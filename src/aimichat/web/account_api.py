@@ -99,7 +99,7 @@ def usage(request: Request, visitor: Visitor = Depends(api_user), days: int = 30
         raise APIError(400, f"'days' must be between 1 and {usage_data.MAX_RANGE_DAYS}.", param="days")
     state = request.app.state
     now = state.clock()
-    principal = keys.principal_for(visitor.account, visitor.account.tier)
+    principal = keys.principal_for(visitor.account)
     with state.db.session() as db:
         body = usage_body(principal, ledger.summary(db, principal, now))
         series = usage_data.daily_credits(db, visitor.account.id, periods.day_start(now), days)

@@ -50,7 +50,7 @@ def chat_request(turns: list[dict], stream: bool) -> ChatCompletionRequest:
 
 def _remaining(request: Request, visitor: Visitor) -> tuple[int, int]:
     state = request.app.state
-    principal = keys.principal_for(visitor.account, visitor.account.tier)
+    principal = keys.principal_for(visitor.account)
     with state.db.session() as db:
         s = ledger.summary(db, principal, state.clock())
     return max(0, s.daily_limit - s.day_used), s.daily_limit
@@ -74,7 +74,7 @@ async def playground_stream(request: Request, visitor: Visitor = Depends(api_wri
     except (ValueError, AttributeError) as exc:
         message = str(exc) if isinstance(exc, ValueError) and str(exc).endswith(".") else "Send JSON: {\"messages\": [...]}."
         raise APIError(400, message, param="messages") from None
-    principal = keys.principal_for(visitor.account, visitor.account.tier)  # key_id None: the playground
+    principal = keys.principal_for(visitor.account)  # key_id None: the playground
     return await request.app.state.chat.complete(principal, chat_request(turns, stream=True))
 
 
@@ -89,7 +89,7 @@ async def playground_post(request: Request, visitor: Visitor = Depends(user_form
     except ValueError as exc:
         error = str(exc)
         return await run_in_threadpool(lambda: _page(request, visitor, turns=raw[:-1], error=error, status=400))
-    principal = keys.principal_for(visitor.account, visitor.account.tier)
+    principal = keys.principal_for(visitor.account)
     try:
         response = await request.app.state.chat.complete(principal, chat_request(turns, stream=False))
     except (APIError, EngineError) as exc:  # e.g. a conversation grown past the context window

@@ -22,7 +22,7 @@ def usage(request: Request, visitor: Visitor = Depends(require_user)):
     now = state.clock()
     account = visitor.account
     with state.db.session() as db:
-        summary = ledger.summary(db, keys.principal_for(account, account.tier), now)
+        summary = ledger.summary(db, keys.principal_for(account), now)
         series = usage_data.daily_credits(db, account.id, periods.day_start(now), CHART_DAYS)
         per_key = usage_data.keys_today(db, account.id, periods.day_start(now))
     return page(
