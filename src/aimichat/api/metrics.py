@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from aimichat.engines.base import Engine
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self, engine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("aimichat_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
-        self.latency = Histogram("aimichat_request_duration_seconds", "Time to the end of the response", ["route"], buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("aimichat_time_to_first_token_seconds", "Request start to first generated text", buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "aimichat_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "aimichat_request_duration_seconds",
+            "Time to the end of the response",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "aimichat_time_to_first_token_seconds",
+            "Request start to first generated text",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens = Counter("aimichat_tokens", "Tokens processed", ["kind"], registry=r)  # kind: prompt | completion
         self.credits = Counter("aimichat_credits_charged", "Credits charged after settlement", registry=r)
         self.refusals = Counter("aimichat_quota_refusals", "Requests refused because credits were spent", registry=r)
@@ -35,23 +52,20 @@ class Metrics:
 class _EngineCollector:
     """Reads the engine's own counters at scrape time, so the engine needs no metrics code."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
-        _, details = self.engine.ready()
-        for name, key, help_text in (
-            ("aimichat_engine_queue_depth", "queued", "Requests waiting for the engine"),
-            ("aimichat_engine_running", "running", "Requests the engine is generating for"),
-            ("aimichat_engine_slots_busy", "slots_busy", "Sequence slots in use (batched engine)"),
-            ("aimichat_engine_slots", "slots", "Sequence slots (batched engine)"),
-        ):
-            if isinstance(details.get(key), int):
-                yield GaugeMetricFamily(name, help_text, value=details[key])
-        upstreams = details.get("upstreams")
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats()
+        yield GaugeMetricFamily("aimichat_engine_queue_depth", "Requests waiting for the engine", value=stats.queued)
+        yield GaugeMetricFamily("aimichat_engine_running", "Requests the engine is generating for", value=stats.running)
+        if stats.slots is not None:
+            yield GaugeMetricFamily("aimichat_engine_slots_busy", "Sequence slots in use", value=stats.running)
+            yield GaugeMetricFamily("aimichat_engine_slots", "Sequence slots", value=stats.slots)
+        upstreams = stats.details.get("upstreams")
         if isinstance(upstreams, list):
             up = GaugeMetricFamily("aimichat_upstream_up", "1 if the upstream is usable", labels=["url"])
             for item in upstreams:

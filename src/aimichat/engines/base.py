@@ -7,9 +7,9 @@ which is what credits are charged from.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,12 @@ class Delta:
     tokens: int = 1  # completion tokens this piece carries (what a caller cut off mid-stream pays for)
 
 
+FinishReason = Literal["stop", "length"]
+
+
 @dataclass(frozen=True)
 class Finish:
-    finish_reason: str  # "stop" | "length"
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False  # usage guessed rather than counted (some upstreams send none)
@@ -67,8 +70,13 @@ class EngineStats:
 
     def as_json(self) -> dict[str, Any]:
         """The ``engine`` object of ``/readyz``."""
-        body: dict[str, Any] = {"engine": self.kind, "model": self.model, "loaded": self.ready,
-                                "running": self.running, "queued": self.queued}
+        body: dict[str, Any] = {
+            "engine": self.kind,
+            "model": self.model,
+            "loaded": self.ready,
+            "running": self.running,
+            "queued": self.queued,
+        }
         if self.slots is not None:
             body |= {"slots": self.slots, "slots_busy": self.running}
         return body | self.details
@@ -140,6 +148,6 @@ class Engine(Protocol):
         """Render and count the prompt; raises ContextLengthExceeded when it cannot fit."""
         ...
 
-    def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncIterator[Event]:
+    def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncGenerator[Event, None]:
         """Stream Delta events and end with one Finish. Closing the iterator stops generation."""
         ...

@@ -30,9 +30,9 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -42,12 +42,15 @@ from .base import (
     Delta,
     EngineBusy,
     EngineError,
+    EngineStats,
     Event,
     Finish,
+    FinishReason,
     Message,
     PreparedPrompt,
     SamplingParams,
     UpstreamRejected,
+    with_default_system_prompt,
 )
 from .breaker import CircuitBreaker
 
@@ -69,11 +72,13 @@ _UNKNOWN_ROOM = 1 << 30  # the upstream's context window is unknown here; it enf
 _ERROR_BODY_LIMIT = 64 * 1024  # read at most this much of an upstream's error answer
 _MAX_RETRY_AFTER = 300
 _TIMEOUT_RETRY_AFTER = 5
-_CONTEXT_MESSAGE = re.compile(r"context[ _-]?(length|window|size)|maximum context|too many tokens|prompt is too long", re.I)
+_CONTEXT_MESSAGE = re.compile(
+    r"context[ _-]?(length|window|size)|maximum context|too many tokens|prompt is too long", re.I
+)
 _CLIENT_ERROR_TYPES = {"invalid_request_error", "BadRequestError", "invalid_request"}
 
 
-def estimate_prompt_tokens(chat: Sequence[dict]) -> int:
+def estimate_prompt_tokens(chat: Sequence[dict[str, str]]) -> int:
     return TOKENS_PER_REPLY + sum(TOKENS_PER_MESSAGE + math.ceil(len(m["content"]) / CHARS_PER_TOKEN) for m in chat)
 
 
@@ -140,7 +145,7 @@ class _Upstream:
             return "unreachable"
         return "up" if self.contacted else "unknown"
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {
             "url": self.display_url,
             "state": self.state(),
@@ -164,7 +169,7 @@ class _AttemptFailed(Exception):
 class _StreamBroken(Exception):
     """The upstream's stream carried an error event or something that is not a chat chunk."""
 
-    def __init__(self, reason: str, *, code=None, kind: str | None = None):
+    def __init__(self, reason: str, *, code: object = None, kind: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
@@ -187,7 +192,7 @@ class _Relay:
         self.response = response
         self._lines = response.aiter_lines()
         self.finish_reason: str | None = None
-        self.usage: dict | None = None
+        self.usage: dict[str, Any] | None = None
         self.events = 0  # data events seen (an empty 200 stream has none)
         self.done = False  # the upstream sent [DONE]
         self.ended = False
@@ -219,7 +224,7 @@ class _Relay:
                 return text
         return None
 
-    async def _next_payload(self) -> dict | None:
+    async def _next_payload(self) -> dict[str, Any] | None:
         """The next SSE ``data`` payload, decoded; None at ``[DONE]`` or at the end of the body."""
         data: list[str] = []
         while True:
@@ -236,7 +241,7 @@ class _Relay:
             if name == "data":
                 data.append(value.removeprefix(" "))
 
-    def _decode(self, data: str) -> dict | None:
+    def _decode(self, data: str) -> dict[str, Any] | None:
         self.events += 1
         if data.strip() == "[DONE]":
             self.done = True
@@ -249,7 +254,7 @@ class _Relay:
             raise _StreamBroken(f"unexpected stream event: {data[:200]!r}")
         return payload
 
-    def _absorb(self, payload: dict) -> str:
+    def _absorb(self, payload: dict[str, Any]) -> str:
         if payload.get("error"):
             reason, code, kind = _error_fields(payload)
             raise _StreamBroken(reason, code=code, kind=kind)
@@ -297,7 +302,9 @@ class UpstreamEngine:
         self.timeouts = timeouts
         self.max_connections = max_connections
         self._api_key = api_key
-        self._upstreams = [_Upstream(url, CircuitBreaker(breaker_failures, breaker_cooldown)) for url in parse_urls(urls)]
+        self._upstreams = [
+            _Upstream(url, CircuitBreaker(breaker_failures, breaker_cooldown)) for url in parse_urls(urls)
+        ]
         self._client: httpx.AsyncClient | None = None
         self._in_flight = 0
 
@@ -343,7 +350,7 @@ class UpstreamEngine:
     async def _probe(self, upstream: _Upstream) -> None:
         """Tell /readyz early whether an upstream answers at all; the breaker only learns from real requests."""
         try:
-            response = await self._client.get(upstream.base_url + "/models", timeout=self.timeouts.connect)
+            response = await self._http.get(upstream.base_url + "/models", timeout=self.timeouts.connect)
         except httpx.HTTPError as exc:
             upstream.contacted, upstream.last_error = True, _transport_reason(exc)
             log.warning("upstream %s is not reachable at start: %s", upstream.display_url, upstream.last_error)
@@ -352,36 +359,48 @@ class UpstreamEngine:
         if response.status_code >= 500:
             upstream.last_error = f"HTTP {response.status_code}"
         elif response.status_code in (401, 403):
-            log.warning("upstream %s refuses our credentials (HTTP %d): check AIMICHAT_UPSTREAM_API_KEY",
-                        upstream.display_url, response.status_code)
+            log.warning(
+                "upstream %s refuses our credentials (HTTP %d): check AIMICHAT_UPSTREAM_API_KEY",
+                upstream.display_url,
+                response.status_code,
+            )
 
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
 
-    def ready(self) -> tuple[bool, dict]:
-        # Ready while some upstream may take a request; a tripped one whose cool-down is over counts,
-        # otherwise readiness (and so traffic) could never come back to probe it.
+    def stats(self) -> EngineStats:
+        """Ready while started and some upstream may take a request; ``running`` counts the requests in flight."""
+        # A tripped upstream whose cool-down is over counts as available, otherwise readiness (and so
+        # traffic) could never come back to probe it.
         available = any(u.breaker.state != "open" for u in self._upstreams)
-        return self._client is not None and available, {
-            "engine": "upstream",
-            "model": self.model or None,
-            "upstreams": [u.describe() for u in self._upstreams],
-            "in_flight": self._in_flight,
-        }
+        return EngineStats(
+            ready=self._client is not None and available,
+            kind="upstream",
+            model=self.model or None,
+            running=self._in_flight,
+            details={"upstreams": [u.describe() for u in self._upstreams], "in_flight": self._in_flight},
+        )
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise EngineError("the upstream engine is not started")
+        return self._client
 
     # -- prompt --------------------------------------------------------------------------------
 
     async def prepare(self, messages: list[Message]) -> PreparedPrompt:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        if self.system_prompt and not any(m["role"] == "system" for m in chat):
-            chat.insert(0, {"role": "system", "content": self.system_prompt})
-        return PreparedPrompt(tuple(messages), estimate_prompt_tokens(chat), _UNKNOWN_ROOM, payload=chat, estimated=True)
+        """The chat as sent upstream (our system prompt first when it has none), its size estimated."""
+        chat = with_default_system_prompt(messages, self.system_prompt)
+        payload = [{"role": m.role, "content": m.content} for m in chat]
+        tokens = estimate_prompt_tokens(payload)
+        return PreparedPrompt(tuple(messages), tokens, _UNKNOWN_ROOM, payload=payload, estimated=True)
 
     # -- generation ----------------------------------------------------------------------------
 
-    async def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncIterator[Event]:
+    async def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncGenerator[Event, None]:
         if self._client is None:
             raise EngineError("the upstream engine is not started")
         body = self._request_body(prompt, params)
@@ -404,8 +423,8 @@ class UpstreamEngine:
                 with anyio.CancelScope(shield=True):
                     await opened.relay.release()
 
-    def _request_body(self, prompt: PreparedPrompt, params: SamplingParams) -> dict:
-        body: dict = {
+    def _request_body(self, prompt: PreparedPrompt, params: SamplingParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "messages": prompt.payload,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -425,7 +444,7 @@ class UpstreamEngine:
             body["frequency_penalty"] = params.frequency_penalty
         return body
 
-    async def _open(self, body: dict) -> _Opened:
+    async def _open(self, body: dict[str, Any]) -> _Opened:
         """The first upstream that starts answering, in order, with one retry and breakers honoured."""
         failures: list[_AttemptFailed] = []
         skipped: list[_Upstream] = []
@@ -439,18 +458,20 @@ class UpstreamEngine:
                     return await self._attempt(upstream, body)
                 except _AttemptFailed as failure:
                     failures.append(failure)
-                    log.warning("upstream %s failed (attempt %d): %s", upstream.display_url, attempt + 1, failure.reason)
+                    log.warning(
+                        "upstream %s failed (attempt %d): %s", upstream.display_url, attempt + 1, failure.reason
+                    )
                     if not failure.retry_same:
                         break
         raise _exhausted(failures, skipped)
 
-    async def _attempt(self, upstream: _Upstream, body: dict) -> _Opened:
+    async def _attempt(self, upstream: _Upstream, body: dict[str, Any]) -> _Opened:
         """Send the request to one upstream and wait for its first piece of text (or its empty answer)."""
         response: httpx.Response | None = None
         try:
             with anyio.fail_after(self.timeouts.first_token):
-                request = self._client.build_request("POST", upstream.chat_url, json=body)
-                response = await self._client.send(request, stream=True)
+                request = self._http.build_request("POST", upstream.chat_url, json=body)
+                response = await self._http.send(request, stream=True)
                 if not response.is_success:
                     await self._raise_for_answer(response)
                 relay = _Relay(response)
@@ -481,8 +502,9 @@ class UpstreamEngine:
         if isinstance(exc, _AttemptFailed):
             return exc
         if isinstance(exc, TimeoutError):
-            return _AttemptFailed(f"no first token within {self.timeouts.first_token:g}s", busy=True,
-                                  retry_after=_TIMEOUT_RETRY_AFTER)
+            return _AttemptFailed(
+                f"no first token within {self.timeouts.first_token:g}s", busy=True, retry_after=_TIMEOUT_RETRY_AFTER
+            )
         if isinstance(exc, httpx.RequestError):  # refused, reset, dropped before any text
             return _AttemptFailed(_transport_reason(exc), retry_same=True)
         if isinstance(exc, _StreamBroken):
@@ -510,7 +532,7 @@ class UpstreamEngine:
             raise _rejection(reason, code, kind)
         raise _AttemptFailed(f"HTTP {status}: {reason}", retry_same=True)
 
-    async def _first_text(self, upstream: _Upstream, relay: _Relay, body: dict) -> str | None:
+    async def _first_text(self, upstream: _Upstream, relay: _Relay, body: dict[str, Any]) -> str | None:
         """The first piece of text; None for a complete but empty answer."""
         try:
             first = await relay.next_text()
@@ -524,7 +546,7 @@ class UpstreamEngine:
             await self._diagnose(upstream, body, "an empty stream")
         return first
 
-    async def _diagnose(self, upstream: _Upstream, body: dict, what: str) -> None:
+    async def _diagnose(self, upstream: _Upstream, body: dict[str, Any], what: str) -> None:
         """A 200 whose stream broke before its first event: find out why (always raises).
 
         llama-cpp-python's server answers 200 and only then validates, so a request it refuses
@@ -533,7 +555,7 @@ class UpstreamEngine:
         fresh connection: the one the broken stream used may be returned to the pool half-dead.
         """
         probe = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False, "max_tokens": 1}
-        async with httpx.AsyncClient(headers=self._client.headers, timeout=self._client.timeout) as fresh:
+        async with httpx.AsyncClient(headers=self._http.headers, timeout=self._http.timeout) as fresh:
             response = await fresh.post(upstream.chat_url, json=probe, headers={"Connection": "close"})
         if not response.is_success:
             await self._raise_for_answer(response)
@@ -570,7 +592,7 @@ class UpstreamEngine:
 
 def _finish(relay: _Relay, estimated_prompt: int, delivered: int) -> Finish:
     """The upstream's own usage when it sent it; otherwise our estimate, marked as such."""
-    reason = "length" if relay.finish_reason == "length" else "stop"
+    reason: FinishReason = "length" if relay.finish_reason == "length" else "stop"
     usage = relay.usage or {}
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if isinstance(prompt, int) and isinstance(completion, int):
@@ -590,18 +612,19 @@ def _exhausted(failures: list[_AttemptFailed], skipped: list[_Upstream]) -> Engi
         return EngineBusy("The model servers are busy; retry shortly. Nothing was charged.", retry_after=min(busy))
     if skipped and not failures:
         wait = max(1, math.ceil(min(u.breaker.retry_in() for u in skipped)))
-        return EngineBusy("The model servers are recovering from failures; retry shortly. Nothing was charged.",
-                          retry_after=wait)
+        return EngineBusy(
+            "The model servers are recovering from failures; retry shortly. Nothing was charged.", retry_after=wait
+        )
     return EngineError("no upstream answered: " + "; ".join(f.reason for f in failures))
 
 
-def _rejection(reason: str, code: str | None, kind: str | None) -> UpstreamRejected:
+def _rejection(reason: str, code: object, kind: str | None) -> UpstreamRejected:
     if code == "context_length_exceeded" or kind == "exceed_context_size_error" or _CONTEXT_MESSAGE.search(reason):
         return UpstreamRejected(reason, code="context_length_exceeded", param="messages")
     return UpstreamRejected(f"The model server rejected the request: {reason}", code="upstream_rejected")
 
 
-def _error_fields(body) -> tuple[str, str | None, str | None]:
+def _error_fields(body: object) -> tuple[str, object, str | None]:
     """(message, code, type) from the error shapes OpenAI, vLLM, llama.cpp, Ollama and FastAPI use."""
     if isinstance(body, str):
         return body.strip()[:500] or "no reason given", None, None
@@ -617,7 +640,7 @@ def _error_fields(body) -> tuple[str, str | None, str | None]:
     return message[:500], error.get("code"), kind if isinstance(kind, str) else None
 
 
-def _json_or_text(raw: bytes):
+def _json_or_text(raw: bytes) -> object:
     text = raw.decode("utf-8", errors="replace")
     try:
         return json.loads(text)

