@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from aimichat.keys import service as keys
 from aimichat.keys import tokens
 from aimichat.keys.service import Principal
+from aimichat.store.db import Database
 
 from .errors import APIError, invalid_api_key
 
@@ -35,10 +36,10 @@ async def require_key(request: Request) -> Principal:
         raise invalid_api_key()
 
     digest = tokens.hash_key(key)
-    principal = state.principals.get(digest)
+    principal: Principal | None = state.principals.get(digest)
     if principal is None:
         generation = state.principals.generation  # a revocation committed during the lookup wins
-        principal = await run_in_threadpool(_lookup, state.db, key)
+        principal = await run_in_threadpool(_lookup, state.database, key)
         if principal is None:
             raise invalid_api_key()
         state.principals.put(digest, principal, generation)
@@ -48,6 +49,6 @@ async def require_key(request: Request) -> Principal:
     return principal
 
 
-def _lookup(db, key: str) -> Principal | None:
-    with db.connect(single_statement=True) as conn:
+def _lookup(database: Database, key: str) -> Principal | None:
+    with database.connect(single_statement=True) as conn:
         return keys.authenticate(conn, key)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
-from urllib.parse import parse_qsl, urlencode
 import secrets
 import time
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import error_type
+from .responses import error_body
 
 access_log = logging.getLogger("aimichat.access")
 
@@ -18,7 +21,9 @@ _SECRET_PARAMS = {"api_key", "key", "token", "password"}
 
 
 class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int):
+    """A body over the limit; raised from ``receive``, answered 413 ``request_too_large`` by the handlers."""
+
+    def __init__(self, limit: int) -> None:
         super().__init__(413, f"Request body too large: the limit is {limit} bytes.")
 
 
@@ -75,16 +80,9 @@ class RequestMiddleware:
             self._observe(scope, status, start)
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"Request body too large: the limit is {self.max_body} bytes.",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "request_too_large",
-                }
-            }
-        ).encode()
+        # The same answer as a chunked body that goes over the limit gets from the handlers (BodyTooLarge).
+        exc = BodyTooLarge(self.max_body)
+        body = json.dumps(error_body(exc.detail, type=error_type(413), code="request_too_large")).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -106,6 +104,7 @@ class RequestMiddleware:
             return
         state = scope.get("state", {})
         principal = state.get("principal")
+        call = state.get("call")  # api.chat.serving.CallRecord, on chat requests
         query = scope.get("query_string", b"").decode("latin-1")
         path = scope["path"] + ("?" + redact_query(query) if query else "")
         record = {
@@ -116,8 +115,8 @@ class RequestMiddleware:
             "latency_ms": round((time.perf_counter() - start) * 1000, 2),
             "account_id": getattr(principal, "account_id", None),
             "key_prefix": getattr(principal, "key_prefix", None),
-            "completion_id": state.get("completion_id"),
-            "credits": state.get("credits"),
+            "completion_id": getattr(call, "completion_id", None),
+            "credits": getattr(call, "credits", None),
             "client": (scope.get("client") or ("-",))[0],
         }
         access_log.info(json.dumps(record, separators=(",", ":")))

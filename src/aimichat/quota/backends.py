@@ -28,35 +28,61 @@ log = logging.getLogger(__name__)
 
 
 class QuotaBackend(Protocol):
-    def reserve(self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime) -> Reservation | Refusal: ...
+    def reserve(
+        self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
+    ) -> Reservation | Refusal: ...
 
-    def settle(self, reservation: Reservation, *, credits: int, prompt_tokens: int, completion_tokens: int,
-               now: dt.datetime, estimated: bool = False) -> bool: ...
+    def settle(
+        self,
+        reservation: Reservation,
+        *,
+        credits: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        now: dt.datetime,
+        estimated: bool = False,
+    ) -> bool: ...
 
     def release(self, reservation: Reservation, *, now: dt.datetime) -> bool: ...
 
 
 class SqlQuota:
-    def __init__(self, db: Database):
-        self.db = db
+    def __init__(self, database: Database) -> None:
+        self.database = database
 
-    def reserve(self, principal, cost, *, request_id, now):
-        if not self.db.is_sqlite:  # PostgreSQL: the common case in one round trip
-            with self.db.connect(single_statement=True) as conn:
+    def reserve(self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime) -> Reservation | Refusal:
+        if not self.database.is_sqlite:  # PostgreSQL: the common case in one round trip
+            with self.database.connect(single_statement=True) as conn:
                 reservation = ledger.reserve_in_one_statement(conn, principal, cost, request_id=request_id, now=now)
             if reservation is not None:
                 return reservation
-        with self.db.connect() as conn:
+        with self.database.connect() as conn:
             return ledger.reserve(conn, principal, cost, request_id=request_id, now=now)
 
-    def settle(self, reservation, *, credits, prompt_tokens, completion_tokens, now, estimated=False):
+    def settle(
+        self,
+        reservation: Reservation,
+        *,
+        credits: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        now: dt.datetime,
+        estimated: bool = False,
+    ) -> bool:
         nothing_to_refund = credits >= reservation.credits  # then settling is one guarded UPDATE
-        with self.db.connect(single_statement=nothing_to_refund) as conn:
-            return ledger.settle(conn, reservation, credits=credits, prompt_tokens=prompt_tokens,
-                                 completion_tokens=completion_tokens, now=now, estimated=estimated)
+        with self.database.connect(single_statement=nothing_to_refund) as conn:
+            return ledger.settle(
+                conn,
+                reservation,
+                credits=credits,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                now=now,
+                estimated=estimated,
+            )
 
-    def release(self, reservation, *, now):
-        with self.db.connect() as conn:
+    def release(self, reservation: Reservation, *, now: dt.datetime) -> bool:
+        with self.database.connect() as conn:
             return ledger.release(conn, reservation, now=now)
 
 
@@ -91,23 +117,23 @@ return 1
 
 
 class RedisQuota:
-    def __init__(self, db: Database, client: redis.Redis, prefix: str = "aimichat"):
-        self.db = db
+    def __init__(self, database: Database, client: redis.Redis, prefix: str = "aimichat") -> None:
+        self.database = database
         self.redis = client
         self.prefix = prefix
         self._reserve = client.register_script(_RESERVE)
         self._refund = client.register_script(_REFUND)
 
     @classmethod
-    def from_url(cls, db: Database, url: str, prefix: str = "aimichat") -> RedisQuota:
+    def from_url(cls, database: Database, url: str, prefix: str = "aimichat") -> RedisQuota:
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10)
-        return cls(db, client, prefix)
+        return cls(database, client, prefix)
 
     def _keys(self, account_id: int, now: dt.datetime) -> tuple[str, str]:
         tag = f"{self.prefix}:q:{{{account_id}}}"  # one hash slot per account (Redis Cluster)
         return f"{tag}:d:{now:%Y-%m-%d}", f"{tag}:m:{now:%Y-%m}"
 
-    def reserve(self, principal, cost, *, request_id, now):
+    def reserve(self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime) -> Reservation | Refusal:
         keys = self._keys(principal.account_id, now)
         monthly = -1 if principal.monthly_credits is None else principal.monthly_credits
         args = [cost.want, cost.minimum, principal.daily_credits, monthly]
@@ -122,8 +148,10 @@ class RedisQuota:
             return ledger.refusal_from(principal, cost, now, day_used, month_used)
         try:
             # Usually the ledger row alone: one INSERT, in autocommit on PostgreSQL.
-            with self.db.connect(single_statement=not last_use_is_stale(principal, now)) as conn:
-                reservation = ledger.record_reservation(conn, principal, granted, request_id=request_id, now=now, day_used=day_used)
+            with self.database.connect(single_statement=not last_use_is_stale(principal, now)) as conn:
+                reservation = ledger.record_reservation(
+                    conn, principal, granted, request_id=request_id, now=now, day_used=day_used
+                )
                 conn.commit()
         except BaseException:
             self._refund(keys=self._period_keys(principal, keys), args=[granted])  # not recorded, so not taken
@@ -136,9 +164,9 @@ class RedisQuota:
     def _seed(self, principal: Principal, keys: tuple[str, str], now: dt.datetime) -> None:
         """Start missing counters from the ledger; SET NX, so concurrent seeders agree."""
         day, month = periods.day_start(now), periods.month_start(now)
-        with self.db.session() as s:
-            day_used = ledger.ledger_sum(s, principal.account_id, day, day)
-            month_used = ledger.ledger_sum(s, principal.account_id, month, day)
+        with self.database.session() as session:
+            day_used = ledger.ledger_sum(session, principal.account_id, day, day)
+            month_used = ledger.ledger_sum(session, principal.account_id, month, day)
         pipe = self.redis.pipeline()
         # Kept an hour past the period's end, so late refunds of its requests still find it.
         pipe.set(keys[0], day_used, nx=True, ex=periods.seconds_until(periods.next_day_reset(now), now) + 3600)
@@ -146,17 +174,34 @@ class RedisQuota:
             pipe.set(keys[1], month_used, nx=True, ex=periods.seconds_until(periods.next_month_reset(now), now) + 3600)
         pipe.execute()
 
-    def settle(self, reservation, *, credits, prompt_tokens, completion_tokens, now, estimated=False):
-        with self.db.connect(single_statement=True) as conn:  # the counters are in Redis: one UPDATE here
-            changed = ledger.settle(conn, reservation, credits=credits, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                    now=now, estimated=estimated, refund_counters=False)
+    def settle(
+        self,
+        reservation: Reservation,
+        *,
+        credits: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        now: dt.datetime,
+        estimated: bool = False,
+    ) -> bool:
+        with self.database.connect(single_statement=True) as conn:  # the counters are in Redis: one UPDATE here
+            changed = ledger.settle(
+                conn,
+                reservation,
+                credits=credits,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                now=now,
+                estimated=estimated,
+                refund_counters=False,
+            )
         refund = reservation.credits - max(0, min(credits, reservation.credits))
         if changed and refund:
             self._refund_reservation(reservation, refund)
         return changed
 
-    def release(self, reservation, *, now):
-        with self.db.connect(single_statement=True) as conn:
+    def release(self, reservation: Reservation, *, now: dt.datetime) -> bool:
+        with self.database.connect(single_statement=True) as conn:
             changed = ledger.release(conn, reservation, now=now, refund_counters=False)
         if changed:
             self._refund_reservation(reservation, reservation.credits)
@@ -173,4 +218,3 @@ class RedisQuota:
             # re-seeds them from it, rather than leave the refund lost for the rest of the period.
             log.warning("refund of %d credits to Redis failed; dropping the counters to re-seed them", amount)
             self.redis.delete(*keys)
-

@@ -16,17 +16,43 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
-from sqlalchemy import Connection, bindparam, cast, exists, func, insert, literal, null, or_, select, true, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    bindparam,
+    cast,
+    exists,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from aimichat.keys.service import LAST_USED_RESOLUTION, Principal, touch_last_used
+from aimichat.keys.service import LAST_USED_RESOLUTION, Principal, touch_last_used, use_by_key
 from aimichat.store.models import ApiKey, UsageCounter, UsageEvent
 
 from . import periods
 
 _MAX_ATTEMPTS = 8
+
+Period = Literal["day", "month"]
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The figures of the ``X-RateLimit-*`` headers: the daily allotment, what is left of it, when it resets."""
+
+    limit: int
+    remaining: int
+    reset_at: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -45,11 +71,16 @@ class Reservation:
     def remaining(self) -> int:
         return max(0, self.daily_limit - self.day_used)
 
+    def rate_limit(self, refunded: int = 0) -> RateLimit:
+        """Where the day stands with this reservation taken, less ``refunded`` given back at settlement."""
+        return RateLimit(self.daily_limit, self.remaining + refunded, self.reset_at)
+
 
 @dataclass(frozen=True)
 class Refusal:
     """Credits are spent: everything the spec's 429 body and ``Retry-After`` need."""
 
+    period: Period  # the allotment that is spent (the day's when both are)
     message: str
     limit: int
     used: int
@@ -58,6 +89,12 @@ class Refusal:
     daily_limit: int
     day_used: int
     daily_reset_at: dt.datetime
+
+    @property
+    def rate_limit(self) -> RateLimit:
+        """The day's figures: none left when the day is spent; what the day has left when the month is."""
+        remaining = 0 if self.period == "day" else max(0, self.daily_limit - self.day_used)
+        return RateLimit(self.daily_limit, remaining, self.daily_reset_at)
 
 
 @dataclass(frozen=True)
@@ -111,11 +148,11 @@ _SUBTRACT = update(UsageCounter).where(_COUNTER).values(used=UsageCounter.used -
 _USED = select(UsageCounter.used).where(_COUNTER)
 
 
-def _counter(account_id: int, period: str, start: dt.date, **more) -> dict:
+def _counter(account_id: int, period: str, start: dt.date, **more: int | str) -> dict[str, object]:
     return {"p_account": account_id, "p_period": period, "p_start": start, **more}
 
 
-def _reserve_one_statement():
+def _reserve_one_statement() -> Select[tuple[int, int]]:
     """PostgreSQL's common case as one statement (see :func:`reserve_in_one_statement`)."""
     day = _ADD.cte("day")
     taken = exists(select(day.c.used))
@@ -142,8 +179,11 @@ def _reserve_one_statement():
     )
     touched = (
         update(ApiKey)
-        .where(ApiKey.id == bindparam("p_key"), taken,
-               or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < bindparam("p_stale")))
+        .where(
+            ApiKey.id == bindparam("p_key"),
+            taken,
+            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < bindparam("p_stale")),
+        )
         .values(last_used_at=bindparam("p_now"))
         .returning(ApiKey.id)
         .cte("touched")
@@ -155,70 +195,73 @@ _RESERVE_ONE = _reserve_one_statement()
 
 
 def reserve(
-    db: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
+    conn: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
 ) -> Reservation | Refusal:
     """Atomically take credits from the account's day (and month) allotment, or say why not."""
     for _ in range(_MAX_ATTEMPTS):
         try:
-            outcome = _try_reserve(db, principal, cost, request_id, now)
+            outcome = _try_reserve(conn, principal, cost, request_id, now)
         except BaseException:
-            db.rollback()
+            conn.rollback()
             raise
-        if outcome is not _RACED:
+        if outcome is not None:
             return outcome
-    return refusal(db, principal, cost, now)
-
-
-_RACED = object()  # another request took credits between our read and our update: try again
+    return refusal(conn, principal, cost, now)
 
 
 def reserve_in_one_statement(
-    db: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
+    conn: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
 ) -> Reservation | None:
     """PostgreSQL's common case in one round trip, for a connection in autocommit: the whole cost fits
     the day's existing counter of a tier without a monthly limit. The conditional UPDATE, the ledger
     row and the key's last use are one statement, so one atomic transaction. None when that case does
     not apply (no counter yet, not enough left, a race): :func:`reserve` then decides, in full.
     """
-    if db.dialect.name != "postgresql" or principal.monthly_credits is not None:
+    if conn.dialect.name != "postgresql" or principal.monthly_credits is not None:
         return None
     day = periods.day_start(now)
     params = {
         **_counter(principal.account_id, "day", day, p_amount=cost.want, p_limit=principal.daily_credits),
-        "p_request": request_id, "p_key": principal.key_id, "p_now": now, "p_day": day,
+        "p_request": request_id,
+        "p_key": principal.key_id,
+        "p_now": now,
+        "p_day": day,
         "p_stale": now - LAST_USED_RESOLUTION,
     }
-    row = db.execute(_RESERVE_ONE, params).first()
+    row = conn.execute(_RESERVE_ONE, params).first()
     if row is None:
         return None
     return _reservation(principal, row.id, cost.want, request_id, now, day_used=row.used)
 
 
-def _try_reserve(db: Connection, principal: Principal, cost: Cost, request_id: str, now: dt.datetime):
+def _try_reserve(
+    conn: Connection, principal: Principal, cost: Cost, request_id: str, now: dt.datetime
+) -> Reservation | Refusal | None:
+    """One attempt; None when another request took credits between our read and our update (try again)."""
     flexible = cost.minimum < cost.want
     # The common case is one statement per counter: the whole cost fits.
     amount = cost.want
-    day_used = _take_all(db, principal, now, amount)
+    day_used = _take_all(conn, principal, now, amount)
     if day_used is None and flexible:
-        db.rollback()  # undo a day counter that took it when the month would not
-        amount = _affordable(db, principal, periods.day_start(now), periods.month_start(now), cost)
+        conn.rollback()  # undo a day counter that took it when the month would not
+        amount = _affordable(conn, principal, periods.day_start(now), periods.month_start(now), cost)
         if amount:
-            day_used = _take_all(db, principal, now, amount)
+            day_used = _take_all(conn, principal, now, amount)
     if day_used is None:
-        db.rollback()
-        return _RACED if flexible and amount else refusal(db, principal, cost, now)
-    reservation = record_reservation(db, principal, amount, request_id=request_id, now=now, day_used=day_used)
-    db.commit()
+        conn.rollback()
+        return None if flexible and amount else refusal(conn, principal, cost, now)
+    reservation = record_reservation(conn, principal, amount, request_id=request_id, now=now, day_used=day_used)
+    conn.commit()
     return reservation
 
 
-def _take_all(db: Connection, principal: Principal, now: dt.datetime, amount: int) -> int | None:
+def _take_all(conn: Connection, principal: Principal, now: dt.datetime, amount: int) -> int | None:
     """Take ``amount`` from the day and, if the tier has one, the month; the day's new total, or None
     if either does not fit (the caller rolls back)."""
-    day_used = _take(db, principal.account_id, "day", periods.day_start(now), amount, principal.daily_credits)
+    day_used = _take(conn, principal.account_id, "day", periods.day_start(now), amount, principal.daily_credits)
     if day_used is None or principal.monthly_credits is None:
         return day_used
-    if _take(db, principal.account_id, "month", periods.month_start(now), amount, principal.monthly_credits) is None:
+    if _take(conn, principal.account_id, "month", periods.month_start(now), amount, principal.monthly_credits) is None:
         return None
     return day_used
 
@@ -227,7 +270,7 @@ _RECORD = insert(UsageEvent).returning(UsageEvent.id)
 
 
 def record_reservation(
-    db: Connection, principal: Principal, amount: int, *, request_id: str, now: dt.datetime, day_used: int
+    conn: Connection, principal: Principal, amount: int, *, request_id: str, now: dt.datetime, day_used: int
 ) -> Reservation:
     """Write the ledger row of a granted reservation (the caller commits)."""
     row = dict(
@@ -244,12 +287,14 @@ def record_reservation(
         estimated=False,
         settled_at=None,
     )
-    ledger_id = db.execute(_RECORD, row).scalar_one()
-    touch_last_used(db, principal, now)
+    ledger_id = conn.execute(_RECORD, row).scalar_one()
+    touch_last_used(conn, principal, now)
     return _reservation(principal, ledger_id, amount, request_id, now, day_used=day_used)
 
 
-def _reservation(principal: Principal, ledger_id: int, amount: int, request_id: str, now: dt.datetime, *, day_used: int) -> Reservation:
+def _reservation(
+    principal: Principal, ledger_id: int, amount: int, request_id: str, now: dt.datetime, *, day_used: int
+) -> Reservation:
     return Reservation(
         ledger_id=ledger_id,
         request_id=request_id,
@@ -263,47 +308,49 @@ def _reservation(principal: Principal, ledger_id: int, amount: int, request_id: 
     )
 
 
-def _take(db: Connection, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
+def _take(conn: Connection, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
     """Add ``amount`` if it fits under ``limit``; the new total, or None if it does not fit."""
-    used = _add(db, account_id, period, start, amount, limit)
+    used = _add(conn, account_id, period, start, amount, limit)
     if used is None:
         # Maybe the period's first request: create the row (a no-op if a concurrent request just
         # did, in which case PostgreSQL waits for it to commit) and try again against what is there.
-        _create_counter(db, account_id, period, start)
-        used = _add(db, account_id, period, start, amount, limit)
+        _create_counter(conn, account_id, period, start)
+        used = _add(conn, account_id, period, start, amount, limit)
     return used
 
 
-def _add(db: Connection, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
-    return db.execute(_ADD, _counter(account_id, period, start, p_amount=amount, p_limit=limit)).scalar()
+def _add(conn: Connection, account_id: int, period: str, start: dt.date, amount: int, limit: int) -> int | None:
+    return conn.execute(_ADD, _counter(account_id, period, start, p_amount=amount, p_limit=limit)).scalar()
 
 
-def _create_counter(db: Connection, account_id: int, period: str, start: dt.date) -> None:
+def _create_counter(conn: Connection, account_id: int, period: str, start: dt.date) -> None:
     """Create the period's counter if missing (race-safe)."""
-    upsert = postgresql.insert if db.dialect.name == "postgresql" else sqlite.insert
-    db.execute(
-        upsert(UsageCounter).values(account_id=account_id, period=period, period_start=start, used=0).on_conflict_do_nothing()
+    upsert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    conn.execute(
+        upsert(UsageCounter)
+        .values(account_id=account_id, period=period, period_start=start, used=0)
+        .on_conflict_do_nothing()
     )
 
 
-def _affordable(db: Connection, principal: Principal, day: dt.date, month: dt.date, cost: Cost) -> int:
-    left = principal.daily_credits - _used(db, principal.account_id, "day", day)
+def _affordable(conn: Connection, principal: Principal, day: dt.date, month: dt.date, cost: Cost) -> int:
+    left = principal.daily_credits - _used(conn, principal.account_id, "day", day)
     if principal.monthly_credits is not None:
-        left = min(left, principal.monthly_credits - _used(db, principal.account_id, "month", month))
+        left = min(left, principal.monthly_credits - _used(conn, principal.account_id, "month", month))
     return min(cost.want, left) if left >= cost.minimum else 0
 
 
-def _used(db: Connection, account_id: int, period: str, start: dt.date) -> int:
-    return db.execute(_USED, _counter(account_id, period, start)).scalar() or 0
+def _used(conn: Connection, account_id: int, period: str, start: dt.date) -> int:
+    return conn.execute(_USED, _counter(account_id, period, start)).scalar() or 0
 
 
-def refusal(db: Connection, principal: Principal, cost: Cost, now: dt.datetime) -> Refusal:
+def refusal(conn: Connection, principal: Principal, cost: Cost, now: dt.datetime) -> Refusal:
     """Read the counters and say which allotment is spent."""
     try:
-        day_used = _used(db, principal.account_id, "day", periods.day_start(now))
-        month_used = _used(db, principal.account_id, "month", periods.month_start(now))
+        day_used = _used(conn, principal.account_id, "day", periods.day_start(now))
+        month_used = _used(conn, principal.account_id, "month", periods.month_start(now))
     finally:
-        db.rollback()
+        conn.rollback()
     return refusal_from(principal, cost, now, day_used, month_used)
 
 
@@ -311,13 +358,15 @@ def refusal_from(principal: Principal, cost: Cost, now: dt.datetime, day_used: i
     """Which allotment is spent (the daily one when both are), with its figures; any counter backend."""
     day_reset = periods.next_day_reset(now)
     day_full = day_used + cost.minimum > principal.daily_credits
+    period: Period
     if principal.monthly_credits is not None and not day_full:
-        reset = periods.next_month_reset(now)
+        period, reset = "month", periods.next_month_reset(now)
         message, limit, used = "Monthly credit limit reached", principal.monthly_credits, month_used
     else:
-        reset = day_reset
+        period, reset = "day", day_reset
         message, limit, used = "Daily credit limit reached", principal.daily_credits, day_used
     return Refusal(
+        period=period,
         message=message,
         limit=limit,
         used=used,
@@ -348,7 +397,7 @@ _SETTLE = (
 
 
 def settle(
-    db: Connection,
+    conn: Connection,
     reservation: Reservation,
     *,
     credits: int,
@@ -364,30 +413,45 @@ def settle(
     ``refund_counters=False`` leaves the SQL counters alone, for a backend that keeps them elsewhere.
     """
     credits = max(0, min(credits, reservation.credits))
-    params = dict(p_id=reservation.ledger_id, p_credits=credits, p_prompt=prompt_tokens, p_completion=completion_tokens,
-                  p_status=status, p_estimated=estimated, p_now=now)
+    params = dict(
+        p_id=reservation.ledger_id,
+        p_credits=credits,
+        p_prompt=prompt_tokens,
+        p_completion=completion_tokens,
+        p_status=status,
+        p_estimated=estimated,
+        p_now=now,
+    )
     try:
-        changed = db.execute(_SETTLE, params).scalar() is not None
+        changed = conn.execute(_SETTLE, params).scalar() is not None
         refund = reservation.credits - credits
         if changed and refund and refund_counters:
-            _refund(db, reservation.account_id, "day", reservation.day, refund)
+            _refund(conn, reservation.account_id, "day", reservation.day, refund)
             if reservation.month is not None:
-                _refund(db, reservation.account_id, "month", reservation.month, refund)
-        db.commit()
+                _refund(conn, reservation.account_id, "month", reservation.month, refund)
+        conn.commit()
     except BaseException:
-        db.rollback()
+        conn.rollback()
         raise
     return bool(changed)
 
 
-def release(db: Connection, reservation: Reservation, *, now: dt.datetime, refund_counters: bool = True) -> bool:
+def release(conn: Connection, reservation: Reservation, *, now: dt.datetime, refund_counters: bool = True) -> bool:
     """The engine produced nothing: give every reserved credit back."""
-    return settle(db, reservation, credits=0, prompt_tokens=0, completion_tokens=0, now=now,
-                  status="released", refund_counters=refund_counters)
+    return settle(
+        conn,
+        reservation,
+        credits=0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        now=now,
+        status="released",
+        refund_counters=refund_counters,
+    )
 
 
-def _refund(db: Connection, account_id: int, period: str, start: dt.date, amount: int) -> None:
-    db.execute(_SUBTRACT, _counter(account_id, period, start, p_amount=amount))
+def _refund(conn: Connection, account_id: int, period: str, start: dt.date, amount: int) -> None:
+    conn.execute(_SUBTRACT, _counter(account_id, period, start, p_amount=amount))
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -401,34 +465,32 @@ class UsageSummary:
     month_used: int
     monthly_limit: int | None
     month_reset: dt.datetime
-    per_key_today: list[dict]
+    per_key_today: list[dict[str, Any]]
+
+    @property
+    def rate_limit(self) -> RateLimit:
+        return RateLimit(self.daily_limit, max(0, self.daily_limit - self.day_used), self.day_reset)
 
 
-def summary(db: Session, principal: Principal, now: dt.datetime) -> UsageSummary:
+def summary(session: Session, principal: Principal, now: dt.datetime) -> UsageSummary:
     day, month = periods.day_start(now), periods.month_start(now)
-    per_key = db.execute(
-        select(ApiKey.id, ApiKey.name, ApiKey.prefix, func.coalesce(func.sum(UsageEvent.credits), 0), func.count(UsageEvent.id))
-        .join(UsageEvent, (UsageEvent.api_key_id == ApiKey.id) & (UsageEvent.day == day), isouter=True)
-        .where(ApiKey.account_id == principal.account_id)
-        .group_by(ApiKey.id, ApiKey.name, ApiKey.prefix)
-        .order_by(ApiKey.id)
-    ).all()
     return UsageSummary(
-        day_used=ledger_sum(db, principal.account_id, day, day),
+        day_used=ledger_sum(session, principal.account_id, day, day),
         daily_limit=principal.daily_credits,
         day_reset=periods.next_day_reset(now),
-        month_used=ledger_sum(db, principal.account_id, month, day),
+        month_used=ledger_sum(session, principal.account_id, month, day),
         monthly_limit=principal.monthly_credits,
         month_reset=periods.next_month_reset(now),
         per_key_today=[
-            {"id": r[0], "name": r[1], "prefix": r[2], "credits": int(r[3]), "requests": int(r[4])} for r in per_key
+            {"id": use.id, "name": use.name, "prefix": use.prefix, "credits": use.credits, "requests": use.requests}
+            for use in use_by_key(session, principal.account_id, day)
         ],
     )
 
 
-def ledger_sum(db: Session, account_id: int, first_day: dt.date, last_day: dt.date) -> int:
+def ledger_sum(session: Session, account_id: int, first_day: dt.date, last_day: dt.date) -> int:
     """Credits counted in the ledger (the truth) for an account over a range of days."""
-    total = db.scalar(
+    total = session.scalar(
         select(func.coalesce(func.sum(UsageEvent.credits), 0)).where(
             UsageEvent.account_id == account_id, UsageEvent.day >= first_day, UsageEvent.day <= last_day
         )

@@ -1,15 +1,8 @@
-"""Credit periods: UTC calendar days and calendar months, and the clock that decides which one we are in."""
+"""Credit periods: UTC calendar days and calendar months."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
-
-Clock = Callable[[], dt.datetime]  # returns naive UTC
-
-
-def system_clock() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def day_start(now: dt.datetime) -> dt.date:
@@ -29,11 +22,6 @@ def next_month_reset(now: dt.datetime) -> dt.datetime:
     if first.month == 12:
         return dt.datetime(first.year + 1, 1, 1)
     return dt.datetime(first.year, first.month + 1, 1)
-
-
-def iso_utc(moment: dt.datetime) -> str:
-    """``2024-01-19T00:00:00Z``, the spec's format."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def seconds_until(moment: dt.datetime, now: dt.datetime) -> int:

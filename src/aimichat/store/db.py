@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -13,24 +13,22 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
 class Database:
-    """An SQLAlchemy engine and session factory for one database URL."""
+    """One database: its SQLAlchemy engine (``sql_engine``), session factory and Core connections."""
 
     def __init__(self, url: str):
         self.url = url
-        self.engine = make_engine(url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.sql_engine = make_sql_engine(url)
+        self.sessions = sessionmaker(self.sql_engine, expire_on_commit=False)
         # SQLite keeps its transactions: they cost no round trip, and our BEGIN IMMEDIATE hook (see
-        # make_engine) would otherwise open one that autocommit never closes.
-        self._single = self.engine if self.is_sqlite else self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # make_sql_engine) would otherwise open one that autocommit never closes.
+        self._single = (
+            self.sql_engine if self.is_sqlite else self.sql_engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
 
     @property
     def is_sqlite(self) -> bool:
-        return self.engine.dialect.name == "sqlite"
+        return self.sql_engine.dialect.name == "sqlite"
 
     def session(self) -> Session:
         return self.sessions()
@@ -41,20 +39,20 @@ class Database:
         ``single_statement``: the caller runs one statement, atomic on its own; on PostgreSQL the
         connection is in autocommit, which spares the BEGIN and COMMIT round trips around it.
         """
-        return (self._single if single_statement else self.engine).connect()
+        return (self._single if single_statement else self.sql_engine).connect()
 
     def upgrade(self) -> None:
-        upgrade(self.engine)
+        upgrade(self.sql_engine)
 
     def ping(self) -> None:
-        with self.engine.connect() as conn:
+        with self.sql_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        self.sql_engine.dispose()
 
 
-def make_engine(url: str) -> Engine:
+def make_sql_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
@@ -70,8 +68,8 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20)
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see make_engine)
+def _sqlite_pragmas(dbapi_conn: Any, _record: object) -> None:
+    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see make_sql_engine)
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")

@@ -1,6 +1,6 @@
 """SQLAlchemy 2 models. Every schema change comes with an Alembic migration in ``migrations/versions``.
 
-Times are naive UTC datetimes throughout (SQLite has no time zones); ``store.db.utcnow`` makes them.
+Times are naive UTC datetimes throughout (SQLite has no time zones); ``store.clock.utcnow`` makes them.
 """
 
 from __future__ import annotations

@@ -7,18 +7,25 @@ and the reply comes back in a fresh page.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Form, Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 
+from aimichat.api.chat.api_router import chat_response
 from aimichat.api.chat.protocol import ChatCompletionRequest
+from aimichat.api.chat.serving import Completion
 from aimichat.api.errors import APIError, engine_error
 from aimichat.engines.base import EngineError
 from aimichat.keys import service as keys
 from aimichat.quota import ledger
+from aimichat.quota.ledger import Refusal
+from aimichat.store.clock import iso_utc
 
-from .deps import Visitor, api_write, posted_form, require_user, user_form
+from .deps import ApiWrite, RequestSession, User, UserForm, Visitor, posted_form
 from .render import WebRoute, page
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
@@ -28,77 +35,115 @@ MAX_TOKENS = 512  # the playground is for trying things; long essays belong to t
 TEMPERATURE = 0.7  # the spec's example value; the API's default of 1.0 makes a small model ramble
 
 
-def conversation(raw: list[dict]) -> list[dict]:
+Turn = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
+
+
+def conversation(raw: object) -> list[Turn]:
     """The user and assistant turns the page sent, checked; ValueError says what is wrong."""
     if not isinstance(raw, list) or not raw:
         raise ValueError("Send at least one message.")
-    turns = [{"role": m.get("role"), "content": m.get("content")} for m in raw[-MAX_MESSAGES:] if isinstance(m, dict)]
-    for turn in turns:
-        if turn["role"] not in ("user", "assistant") or not isinstance(turn["content"], str) or len(turn["content"]) > MAX_CHARS:
+    turns: list[Turn] = []
+    for message in raw[-MAX_MESSAGES:]:
+        if not isinstance(message, dict):
+            continue
+        role, content = message.get("role"), message.get("content")
+        if role not in ("user", "assistant") or not isinstance(content, str) or len(content) > MAX_CHARS:
             raise ValueError(f"Messages are user or assistant turns of at most {MAX_CHARS} characters.")
+        turns.append({"role": role, "content": content})
     if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
         raise ValueError("Type a message first.")
     return turns
 
 
-def chat_request(turns: list[dict], stream: bool) -> ChatCompletionRequest:
-    return ChatCompletionRequest(
-        messages=turns, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, stream=stream,
-        stream_options={"include_usage": True} if stream else None,
+def chat_request(turns: list[Turn], stream: bool) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {
+            "messages": turns,
+            "max_tokens": MAX_TOKENS,
+            "temperature": TEMPERATURE,
+            "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None,
+        }
     )
 
 
-def _remaining(request: Request, visitor: Visitor) -> tuple[int, int]:
-    state = request.app.state
-    principal = keys.principal_for(visitor.account)
-    with state.db.session() as db:
-        s = ledger.summary(db, principal, state.clock())
-    return max(0, s.daily_limit - s.day_used), s.daily_limit
-
-
-def _page(request: Request, visitor: Visitor, *, turns: list[dict] = (), error: str = "", status: int = 200, remaining=None):
-    left, limit = _remaining(request, visitor)
-    return page(request, visitor, "playground.html", status=status, title="Playground", turns=list(turns), error=error,
-                remaining=left if remaining is None else remaining, limit=limit, tier=visitor.account.tier)
+def _page(
+    request: Request,
+    visitor: Visitor,
+    session: Session,
+    *,
+    turns: Sequence[Turn] = (),
+    error: str = "",
+    status: int = 200,
+    remaining: int | None = None,
+) -> Response:
+    account = visitor.user
+    s = ledger.summary(session, keys.principal_for(account), request.app.state.clock())
+    left = s.rate_limit.remaining if remaining is None else remaining
+    return page(
+        request,
+        visitor,
+        "playground.html",
+        status=status,
+        title="Playground",
+        turns=list(turns),
+        error=error,
+        remaining=left,
+        limit=s.daily_limit,
+        tier=account.tier,
+    )
 
 
 @router.get("/playground")
-def playground(request: Request, visitor: Visitor = Depends(require_user)):
-    return _page(request, visitor)
+def playground(request: Request, session: RequestSession, visitor: User) -> Response:
+    return _page(request, visitor, session)
 
 
 @router.post("/playground/stream")
-async def playground_stream(request: Request, visitor: Visitor = Depends(api_write)):
+async def playground_stream(request: Request, visitor: ApiWrite) -> Response:
     try:
         turns = conversation((await request.json()).get("messages"))
     except (ValueError, AttributeError) as exc:
-        message = str(exc) if isinstance(exc, ValueError) and str(exc).endswith(".") else "Send JSON: {\"messages\": [...]}."
+        message = (
+            str(exc) if isinstance(exc, ValueError) and str(exc).endswith(".") else 'Send JSON: {"messages": [...]}.'
+        )
         raise APIError(400, message, param="messages") from None
-    principal = keys.principal_for(visitor.account)  # key_id None: the playground
-    return await request.app.state.chat.complete(principal, chat_request(turns, stream=True))
+    principal = keys.principal_for(visitor.user)  # key_id None: the playground
+    return chat_response(await request.app.state.chat.complete(principal, chat_request(turns, stream=True)))
 
 
 @router.post("/playground")
-async def playground_post(request: Request, visitor: Visitor = Depends(user_form), message: str = Form("")):
+async def playground_post(
+    request: Request, session: RequestSession, visitor: UserForm, message: Annotated[str, Form()] = ""
+) -> Response:
     """The no-JavaScript path: earlier turns ride along as hidden fields."""
     form = await posted_form(request)
-    raw = [{"role": r, "content": c} for r, c in zip(form.getlist("role"), form.getlist("content"))]
+    raw = [{"role": r, "content": c} for r, c in zip(form.getlist("role"), form.getlist("content"), strict=False)]
     raw.append({"role": "user", "content": message})
     try:
         turns = conversation(raw)
     except ValueError as exc:
-        error = str(exc)
-        return await run_in_threadpool(lambda: _page(request, visitor, turns=raw[:-1], error=error, status=400))
-    principal = keys.principal_for(visitor.account)
+        return await _answer(
+            request,
+            visitor,
+            session,
+            turns=[t for t in raw[:-1] if isinstance(t["content"], str)],
+            error=str(exc),
+            status=400,
+        )
+    principal = keys.principal_for(visitor.user)
     try:
-        response = await request.app.state.chat.complete(principal, chat_request(turns, stream=False))
+        result = await request.app.state.chat.complete(principal, chat_request(turns, stream=False))
     except (APIError, EngineError) as exc:  # e.g. a conversation grown past the context window
         failure = exc if isinstance(exc, APIError) else engine_error(exc)
-        return await run_in_threadpool(lambda: _page(request, visitor, turns=turns, error=failure.message, status=failure.status))
-    body = json.loads(response.body)
-    if response.status_code != 200:  # credits spent: the spec's 429 body
-        error = f"{body.get('message', 'Credit limit reached')}. Credits come back at {body.get('resetAt', '')}."
-        return await run_in_threadpool(lambda: _page(request, visitor, turns=turns, error=error, status=response.status_code))
-    turns.append({"role": "assistant", "content": body["choices"][0]["message"]["content"]})
-    remaining = int(response.headers.get("x-ratelimit-remaining", 0))
-    return await run_in_threadpool(lambda: _page(request, visitor, turns=turns, remaining=remaining))
+        return await _answer(request, visitor, session, turns=turns, error=failure.message, status=failure.status)
+    if isinstance(result, Refusal):
+        error = f"{result.message}. Credits come back at {iso_utc(result.reset_at)}."
+        return await _answer(request, visitor, session, turns=turns, error=error, status=429)
+    assert isinstance(result, Completion)  # no hang-up check was asked for
+    turns.append({"role": "assistant", "content": result.body["choices"][0]["message"]["content"]})
+    return await _answer(request, visitor, session, turns=turns, remaining=result.rate_limit.remaining)
+
+
+async def _answer(request: Request, visitor: Visitor, session: Session, **kwargs: Any) -> Response:
+    return await run_in_threadpool(lambda: _page(request, visitor, session, **kwargs))

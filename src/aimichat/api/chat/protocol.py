@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import (
+    Any,
+    Literal,
+    NotRequired,  # pydantic reads typing's TypedDict only from Python 3.12
+)
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict
 
-from aimichat.engines.base import Message
+from aimichat.engines.base import FinishReason, Message
+
+UNSUPPORTED_PARAMETER = "unsupported_parameter"  # the error type of a refusal below; its ctx names the param
+
+
+def unsupported(param: str, reason: str) -> PydanticCustomError:
+    """A refusal of one request parameter: the 400 names ``param`` (read from the error's ctx, not its text)."""
+    return PydanticCustomError(UNSUPPORTED_PARAMETER, "'{param}': {reason}", {"param": param, "reason": reason})
+
 
 # Fields OpenAI accepts that this server cannot honour: refused with a 400 that says so,
 # rather than silently ignored and giving the caller something other than what they asked for.
@@ -52,7 +66,9 @@ class ChatMessage(BaseModel):
         parts = []
         for part in self.content:
             if part.type != "text" or part.text is None:
-                raise ValueError(f"content parts of type '{part.type}' are not supported; only 'text' parts are")
+                raise unsupported(
+                    "messages", f"content parts of type '{part.type}' are not supported; only 'text' parts are"
+                )
             parts.append(part.text)
         return "".join(parts)
 
@@ -103,18 +119,18 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(data, dict):
             for name, reason in UNSUPPORTED.items():
                 if data.get(name) not in (None, [], False):
-                    raise ValueError(f"'{name}': {reason}")
+                    raise unsupported(name, reason)
         return data
 
     @model_validator(mode="after")
     def _refuse_unsupported_values(self) -> ChatCompletionRequest:
         if self.n not in (None, 1):
-            raise ValueError("'n': more than one choice (n > 1) is not supported by this server")
+            raise unsupported("n", "more than one choice (n > 1) is not supported by this server")
         if self.logprobs:
-            raise ValueError("'logprobs': logprobs are not supported by this server")
+            raise unsupported("logprobs", "logprobs are not supported by this server")
         if self.response_format and self.response_format.get("type", "text") != "text":
             kind = self.response_format.get("type")
-            raise ValueError(f"'response_format': the '{kind}' format is not supported by this server, only 'text'")
+            raise unsupported("response_format", f"the '{kind}' format is not supported by this server, only 'text'")
         for message in self.messages:
             message.text()  # raises for image or audio parts
         return self
@@ -131,31 +147,63 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-# Response shapes are built as plain dicts in serving.py (faster than models on the hot path);
-# these document them for the OpenAPI schema.
+# Response shapes. serving.py builds them as plain dicts (a pydantic model per chunk costs more than the
+# rest of the hop); as TypedDicts they are still checked by mypy where they are built, and are what the
+# OpenAPI document shows. tests/api/test_protocol.py validates real answers against them.
 
 
-class Usage(BaseModel):
+class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+class AssistantMessage(TypedDict):
+    role: Literal["assistant"]
     content: str
 
 
-class Choice(BaseModel):
+class Choice(TypedDict):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
+    logprobs: None
+    finish_reason: FinishReason
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(TypedDict):
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: Literal["chat.completion"]
     created: int
     model: str
     choices: list[Choice]
     usage: Usage
+
+
+class ChunkDelta(TypedDict, total=False):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChunkChoice(TypedDict):
+    index: int
+    delta: ChunkDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class RateLimitInfo(TypedDict):
+    """AimiChat's addition to the usage chunk: the X-RateLimit-* figures after settlement."""
+
+    limit: int
+    remaining: int
+    reset: str
+
+
+class ChatCompletionChunk(TypedDict):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: NotRequired[Usage]
+    x_ratelimit: NotRequired[RateLimitInfo]

@@ -1,4 +1,15 @@
-"""Chat completions: reserve credits, run the engine, stream or collect, settle exactly once."""
+"""Chat completions: reserve credits, run the engine, stream or collect, settle exactly once.
+
+:meth:`ChatService.complete` returns a typed result and never an HTTP object; ``api_router`` alone
+turns results into HTTP answers:
+
+- :class:`Completion`: the whole answer (``protocol.ChatCompletion``) and where the day's credits stand;
+- :class:`CompletionStream`: the answer's server-sent events, ending in ``data: [DONE]``;
+- :class:`~aimichat.quota.ledger.Refusal`: the account's credits are spent (the spec's 429);
+- :class:`ClientGone`: the caller hung up before a non-streaming answer was complete; nothing is charged.
+
+Anything else that goes wrong is raised as an :class:`~aimichat.api.errors.APIError`.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +17,61 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from aimichat.api.errors import APIError, engine_error
 from aimichat.api.metrics import Metrics
-from aimichat.api.errors import STORE_UNAVAILABLE, APIError, engine_error, quota_exceeded
-from aimichat.engines.base import Engine, EngineError, Event, Finish, PreparedPrompt, SamplingParams
+from aimichat.engines.base import Engine, EngineError, Event, Finish, FinishReason, PreparedPrompt, SamplingParams
 from aimichat.keys.service import Principal
-from aimichat.quota import ledger, periods
+from aimichat.quota import ledger
 from aimichat.quota.backends import QuotaBackend
-from aimichat.quota.periods import Clock
+from aimichat.quota.ledger import RateLimit, Refusal, Reservation
+from aimichat.store.clock import Clock, iso_utc
+from aimichat.store.errors import STORE_UNAVAILABLE
 
-from .protocol import ChatCompletionRequest
+from .protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkDelta, Usage
 
 log = logging.getLogger(__name__)
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for the access log: the client hung up; nothing is sent
 HANG_UP_CHECK_SECONDS = 0.25  # how often a non-streaming answer checks that its caller is still there
+
+ClientGoneCheck = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class Completion:
+    body: ChatCompletion
+    rate_limit: RateLimit  # after settlement: what the refund gave back is counted as remaining
+
+
+@dataclass(frozen=True)
+class CompletionStream:
+    events: AsyncIterator[bytes]  # server-sent events; settles when it ends, however it ends
+    rate_limit: RateLimit  # with the whole reservation taken: the stream has not been settled yet
+
+
+@dataclass(frozen=True)
+class ClientGone:
+    """The caller hung up before its answer was complete: it receives nothing and pays nothing."""
+
+    completion_id: str
+
+
+ChatResult = Completion | CompletionStream | Refusal | ClientGone
+
+
+@dataclass
+class CallRecord:
+    """What the access log says of a chat request, filled in as the request goes."""
+
+    completion_id: str | None = None
+    credits: int | None = None  # charged at settlement
+
 
 @dataclass
 class ChatService:
@@ -36,14 +81,51 @@ class ChatService:
     default_max_tokens: int = 1024
     metrics: Metrics | None = None
 
-    async def complete(self, principal: Principal, request: ChatCompletionRequest, log_state: object | None = None,
-                       client_gone: Callable[[], Awaitable[bool]] | None = None):
-        """Answer one chat request. ``log_state`` (the request's state) receives the completion id and
-        the credits charged, for the access log line. ``client_gone`` says, without waiting, whether the
-        caller has hung up: a non-streaming answer then stops generating (a stream notices by itself,
-        at its next write)."""
+    async def complete(
+        self,
+        principal: Principal,
+        request: ChatCompletionRequest,
+        record: CallRecord | None = None,
+        client_gone: ClientGoneCheck | None = None,
+    ) -> ChatResult:
+        """Answer one chat request. ``record`` receives the completion id and the credits charged.
+        ``client_gone`` says, without waiting, whether the caller has hung up: a non-streaming answer then
+        stops generating (a stream notices by itself, at its next write)."""
+        self._check_request(request)
+        prompt = await self.engine.prepare(request.engine_messages())
+        max_tokens = min(request.requested_max_tokens() or self.default_max_tokens, prompt.max_completion_tokens)
+        completion_id = "chatcmpl-" + secrets.token_hex(12)
+        # An engine that only estimates the prompt is reserved for at worst one token per UTF-8 byte,
+        # so a prompt that counts higher than estimated is still paid for in full.
+        prompt_bound = _prompt_upper_bound(prompt)
+        with anyio.CancelScope(shield=True):  # once the database has granted it, we must know about it
+            granted = await self._reserve(principal, completion_id, prompt_bound, max_tokens)
+        if isinstance(granted, Refusal):
+            if self.metrics:
+                self.metrics.refusals.inc()
+            return granted
+        if principal.cost_rule == "per_token":
+            # Never generate more than the reserved credits pay for.
+            max_tokens = min(max_tokens, ledger.affordable_tokens(principal, granted.credits) - prompt_bound)
+        call = OpenReservation(self, principal, granted, prompt, self.engine.model_id, record or CallRecord())
+        events = self.engine.generate(prompt, _sampling(request, max(1, max_tokens)))
+        started = time.perf_counter()
+        first = await call.first_event(events)  # errors before the first token become plain HTTP errors
+        if self.metrics:
+            self.metrics.ttft.observe(time.perf_counter() - started)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return CompletionStream(call.stream(first, events, include_usage), granted.rate_limit())
+        return await call.collect(first, events, client_gone)
+
+    def _check_request(self, request: ChatCompletionRequest) -> None:
         if request.mode not in (None, "talk"):
-            raise APIError(403, f"Mode '{request.mode}' is not available: API keys give talk mode only.", code="mode_not_allowed", param="mode")
+            raise APIError(
+                403,
+                f"Mode '{request.mode}' is not available: API keys give talk mode only.",
+                code="mode_not_allowed",
+                param="mode",
+            )
         if request.model not in (None, self.engine.model_id):
             raise APIError(
                 404,
@@ -51,99 +133,73 @@ class ChatService:
                 code="model_not_found",
                 param="model",
             )
-        prompt = await self.engine.prepare(request.engine_messages())
-        max_tokens = min(request.requested_max_tokens() or self.default_max_tokens, prompt.max_completion_tokens)
 
-        request_id = "chatcmpl-" + secrets.token_hex(12)
-        # An engine that only estimates the prompt is reserved for at worst one token per UTF-8 byte,
-        # so a prompt that counts higher than estimated is still paid for in full.
-        prompt_bound = _prompt_upper_bound(prompt)
-        with anyio.CancelScope(shield=True):  # once the database has granted it, we must know about it
-            reservation = await self._reserve(principal, request_id, prompt_bound, max_tokens)
-        if isinstance(reservation, ledger.Refusal):
-            if self.metrics:
-                self.metrics.refusals.inc()
-            return quota_exceeded(reservation)
-        if principal.cost_rule == "per_token":
-            # Never generate more than the reserved credits pay for.
-            max_tokens = min(max_tokens, ledger.affordable_tokens(principal, reservation.credits) - prompt_bound)
-        params = SamplingParams(
-            max_tokens=max(1, max_tokens),
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            stop=request.stop_sequences(),
-            seed=request.seed,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-        )
-        call = _Call(self, principal, reservation, request_id, int(time.time()), self.engine.model_id)
-        call.prompt_tokens = prompt.prompt_tokens
-        call.prompt_estimated = prompt.estimated
-        call.log_state = log_state
-        if log_state is not None:
-            log_state.completion_id = request_id
-        events = self.engine.generate(prompt, params)
-        started = time.perf_counter()
-        first = await call.first_event(events)  # errors before the first token become plain HTTP errors
-        if self.metrics:
-            self.metrics.ttft.observe(time.perf_counter() - started)
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(
-                call.sse(first, events, include_usage),
-                media_type="text/event-stream",
-                headers={**call.rate_headers(), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        return await call.collect(first, events, client_gone)
-
-    async def _reserve(self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int):
+    async def _reserve(
+        self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int
+    ) -> Reservation | Refusal:
         cost = ledger.request_cost(principal, prompt_tokens, max_tokens)
-        return await run_in_threadpool(lambda: self.quota.reserve(principal, cost, request_id=request_id, now=self.clock()))
+        return await run_in_threadpool(self.quota.reserve, principal, cost, request_id=request_id, now=self.clock())
 
-    async def settle(self, principal: Principal, reservation: ledger.Reservation, usage: Finish | None,
-                     delivered_tokens: int, prompt_tokens: int, prompt_estimated: bool = False):
-        if usage is None:  # cut short: charge what was delivered
-            completion, estimated = delivered_tokens, prompt_estimated
+    async def settle(
+        self,
+        principal: Principal,
+        reservation: Reservation,
+        usage: Finish | None,
+        delivered_tokens: int,
+        prompt: PreparedPrompt,
+    ) -> int:
+        """Charge what was used (``usage``; None when cut short: what was delivered); the credits charged."""
+        if usage is None:
+            prompt_tokens, completion, estimated = prompt.prompt_tokens, delivered_tokens, prompt.estimated
         else:
-            completion, prompt_tokens, estimated = usage.completion_tokens, usage.prompt_tokens, usage.estimated
+            prompt_tokens, completion, estimated = usage.prompt_tokens, usage.completion_tokens, usage.estimated
         credits = ledger.final_charge(principal, reservation, prompt_tokens, completion)
         if self.metrics:
             self.metrics.observe_usage(prompt_tokens, completion, credits)
         await run_in_threadpool(
-            lambda: self.quota.settle(reservation, credits=credits, prompt_tokens=prompt_tokens,
-                                      completion_tokens=completion, estimated=estimated, now=self.clock())
+            lambda: self.quota.settle(
+                reservation,
+                credits=credits,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion,
+                estimated=estimated,
+                now=self.clock(),
+            )
         )
         return credits
 
-    async def release(self, reservation: ledger.Reservation):
+    async def release(self, reservation: Reservation) -> None:
         await run_in_threadpool(lambda: self.quota.release(reservation, now=self.clock()))
 
 
-class _Call:
-    """One granted request: its reservation, what it delivered, and how it is settled."""
+class OpenReservation:
+    """A granted reservation whose request is running: what it delivered, and its settlement, exactly once.
 
-    def __init__(self, service: ChatService, principal: Principal, reservation: ledger.Reservation, request_id: str, created: int, model: str):
+    It ends settled (charged for what was delivered) or released (nothing delivered, nothing charged).
+    """
+
+    def __init__(
+        self,
+        service: ChatService,
+        principal: Principal,
+        reservation: Reservation,
+        prompt: PreparedPrompt,
+        model: str,
+        record: CallRecord,
+    ) -> None:
         self.service = service
         self.principal = principal
         self.reservation = reservation
-        self.id = request_id
-        self.created = created
+        self.prompt = prompt
+        self.id = reservation.request_id
+        self.created = int(time.time())
         self.model = model
+        self.record = record
         self.delivered_tokens = 0
-        self.prompt_tokens = 0
-        self.prompt_estimated = False
-        self.settled = False
-        self.log_state: object | None = None
+        self.closed = False  # settled or released
+        record.completion_id = self.id
 
-    def rate_headers(self, remaining: int | None = None) -> dict[str, str]:
-        r = self.reservation
-        return {
-            "X-RateLimit-Limit": str(r.daily_limit),
-            "X-RateLimit-Remaining": str(r.remaining if remaining is None else remaining),
-            "X-RateLimit-Reset": periods.iso_utc(r.reset_at),
-        }
-
-    async def first_event(self, events: AsyncIterator[Event]) -> Event:
+    async def first_event(self, events: AsyncGenerator[Event, None]) -> Event:
         try:
             return await anext(events)
         except EngineError as exc:
@@ -151,7 +207,7 @@ class _Call:
             if self.service.metrics:
                 self.service.metrics.engine_errors.labels(type(exc).__name__).inc()
             error = engine_error(exc)
-            error.headers.update(self.rate_headers(self.reservation.remaining + self.reservation.credits))
+            error.rate_limit = self.reservation.rate_limit(refunded=self.reservation.credits)
             raise error from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -160,27 +216,29 @@ class _Call:
             raise
 
     async def _release(self) -> None:
-        self.settled = True
+        self.closed = True
         await self.service.release(self.reservation)
 
     async def _settle(self, usage: Finish | None) -> int:
-        if self.settled:
+        """Settle once; the credits refunded."""
+        if self.closed:
             return 0
-        self.settled = True
+        self.closed = True
         with anyio.CancelScope(shield=True):  # a disconnect must not cancel the bookkeeping
             try:
-                credits = await self.service.settle(self.principal, self.reservation, usage, self.delivered_tokens,
-                                                    self.prompt_tokens, self.prompt_estimated)
+                credits = await self.service.settle(
+                    self.principal, self.reservation, usage, self.delivered_tokens, self.prompt
+                )
             except STORE_UNAVAILABLE:
                 # The row stays 'reserved' and counted: the caller keeps its answer, no charge is lost.
                 log.exception("could not settle %s; its reservation stands", self.id)
                 return 0
-        if self.log_state is not None:
-            self.log_state.credits = credits
-        return self.reservation.credits - credits  # refunded
+        self.record.credits = credits
+        return self.reservation.credits - credits
 
-    async def collect(self, first: Event, events: AsyncIterator[Event],
-                      client_gone: Callable[[], Awaitable[bool]] | None = None) -> Response:
+    async def collect(
+        self, first: Event, events: AsyncGenerator[Event, None], client_gone: ClientGoneCheck | None = None
+    ) -> Completion | ClientGone:
         parts: list[str] = []
         finish: Finish | None = None
         gone = False
@@ -207,11 +265,11 @@ class _Call:
                     await self._release()
         if gone:
             log.info("%s: the client hung up before the answer was complete; nothing charged", self.id)
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
+            return ClientGone(self.id)
         if finish is None:
             raise engine_error(EngineError("generation failed"))
         refunded = await self._settle(finish)
-        body = {
+        body: ChatCompletion = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
@@ -226,9 +284,11 @@ class _Call:
             ],
             "usage": _usage(finish),
         }
-        return JSONResponse(body, headers=self.rate_headers(self.reservation.remaining + refunded))
+        return Completion(body, self.reservation.rate_limit(refunded))
 
-    async def sse(self, first: Event, events: AsyncIterator[Event], include_usage: bool) -> AsyncIterator[bytes]:
+    async def stream(
+        self, first: Event, events: AsyncGenerator[Event, None], include_usage: bool
+    ) -> AsyncIterator[bytes]:
         finish: Finish | None = None
         try:
             yield self._chunk({"role": "assistant", "content": ""})
@@ -245,40 +305,52 @@ class _Call:
             err = engine_error(exc)
             message = "The model stopped answering mid-stream; you are charged only for the text you received."
             yield _sse({"error": {"message": message, "type": err.type, "param": None, "code": err.code}})
-            yield b"data: [DONE]\n\n"
+            yield DONE
             return
         finally:
             await events.aclose()
             refunded = await self._settle(finish)
+        assert finish is not None  # the loop leaves only on a Finish or through the except above
         yield self._chunk({}, finish_reason=finish.finish_reason)
         if include_usage:
-            r = self.reservation
-            usage_chunk = {
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
+            rate = self.reservation.rate_limit(refunded)
+            usage_chunk: ChatCompletionChunk = {
+                **self._head(),
                 "choices": [],
                 "usage": _usage(finish),
-                "x_ratelimit": {
-                    "limit": r.daily_limit,
-                    "remaining": r.remaining + refunded,
-                    "reset": periods.iso_utc(r.reset_at),
-                },
+                "x_ratelimit": {"limit": rate.limit, "remaining": rate.remaining, "reset": iso_utc(rate.reset_at)},
             }
             yield _sse(usage_chunk)
-        yield b"data: [DONE]\n\n"
+        yield DONE
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None) -> bytes:
-        return _sse(
-            {
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-            }
-        )
+    def _head(self) -> ChatCompletionChunk:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+        }
+
+    def _chunk(self, delta: ChunkDelta, finish_reason: FinishReason | None = None) -> bytes:
+        chunk = self._head()
+        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        return _sse(chunk)
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _sampling(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        stop=request.stop_sequences(),
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+    )
 
 
 def _prompt_upper_bound(prompt: PreparedPrompt) -> int:
@@ -289,7 +361,7 @@ def _prompt_upper_bound(prompt: PreparedPrompt) -> int:
     return max(prompt.prompt_tokens, encoded)
 
 
-def _usage(finish: Finish) -> dict:
+def _usage(finish: Finish) -> Usage:
     return {
         "prompt_tokens": finish.prompt_tokens,
         "completion_tokens": finish.completion_tokens,
@@ -297,5 +369,5 @@ def _usage(finish: Finish) -> dict:
     }
 
 
-def _sse(payload: dict) -> bytes:
+def _sse(payload: ChatCompletionChunk | dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"

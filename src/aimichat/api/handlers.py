@@ -1,0 +1,109 @@
+"""Exception handlers: the only place that maps exceptions to HTTP answers.
+
+Every error leaves the API in OpenAI's shape (see ``api.responses``); the one exception is the spec's
+credits-spent 429 body, which the chat router answers without raising.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from aimichat.engines.base import EngineError
+from aimichat.store.errors import STORE_UNAVAILABLE
+
+from .auth import presented_key, require_key
+from .chat.protocol import UNSUPPORTED_PARAMETER
+from .errors import APIError, engine_error, mode_not_allowed
+from .responses import api_error_response, error_response
+
+log = logging.getLogger(__name__)
+
+_HTTP_MESSAGES = {404: "Not found. See /v1/models and /v1/chat/completions.", 405: "Method not allowed."}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """The 400's message and ``param`` for the first thing wrong with a request body."""
+    if not errors:
+        return "Invalid request body.", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "We could not parse the JSON body of your request. Send valid JSON.", None
+    if first.get("type") == UNSUPPORTED_PARAMETER:  # our own refusals carry the parameter they are about
+        return first["msg"], first["ctx"]["param"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    return (f"Invalid value for '{param}': {msg}." if param else f"Invalid request body: {msg}."), param
+
+
+async def _refuse_key_outside_talk_mode(request: Request) -> JSONResponse | None:
+    """A valid key asking for an API we do not offer is told keys are for talk mode only."""
+    if presented_key(request, request.app.state.settings.allow_query_key) is None:
+        return None
+    try:
+        await require_key(request)
+    except APIError as exc:
+        return api_error_response(exc)
+    return api_error_response(mode_not_allowed(f"{request.method} {request.url.path}"))
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return api_error_response(exc)
+
+
+async def _engine_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EngineError)
+    return api_error_response(engine_error(exc))
+
+
+async def _validation(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    message, param = validation_message(list(exc.errors()))
+    return error_response(400, message, param=param)
+
+
+async def _http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and request.url.path.startswith("/v1/"):
+        refused = await _refuse_key_outside_talk_mode(request)
+        if refused is not None:
+            return refused
+    status = exc.status_code
+    message = _HTTP_MESSAGES.get(status) or (exc.detail if isinstance(exc.detail, str) else str(exc.detail))
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(status, message, code=_HTTP_CODES.get(status), headers=headers)
+
+
+async def _store_unavailable(_: Request, exc: Exception) -> Response:
+    log.error("store unavailable: %s", type(exc).__name__)
+    return error_response(
+        503,
+        "The service's data store is unavailable; nothing was charged. Retry shortly.",
+        code="store_unavailable",
+        headers={"Retry-After": "2"},
+    )
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return error_response(500, "The server had an error while processing your request.", type="server_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    for exc_class in STORE_UNAVAILABLE:
+        app.add_exception_handler(exc_class, _store_unavailable)
+    app.add_exception_handler(Exception, _unexpected)
