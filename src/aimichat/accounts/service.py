@@ -8,10 +8,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from aimichat.store.db import utcnow
+from aimichat.store.clock import utcnow
 from aimichat.store.models import Account, Tier
 
 COST_RULES = ("per_request", "per_token")
+DEFAULT_DAILY_CREDITS = 100  # the daily allotment of the tier a fresh database starts with
 MIN_PASSWORD = 8
 # argon2id at OWASP's recommended minimum (19 MiB, 2 passes): the library default (64 MiB) times a
 # thread pool of sign-ups and log-ins would let a burst of them take gigabytes.
@@ -26,7 +27,7 @@ class AccountError(ValueError):
 
 
 def set_tier(
-    db: Session,
+    session: Session,
     name: str,
     *,
     daily_credits: int,
@@ -41,34 +42,35 @@ def set_tier(
         raise AccountError("credit limits cannot be negative")
     if credits_per_1k_tokens < 1:
         raise AccountError("credits per 1k tokens must be at least 1")
-    tier = db.scalar(select(Tier).where(Tier.name == name)) or Tier(name=name)
+    tier = session.scalar(select(Tier).where(Tier.name == name)) or Tier(name=name)
     tier.daily_credits = daily_credits
     tier.monthly_credits = monthly_credits
     tier.cost_rule = cost_rule
     tier.credits_per_1k_tokens = credits_per_1k_tokens
-    db.add(tier)
-    db.flush()
+    session.add(tier)
+    session.flush()
     return tier
 
 
-def get_tier(db: Session, name: str) -> Tier:
-    tier = db.scalar(select(Tier).where(Tier.name == name))
+def get_tier(session: Session, name: str) -> Tier:
+    """The tier called ``name``; AccountError if there is none."""
+    tier = session.scalar(select(Tier).where(Tier.name == name))
     if tier is None:
         raise AccountError(f"unknown tier {name!r}")
     return tier
 
 
-def list_tiers(db: Session) -> list[Tier]:
-    return list(db.scalars(select(Tier).order_by(Tier.id)))
+def list_tiers(session: Session) -> list[Tier]:
+    return list(session.scalars(select(Tier).order_by(Tier.id)))
 
 
-def ensure_default_tier(db: Session, name: str = "free", daily_credits: int = 100) -> bool:
+def ensure_default_tier(session: Session, name: str = "free", daily_credits: int = DEFAULT_DAILY_CREDITS) -> bool:
     """Create the default tier on a fresh database; True if it was created."""
-    if db.scalar(select(Tier).where(Tier.name == name)) is not None:
+    if session.scalar(select(Tier).where(Tier.name == name)) is not None:
         return False
     try:
-        with db.begin_nested():  # replicas starting together race to create it: one wins, no one fails
-            set_tier(db, name, daily_credits=daily_credits)
+        with session.begin_nested():  # replicas starting together race to create it: one wins, no one fails
+            set_tier(session, name, daily_credits=daily_credits)
     except IntegrityError:
         return False
     return True
@@ -78,6 +80,7 @@ def ensure_default_tier(db: Session, name: str = "free", daily_credits: int = 10
 
 
 def normalize_email(email: str) -> str:
+    """The email trimmed and lower-cased; AccountError if it does not look like an address."""
     email = email.strip().lower()
     local, _, domain = email.partition("@")
     if not local or "." not in domain or " " in email or len(email) > 320:
@@ -86,12 +89,12 @@ def normalize_email(email: str) -> str:
 
 
 def create_account(
-    db: Session, email: str, password: str, *, tier: str = "free", is_admin: bool = False
+    session: Session, email: str, password: str, *, tier: str = "free", is_admin: bool = False
 ) -> Account:
     email = normalize_email(email)
     check_password_strength(password)
-    tier_row = get_tier(db, tier)
-    if db.scalar(select(Account).where(Account.email == email)) is not None:
+    tier_row = get_tier(session, tier)
+    if session.scalar(select(Account).where(Account.email == email)) is not None:
         raise AccountError(f"an account for {email} already exists")
     account = Account(
         email=email,
@@ -101,40 +104,41 @@ def create_account(
         disabled=False,
         created_at=utcnow(),
     )
-    db.add(account)
-    db.flush()
+    session.add(account)
+    session.flush()
     return account
 
 
-def get_account(db: Session, email: str) -> Account:
-    account = db.scalar(select(Account).where(Account.email == normalize_email(email)))
+def get_account(session: Session, email: str) -> Account:
+    """The account of ``email`` (any case); AccountError if there is none."""
+    account = session.scalar(select(Account).where(Account.email == normalize_email(email)))
     if account is None:
         raise AccountError(f"no account for {email.strip().lower()}")
     return account
 
 
-def list_accounts(db: Session) -> list[Account]:
-    return list(db.scalars(select(Account).order_by(Account.id)))
+def list_accounts(session: Session) -> list[Account]:
+    return list(session.scalars(select(Account).order_by(Account.id)))
 
 
-def set_account_tier(db: Session, email: str, tier: str) -> Account:
-    account = get_account(db, email)
-    account.tier = get_tier(db, tier)
-    db.flush()
+def set_account_tier(session: Session, email: str, tier: str) -> Account:
+    account = get_account(session, email)
+    account.tier = get_tier(session, tier)
+    session.flush()
     return account
 
 
-def set_disabled(db: Session, email: str, disabled: bool = True) -> Account:
-    account = get_account(db, email)
+def set_disabled(session: Session, email: str, disabled: bool = True) -> Account:
+    account = get_account(session, email)
     account.disabled = disabled
-    db.flush()
+    session.flush()
     return account
 
 
-def set_admin(db: Session, email: str, is_admin: bool = True) -> Account:
-    account = get_account(db, email)
+def set_admin(session: Session, email: str, is_admin: bool = True) -> Account:
+    account = get_account(session, email)
     account.is_admin = is_admin
-    db.flush()
+    session.flush()
     return account
 
 
@@ -153,9 +157,9 @@ def verify_password(account: Account, password: str) -> bool:
         return False
 
 
-def change_password(db: Session, account: Account, current: str, new: str) -> None:
+def change_password(session: Session, account: Account, current: str, new: str) -> None:
     if not verify_password(account, current):
         raise AccountError("the current password is wrong")
     check_password_strength(new)
     account.password_hash = _hasher.hash(new)
-    db.flush()
+    session.flush()

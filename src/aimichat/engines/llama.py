@@ -74,7 +74,7 @@ from .base import (
     SamplingParams,
     with_default_system_prompt,
 )
-from .sampling import SamplerChain
+from .sampling import Sampler, make_sampler
 from .text import TextOutput
 
 if TYPE_CHECKING:
@@ -226,7 +226,7 @@ class _Sequence:
     seq_id: int
     order: int  # admission order: older sequences read their prompt first
     request: _Request
-    sampler: SamplerChain
+    sampler: Sampler
     output: TextOutput
     n_past: int  # tokens of this sequence in its slot's KV cells (a kept prompt prefix included)
     next_token: int | None = None  # sampled but not decoded yet; None while reading the prompt
@@ -590,7 +590,7 @@ class LlamaEngine:
         seq_id, kept = self._claim_slot(request.tokens)
         seed = params.seed if params.seed is not None else random.getrandbits(31)
         n_vocab = self._llama.model.n_vocab()
-        sampler = SamplerChain(params, n_vocab=n_vocab, repeat_penalty=self.repeat_penalty, seed=seed)
+        sampler = make_sampler(params, n_vocab=n_vocab, repeat_penalty=self.repeat_penalty, seed=seed)
         output = TextOutput(params.stop)
         self._seqs[seq_id] = _Sequence(seq_id, next(self._admissions), request, sampler, output, kept)
         self._busy += 1

@@ -40,6 +40,6 @@ class PrincipalCache:
             self._entries.clear()  # all would expire within a second anyway
         self._entries[digest] = (self._clock() + self.ttl, principal)
 
-    def clear(self, *_ignored) -> None:
+    def clear(self, *_ignored: object) -> None:
         self.generation += 1
         self._entries.clear()

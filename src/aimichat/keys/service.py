@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from aimichat.store.db import utcnow
-from aimichat.store.models import Account, ApiKey, Tier
+from aimichat.store.clock import utcnow
+from aimichat.store.models import Account, ApiKey, Tier, UsageEvent
 
 from . import tokens
 
@@ -90,20 +91,60 @@ def revoke_key(db: Session, key_id: int, account_id: int | None = None) -> ApiKe
 def regenerate_key(db: Session, key_id: int, account_id: int | None = None) -> CreatedKey:
     """Revoke a key and make a new one with the same name."""
     old = revoke_key(db, key_id, account_id)
-    account = db.get(Account, old.account_id)
-    return create_key(db, account, old.name)
+    return create_key(db, old.account, old.name)
 
 
 def key_status(key: ApiKey) -> str:
     return "revoked" if key.revoked_at else "active"
 
 
+@dataclass(frozen=True)
+class KeyUse:
+    """What one key spent on one UTC day. ``id`` and ``prefix`` are None for use without a key (the
+    playground), which :func:`use_by_key` leaves out."""
+
+    id: int | None
+    name: str
+    prefix: str | None
+    requests: int
+    credits: int
+    last_used_at: dt.datetime | None
+    revoked: bool
+
+
+def use_by_key(session: Session, account_id: int, day: dt.date) -> list[KeyUse]:
+    """Every key of the account, revoked ones too, in creation order, with its requests and credits
+    on ``day`` (0 for a key unused that day)."""
+    # Plain columns, not the ApiKey entity: its eager-loaded account would break the GROUP BY.
+    columns = (ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.last_used_at, ApiKey.revoked_at)
+    rows = session.execute(
+        select(*columns, func.coalesce(func.sum(UsageEvent.credits), 0), func.count(UsageEvent.id))
+        .join(UsageEvent, (UsageEvent.api_key_id == ApiKey.id) & (UsageEvent.day == day), isouter=True)
+        .where(ApiKey.account_id == account_id)
+        .group_by(*columns)
+        .order_by(ApiKey.id)
+    ).all()
+    return [
+        KeyUse(key_id, name, prefix, int(requests), int(credits), last_used, revoked is not None)
+        for key_id, name, prefix, last_used, revoked, credits, requests in rows
+    ]
+
+
 # Plain columns, not ORM entities, in a statement built once: this runs on every request.
 _PRINCIPAL = (
     select(
-        ApiKey.id, ApiKey.key_hash, ApiKey.prefix, ApiKey.last_used_at,
-        Account.id.label("account_id"), Account.email, Account.disabled,
-        Tier.name, Tier.daily_credits, Tier.monthly_credits, Tier.cost_rule, Tier.credits_per_1k_tokens,
+        ApiKey.id,
+        ApiKey.key_hash,
+        ApiKey.prefix,
+        ApiKey.last_used_at,
+        Account.id.label("account_id"),
+        Account.email,
+        Account.disabled,
+        Tier.name,
+        Tier.daily_credits,
+        Tier.monthly_credits,
+        Tier.cost_rule,
+        Tier.credits_per_1k_tokens,
     )
     .join(Account, Account.id == ApiKey.account_id)
     .join(Tier, Tier.id == Account.tier_id)
@@ -121,7 +162,7 @@ def authenticate(db: Connection | Session, presented: str) -> Principal | None:
         return None
     digest = tokens.hash_key(presented)
     row = db.execute(_PRINCIPAL, {"p_digest": digest}).first()
-    if row is None or not tokens.secrets.compare_digest(row.key_hash, digest):
+    if row is None or not secrets.compare_digest(row.key_hash, digest):
         return None
     return Principal(
         account_id=row.account_id,

@@ -6,7 +6,9 @@ refused here with 403 ``mode_not_allowed``: a leaked key must not be able to min
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path, Request
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -14,29 +16,31 @@ from aimichat.api.errors import APIError
 from aimichat.api.usage import usage_body
 from aimichat.keys import service as keys
 from aimichat.quota import ledger, periods
+from aimichat.store.clock import iso_utc
 from aimichat.store.models import ApiKey
 
 from . import usage_data
-from .deps import Visitor, api_user, api_write
+from .deps import ApiUser, ApiWrite, RequestSession
 from .render import WebRoute
 
 router = APIRouter(prefix="/api/account", route_class=WebRoute, tags=["account"])
-KeyId = Path(ge=1, le=2**31 - 1)
+KeyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
-def key_json(key: ApiKey, secret: str | None = None) -> dict:
-    body = {
+def key_json(key: ApiKey, secret: str | None = None) -> dict[str, Any]:
+    """A key as the account API shows it; ``secret`` only in the answer that creates the key."""
+    body: dict[str, Any] = {
         "object": "api_key",
         "id": key.id,
         "name": key.name,
         "prefix": key.prefix,
-        "created": periods.iso_utc(key.created_at),
-        "last_used": periods.iso_utc(key.last_used_at) if key.last_used_at else None,
-        "revoked": periods.iso_utc(key.revoked_at) if key.revoked_at else None,
+        "created": iso_utc(key.created_at),
+        "last_used": iso_utc(key.last_used_at) if key.last_used_at else None,
+        "revoked": iso_utc(key.revoked_at) if key.revoked_at else None,
         "status": keys.key_status(key),
     }
     if secret:
-        body["key"] = secret  # only in the answer that creates it
+        body["key"] = secret
     return body
 
 
@@ -45,25 +49,22 @@ def _unknown(key_id: int) -> APIError:
 
 
 @router.get("/keys")
-def list_keys(request: Request, visitor: Visitor = Depends(api_user)):
-    with request.app.state.db.session() as db:
-        return {"object": "list", "data": [key_json(k) for k in keys.list_keys(db, visitor.account.id)]}
+def list_keys(session: RequestSession, visitor: ApiUser) -> dict[str, Any]:
+    return {"object": "list", "data": [key_json(k) for k in keys.list_keys(session, visitor.user.id)]}
 
 
 @router.post("/keys", status_code=201)
-async def create_key(request: Request, visitor: Visitor = Depends(api_write)):
+async def create_key(request: Request, session: RequestSession, visitor: ApiWrite) -> JSONResponse:
     try:
         name = (await request.json()).get("name")
     except (ValueError, AttributeError):
         name = None
     if not isinstance(name, str):
-        raise APIError(400, "Send JSON with a key name: {\"name\": \"laptop\"}.", param="name")
+        raise APIError(400, 'Send JSON with a key name: {"name": "laptop"}.', param="name")
 
-    def work():
-        with request.app.state.db.session() as db:
-            created = keys.create_key(db, visitor.account, name)
-            db.commit()
-            return key_json(created.key, created.secret)
+    def work() -> dict[str, Any]:
+        created = keys.create_key(session, visitor.user, name)
+        return key_json(created.key, created.secret)
 
     try:
         return JSONResponse(await run_in_threadpool(work), status_code=201)
@@ -72,37 +73,30 @@ async def create_key(request: Request, visitor: Visitor = Depends(api_write)):
 
 
 @router.post("/keys/{key_id}/revoke")
-def revoke_key(request: Request, key_id: int = KeyId, visitor: Visitor = Depends(api_write)):
-    with request.app.state.db.session() as db:
-        try:
-            key = keys.revoke_key(db, key_id, visitor.account.id)
-        except keys.UnknownKey:
-            raise _unknown(key_id) from None
-        db.commit()
-        return key_json(key)
+def revoke_key(session: RequestSession, key_id: KeyId, visitor: ApiWrite) -> dict[str, Any]:
+    try:
+        key = keys.revoke_key(session, key_id, visitor.user.id)
+    except keys.UnknownKey:
+        raise _unknown(key_id) from None
+    return key_json(key)
 
 
 @router.post("/keys/{key_id}/regenerate", status_code=201)
-def regenerate_key(request: Request, key_id: int = KeyId, visitor: Visitor = Depends(api_write)):
-    with request.app.state.db.session() as db:
-        try:
-            created = keys.regenerate_key(db, key_id, visitor.account.id)
-        except keys.UnknownKey:
-            raise _unknown(key_id) from None
-        db.commit()
-        return JSONResponse({**key_json(created.key, created.secret), "replaces": key_id}, status_code=201)
+def regenerate_key(session: RequestSession, key_id: KeyId, visitor: ApiWrite) -> JSONResponse:
+    try:
+        created = keys.regenerate_key(session, key_id, visitor.user.id)
+    except keys.UnknownKey:
+        raise _unknown(key_id) from None
+    return JSONResponse({**key_json(created.key, created.secret), "replaces": key_id}, status_code=201)
 
 
 @router.get("/usage")
-def usage(request: Request, visitor: Visitor = Depends(api_user), days: int = 30):
+def usage(request: Request, session: RequestSession, visitor: ApiUser, days: int = 30) -> dict[str, Any]:
     if not 1 <= days <= usage_data.MAX_RANGE_DAYS:
         raise APIError(400, f"'days' must be between 1 and {usage_data.MAX_RANGE_DAYS}.", param="days")
-    state = request.app.state
-    now = state.clock()
-    principal = keys.principal_for(visitor.account)
-    with state.db.session() as db:
-        body = usage_body(principal, ledger.summary(db, principal, now))
-        series = usage_data.daily_credits(db, visitor.account.id, periods.day_start(now), days)
+    now = request.app.state.clock()
+    principal = keys.principal_for(visitor.user)
+    body = usage_body(principal, ledger.summary(session, principal, now))
+    series = usage_data.daily_credits(session, visitor.user.id, periods.day_start(now), days)
     body["days"] = [{"date": day.isoformat(), "credits": credits} for day, credits in series]
     return body
-

@@ -6,6 +6,7 @@ with a message fit for the person at the keyboard.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from functools import cache
 
@@ -19,56 +20,74 @@ from . import sessions, throttle
 
 
 class Refused(Exception):
-    def __init__(self, message: str, status: int = 400, retry_after: int | None = None):
+    """Sign-up, log-in or password change refused: ``message`` for the person, the HTTP ``status``, and
+    ``retry_after`` seconds when throttled."""
+
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.retry_after = retry_after
 
 
-def sign_up(db: Session, email: str, password: str, *, tier: str, now: dt.datetime, old_token: str | None = None,
-            address: str = "unknown") -> tuple[Account, str]:
-    wait = throttle.signup_retry_after(db, address, now)
+def sign_up(
+    session: Session,
+    email: str,
+    password: str,
+    *,
+    tier: str,
+    now: dt.datetime,
+    old_token: str | None = None,
+    address: str = "unknown",
+) -> tuple[Account, str]:
+    """Create the account, counted against ``address``'s sign-up limit, and start its session."""
+    wait = throttle.signup_retry_after(session, address, now)
     if wait:
-        raise Refused(f"Too many new accounts from your address. Try again in {max(1, round(wait / 60))} minutes.", 429, wait)
+        minutes = max(1, round(wait / 60))
+        raise Refused(f"Too many new accounts from your address. Try again in {minutes} minutes.", 429, wait)
     try:
-        account = accounts.create_account(db, email, password, tier=tier)
+        account = accounts.create_account(session, email, password, tier=tier)
     except accounts.AccountError as exc:
         raise Refused(_sentence(str(exc))) from None
-    throttle.record_signup(db, address, now)
-    return account, sessions.start(db, account, now, replacing=old_token)
+    throttle.record_signup(session, address, now)
+    return account, sessions.start(session, account, now, replacing=old_token)
 
 
-def log_in(db: Session, email: str, password: str, *, address: str, now: dt.datetime, old_token: str | None = None) -> tuple[Account, str]:
+def log_in(
+    session: Session, email: str, password: str, *, address: str, now: dt.datetime, old_token: str | None = None
+) -> tuple[Account, str]:
     """Check the throttle, then the password; failures are committed even though we raise."""
-    _check_throttle(db, email, address, now)
-    account = _find(db, email)
+    _check_throttle(session, email, address, now)
+    account = _find(session, email)
     if account is None or not accounts.verify_password(account, password):
-        _fail(db, email, address, now)
+        _fail(session, email, address, now)
         raise Refused("Wrong email or password.")
     if account.disabled:
         raise Refused("This account is disabled. Contact the operator of this server.", 403)
-    throttle.clear(db, email)
-    return account, sessions.start(db, account, now, replacing=old_token)
+    throttle.clear(session, email)
+    return account, sessions.start(session, account, now, replacing=old_token)
 
 
-def change_password(db: Session, account: Account, current: str, new: str, *, address: str, now: dt.datetime) -> str:
-    """Change the password and log out every other session (a thief's included); the new token is ours."""
-    _check_throttle(db, account.email, address, now)  # a stolen session must not become a password oracle
-    account = db.get(Account, account.id)  # the caller's copy belongs to a closed session
+def change_password(
+    session: Session, account: Account, current: str, new: str, *, address: str, now: dt.datetime
+) -> str:
+    """Change the password and log out every other session (a thief's included); the new token is ours.
+
+    ``account`` must be loaded in ``session`` (the web's visitor is: one session per request)."""
+    _check_throttle(session, account.email, address, now)  # a stolen session must not become a password oracle
     if not accounts.verify_password(account, current):
-        _fail(db, account.email, address, now)
+        _fail(session, account.email, address, now)
         raise Refused("The current password is wrong.")
     try:
-        accounts.change_password(db, account, current, new)
+        accounts.change_password(session, account, current, new)
     except accounts.AccountError as exc:
         raise Refused(_sentence(str(exc))) from None
-    sessions.end_all(db, account.id)
-    return sessions.start(db, account, now)
+    sessions.end_all(session, account.id)
+    return sessions.start(session, account, now)
 
 
-def _check_throttle(db: Session, email: str, address: str, now: dt.datetime) -> None:
-    wait = throttle.retry_after(db, email, address, now)
+def _check_throttle(session: Session, email: str, address: str, now: dt.datetime) -> None:
+    wait = throttle.retry_after(session, email, address, now)
     if wait:
         minutes = max(1, round(wait / 60))
         raise Refused(
@@ -79,14 +98,14 @@ def _check_throttle(db: Session, email: str, address: str, now: dt.datetime) -> 
         )
 
 
-def _fail(db: Session, email: str, address: str, now: dt.datetime) -> None:
-    throttle.record_failure(db, email, address, now)
-    db.commit()  # the caller rolls back on Refused; the failure must count anyway
+def _fail(session: Session, email: str, address: str, now: dt.datetime) -> None:
+    throttle.record_failure(session, email, address, now)
+    session.commit()  # the caller rolls back on Refused; the failure must count anyway
 
 
-def _find(db: Session, email: str) -> Account | None:
+def _find(session: Session, email: str) -> Account | None:
     try:
-        return accounts.get_account(db, email)
+        return accounts.get_account(session, email)
     except accounts.AccountError:
         # Spend the time a real check takes, so timing does not tell which emails have accounts.
         _burn()
@@ -94,10 +113,8 @@ def _find(db: Session, email: str) -> Account | None:
 
 
 def _burn() -> None:
-    try:
+    with contextlib.suppress(Exception):  # always a mismatch: we only want the time it takes
         _dummy_hasher().verify(_dummy_hash(), "not the password")
-    except Exception:  # always a mismatch: we only want the time it takes
-        pass
 
 
 @cache

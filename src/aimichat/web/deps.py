@@ -1,5 +1,6 @@
-"""Who is at the browser, and the CSRF rules, as FastAPI dependencies.
+"""The request's database session, who is at the browser, and the CSRF rules, as FastAPI dependencies.
 
+- Every web request gets one ORM session (:data:`RequestSession`), committed when the handler returns.
 - A logged-in visitor's CSRF token is derived from the session token (see ``sessions.csrf_for``).
 - Before log-in there is no session, so the log-in and sign-up forms use a double-submit token: a
   random value in an HttpOnly cookie that the form must echo. That stops log-in CSRF (a forged
@@ -9,9 +10,12 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 from starlette.responses import Response
 
@@ -36,7 +40,7 @@ class CsrfFailed(Exception):
 class WebError(Exception):
     """An error page with a status (404 for another account's key, 403 for non-admins, ...)."""
 
-    def __init__(self, status: int, title: str, message: str):
+    def __init__(self, status: int, title: str, message: str) -> None:
         super().__init__(message)
         self.status, self.title, self.message = status, title, message
 
@@ -53,6 +57,13 @@ class Visitor:
     def is_admin(self) -> bool:
         return bool(self.account and self.account.is_admin)
 
+    @property
+    def user(self) -> Account:
+        """The logged-in account, for handlers behind ``require_user``; LoginRequired if there is none."""
+        if self.account is None:
+            raise LoginRequired()
+        return self.account
+
 
 def is_secure(request: Request) -> bool:
     return (request.app.state.settings.public_url or "").lower().startswith("https://")
@@ -68,9 +79,41 @@ def client_address(request: Request) -> str:
     return (request.client.host if request.client else "") or "unknown"
 
 
-def get_visitor(request: Request) -> Visitor:
-    """Sync, so FastAPI runs the database lookup in its thread pool."""
-    cached = getattr(request.state, "visitor", None)
+# -- the request's database session ----------------------------------------------------------------
+
+
+def db_session(request: Request) -> Iterator[Session]:
+    """The one ORM session of a web request, shared by the handler and every dependency that asks.
+
+    Committed when the handler returns normally; when it raises, the transaction is rolled back. A
+    sync generator, so FastAPI opens, commits and closes it in its thread pool, off the event loop.
+    """
+    session = request.app.state.database.session()
+    try:
+        yield session
+        session.commit()
+    finally:
+        # On an exception this ends the transaction with a rollback. Unlike rollback(), close() leaves
+        # loaded objects as they are (detached), so the error page can still show the visitor's account.
+        session.close()
+
+
+# scope="function": commit as soon as the handler returns, before the response is sent, so a redirect
+# after a write (log-in, new key) never reaches the browser ahead of the write itself.
+RequestSession = Annotated[Session, Depends(db_session, scope="function")]
+
+
+# -- who is at the browser ---------------------------------------------------------------------------
+
+
+def get_visitor(request: Request, session: RequestSession) -> Visitor:
+    """The visitor of this request (looked up once, then cached on ``request.state``).
+
+    Sync, so FastAPI runs the lookup in its thread pool. The lookup is committed at once: the session's
+    last-seen time is kept even if the handler fails, and SQLite's write lock (taken when a
+    transaction begins) is not held through a slow handler such as a streamed playground reply.
+    """
+    cached: Visitor | None = getattr(request.state, "visitor", None)
     if cached is not None:
         return cached
     state = request.app.state
@@ -78,9 +121,8 @@ def get_visitor(request: Request) -> Visitor:
     token = request.cookies.get(cookie_name(SESSION_COOKIE, secure))
     user = None
     if token:
-        with state.db.session() as db:
-            user = sessions.lookup(db, token, state.clock())
-            db.commit()
+        user = sessions.lookup(session, token, state.clock())
+        session.commit()
     if user is not None:
         visitor = Visitor(user.account, token, user.csrf_token, secure)
     else:
@@ -89,6 +131,10 @@ def get_visitor(request: Request) -> Visitor:
         visitor = Visitor(None, None, secrets.token_urlsafe(32) if fresh else pre, secure, new_pre_token=fresh)
     request.state.visitor = visitor
     return visitor
+
+
+# Handler parameters typed with these aliases get the visitor once it passed the named check.
+AnyVisitor = Annotated[Visitor, Depends(get_visitor)]
 
 
 def csrf_ok(visitor: Visitor, submitted: object) -> bool:
@@ -102,53 +148,77 @@ async def posted_form(request: Request) -> FormData:
     return await request.form()  # Starlette caches it, so Form(...) parameters read the same data
 
 
-def any_form(visitor: Visitor = Depends(get_visitor), form: FormData = Depends(posted_form)) -> Visitor:
+PostedForm = Annotated[FormData, Depends(posted_form)]
+
+
+def any_form(visitor: AnyVisitor, form: PostedForm) -> Visitor:
     """A POSTed form from anybody (log-in, sign-up): the CSRF token must match."""
     if not csrf_ok(visitor, form.get("csrf_token")):
         raise CsrfFailed()
     return visitor
 
 
-def require_user(visitor: Visitor = Depends(get_visitor)) -> Visitor:
+def require_user(visitor: AnyVisitor) -> Visitor:
+    """A logged-in visitor; anybody else is sent to the log-in page."""
     if visitor.account is None:
         raise LoginRequired()
     return visitor
 
 
-def user_form(visitor: Visitor = Depends(require_user), form: FormData = Depends(posted_form)) -> Visitor:
+def user_form(visitor: Annotated[Visitor, Depends(require_user)], form: PostedForm) -> Visitor:
     """A POSTed form from a logged-in visitor with the right CSRF token."""
     if not csrf_ok(visitor, form.get("csrf_token")):
         raise CsrfFailed()
     return visitor
 
 
-def require_admin(visitor: Visitor = Depends(require_user)) -> Visitor:
+def require_admin(visitor: Annotated[Visitor, Depends(require_user)]) -> Visitor:
+    """A logged-in admin; other visitors get a 403 page."""
     if not visitor.is_admin:
         raise WebError(403, "Admins only", "This page is for administrators of this server.")
     return visitor
 
 
-def admin_form(visitor: Visitor = Depends(user_form)) -> Visitor:
+def admin_form(visitor: Annotated[Visitor, Depends(user_form)]) -> Visitor:
+    """A POSTed form from a logged-in admin with the right CSRF token."""
     return require_admin(visitor)
+
+
+AnyForm = Annotated[Visitor, Depends(any_form)]
+User = Annotated[Visitor, Depends(require_user)]
+UserForm = Annotated[Visitor, Depends(user_form)]
+Admin = Annotated[Visitor, Depends(require_admin)]
+AdminForm = Annotated[Visitor, Depends(admin_form)]
 
 
 # -- JSON ----------------------------------------------------------------------------------------
 
 
-def api_user(request: Request) -> Visitor:
+def api_user(request: Request, session: RequestSession) -> Visitor:
     """The account API takes a browser session; an API key is refused outright (keys are talk-only)."""
     if presented_key(request, allow_query=True):
         raise mode_not_allowed("The account API")
-    visitor = get_visitor(request)
+    visitor = get_visitor(request, session)
     if visitor.account is None:
-        raise APIError(401, "Log in first: the account API takes a browser session, not an API key.", code="session_required")
+        raise APIError(
+            401, "Log in first: the account API takes a browser session, not an API key.", code="session_required"
+        )
     return visitor
 
 
-def api_write(request: Request, visitor: Visitor = Depends(api_user)) -> Visitor:
+def api_write(request: Request, visitor: Annotated[Visitor, Depends(api_user)]) -> Visitor:
+    """A state-changing account API call: the page's CSRF token must come in ``X-CSRF-Token``."""
     if not csrf_ok(visitor, request.headers.get("x-csrf-token")):
-        raise APIError(403, "Missing or wrong X-CSRF-Token header: send the token from the page's csrf-token meta tag.", code="csrf_failed")
+        raise APIError(
+            403,
+            "Missing or wrong X-CSRF-Token header: send the token from the page's csrf-token meta tag.",
+            code="csrf_failed",
+        )
     return visitor
+
+
+ApiUser = Annotated[Visitor, Depends(api_user)]
+ApiWrite = Annotated[Visitor, Depends(api_write)]
 
 
 # -- cookies -------------------------------------------------------------------------------------
@@ -156,18 +226,29 @@ def api_write(request: Request, visitor: Visitor = Depends(api_user)) -> Visitor
 
 def set_session_cookie(response: Response, visitor: Visitor, token: str) -> None:
     response.set_cookie(
-        cookie_name(SESSION_COOKIE, visitor.secure), token, max_age=int(sessions.LIFETIME.total_seconds()),
-        path="/", httponly=True, samesite="lax", secure=visitor.secure,
+        cookie_name(SESSION_COOKIE, visitor.secure),
+        token,
+        max_age=int(sessions.LIFETIME.total_seconds()),
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=visitor.secure,
     )
 
 
 def clear_session_cookie(response: Response, visitor: Visitor) -> None:
-    response.delete_cookie(cookie_name(SESSION_COOKIE, visitor.secure), path="/", httponly=True, samesite="lax", secure=visitor.secure)
+    response.delete_cookie(
+        cookie_name(SESSION_COOKIE, visitor.secure), path="/", httponly=True, samesite="lax", secure=visitor.secure
+    )
 
 
 def apply_pre_cookie(response: Response, visitor: Visitor) -> None:
     if visitor.new_pre_token and visitor.account is None:
         response.set_cookie(
-            cookie_name(PRE_COOKIE, visitor.secure), visitor.csrf_token,
-            path="/", httponly=True, samesite="lax", secure=visitor.secure,
+            cookie_name(PRE_COOKIE, visitor.secure),
+            visitor.csrf_token,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=visitor.secure,
         )

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
+from collections.abc import Callable, Coroutine
 from functools import cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
+
+from aimichat.config import PUBLIC_MODEL_ID
 
 from .deps import Visitor, apply_pre_cookie
 
@@ -38,6 +44,7 @@ env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, trim_bloc
 env.filters["utc"] = _utc
 env.filters["iso"] = _iso
 env.filters["thousands"] = lambda n: f"{n:,}"
+env.globals["model_id"] = PUBLIC_MODEL_ID  # the model id people put in requests, on any page
 
 
 @cache
@@ -62,7 +69,11 @@ def base_url(request: Request) -> str:
     return (public or str(request.base_url)).rstrip("/")
 
 
-def security_headers(response: Response, *, cache: bool = False) -> Response:
+AnyResponse = TypeVar("AnyResponse", bound=Response)
+
+
+def security_headers(response: AnyResponse, *, cache: bool = False) -> AnyResponse:
+    """``response`` with the headers every page and API answer carries (no-store unless ``cache``)."""
     headers = response.headers
     headers.setdefault("Content-Security-Policy", CSP)
     headers.setdefault("X-Content-Type-Options", "nosniff")
@@ -74,7 +85,11 @@ def security_headers(response: Response, *, cache: bool = False) -> Response:
     return response
 
 
-def page(request: Request, visitor: Visitor, template: str, *, status: int = 200, title: str, **context) -> HTMLResponse:
+def page(
+    request: Request, visitor: Visitor, template: str, *, status: int = 200, title: str, **context: Any
+) -> HTMLResponse:
+    """``template`` rendered for ``visitor``, with the security headers (and a fresh pre-log-in CSRF cookie
+    when the visitor needs one)."""
     html = env.get_template(template).render(
         request_path=request.url.path,
         visitor=visitor,
@@ -91,7 +106,9 @@ def page(request: Request, visitor: Visitor, template: str, *, status: int = 200
 class CachedStaticFiles(StaticFiles):
     """Static files with long caching for versioned URLs (``?v=``), so a slow phone fetches them once."""
 
-    def file_response(self, full_path, stat_result, scope, status_code: int = 200) -> Response:
+    def file_response(
+        self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
         versioned = b"v=" in scope.get("query_string", b"")
         response.headers["Cache-Control"] = "public, max-age=31536000, immutable" if versioned else "no-cache"
@@ -102,7 +119,7 @@ class CachedStaticFiles(StaticFiles):
 class WebRoute(APIRoute):
     """Routes of the account pages and account API: every answer gets the security headers."""
 
-    def get_route_handler(self):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def with_headers(request: Request) -> Response:

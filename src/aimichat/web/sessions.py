@@ -12,8 +12,9 @@ import datetime as dt
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Any, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.orm import Session
 
 from aimichat.store.models import Account, WebSession
@@ -33,6 +34,7 @@ class SessionUser:
 
 
 def new_token() -> str:
+    """A fresh session token (256 random bits, URL-safe)."""
     return secrets.token_urlsafe(32)
 
 
@@ -45,38 +47,51 @@ def csrf_for(token: str) -> str:
     return hashlib.sha256(b"aimichat-csrf\0" + token.encode("utf-8")).hexdigest()
 
 
-def start(db: Session, account: Account, now: dt.datetime, *, replacing: str | None = None) -> str:
+def start(session: Session, account: Account, now: dt.datetime, *, replacing: str | None = None) -> str:
     """A new session for ``account``; the old token (if any) is ended, so a planted one is useless."""
     if replacing:
-        end(db, replacing)
-    db.execute(delete(WebSession).where(WebSession.account_id == account.id, WebSession.expires_at <= now))
+        end(session, replacing)
+    session.execute(delete(WebSession).where(WebSession.account_id == account.id, WebSession.expires_at <= now))
     token = new_token()
-    db.add(WebSession(token_hash=hash_token(token), account_id=account.id, created_at=now, last_seen_at=now, expires_at=now + LIFETIME))
-    db.flush()
+    session.add(
+        WebSession(
+            token_hash=hash_token(token),
+            account_id=account.id,
+            created_at=now,
+            last_seen_at=now,
+            expires_at=now + LIFETIME,
+        )
+    )
+    session.flush()
     return token
 
 
-def lookup(db: Session, token: str | None, now: dt.datetime) -> SessionUser | None:
+def lookup(session: Session, token: str | None, now: dt.datetime) -> SessionUser | None:
     """The session's user, or None for an unknown, expired or idle session or a disabled account."""
     if not token or len(token) > 128:
         return None
-    row = db.execute(
-        select(WebSession, Account).join(Account, Account.id == WebSession.account_id).where(WebSession.token_hash == hash_token(token))
+    row = session.execute(
+        select(WebSession, Account)
+        .join(Account, Account.id == WebSession.account_id)
+        .where(WebSession.token_hash == hash_token(token))
     ).first()
     if row is None:
         return None
-    session, account = row
-    if session.expires_at <= now or now - session.last_seen_at > IDLE_TIMEOUT or account.disabled:
+    web_session, account = row
+    seen = web_session.last_seen_at
+    if web_session.expires_at <= now or now - seen > IDLE_TIMEOUT or account.disabled:
         return None
-    if now - session.last_seen_at >= TOUCH_EVERY:
-        db.execute(update(WebSession).where(WebSession.id == session.id).values(last_seen_at=now))
-    return SessionUser(session.id, account, csrf_for(token))
+    if now - seen >= TOUCH_EVERY:
+        session.execute(update(WebSession).where(WebSession.id == web_session.id).values(last_seen_at=now))
+    return SessionUser(web_session.id, account, csrf_for(token))
 
 
-def end(db: Session, token: str) -> None:
-    db.execute(delete(WebSession).where(WebSession.token_hash == hash_token(token)))
+def end(session: Session, token: str) -> None:
+    """End the session of ``token`` (no error if there is none)."""
+    session.execute(delete(WebSession).where(WebSession.token_hash == hash_token(token)))
 
 
-def end_all(db: Session, account_id: int) -> int:
+def end_all(session: Session, account_id: int) -> int:
     """Log an account out everywhere (password change, account disabled)."""
-    return db.execute(delete(WebSession).where(WebSession.account_id == account_id)).rowcount
+    result = cast("CursorResult[Any]", session.execute(delete(WebSession).where(WebSession.account_id == account_id)))
+    return result.rowcount

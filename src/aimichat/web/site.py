@@ -5,14 +5,16 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
+from starlette.responses import Response
 
-from . import account_api, admin, keys_pages, pages, playground, usage_pages
+from . import account_api, admin, docs_page, keys_pages, pages, playground, usage_pages
 from .deps import CsrfFailed, LoginRequired, Visitor, WebError, is_secure
 from .render import STATIC, CachedStaticFiles, page, redirect
 
 
 def install(app: FastAPI) -> None:
-    for module in (pages, keys_pages, usage_pages, playground, admin, account_api):
+    """Add the pages, the account API, the static files and the pages' error handlers to ``app``."""
+    for module in (pages, docs_page, keys_pages, usage_pages, playground, admin, account_api):
         app.include_router(module.router)
     app.mount("/static", CachedStaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(LoginRequired, _login_required)
@@ -26,16 +28,18 @@ def _visitor(request: Request) -> Visitor:
     return visitor or Visitor(None, None, "", is_secure(request))
 
 
-async def _login_required(request: Request, _: LoginRequired):
+async def _login_required(request: Request, _: Exception) -> Response:
     target = request.url.path if request.method == "GET" else ""
     return redirect("/login" + (f"?next={quote(target)}" if target and target != "/" else ""))
 
 
-async def _csrf_failed(request: Request, _: CsrfFailed):
-    message = "This form has expired or did not come from this site, so nothing was changed. Reload the page and try again."
+async def _csrf_failed(request: Request, _: Exception) -> Response:
+    message = (
+        "This form has expired or did not come from this site, so nothing was changed. Reload the page and try again."
+    )
     return page(request, _visitor(request), "error.html", status=403, title="Form expired", message=message)
 
 
-async def _web_error(request: Request, exc: WebError):
+async def _web_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, WebError)  # registered for WebError only
     return page(request, _visitor(request), "error.html", status=exc.status, title=exc.title, message=exc.message)
-

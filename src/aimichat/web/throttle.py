@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, select
+from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.orm import Session
 
 from aimichat.store.models import LoginAttempt
@@ -26,16 +26,15 @@ def email_key(email: str) -> str:
 SIGNUP = "#signup"  # marks sign-up rows, which count per address apart from failed log-ins
 
 
-def retry_after(db: Session, email: str, address: str, now: dt.datetime) -> int | None:
+def retry_after(session: Session, email: str, address: str, now: dt.datetime) -> int | None:
     """Seconds until a log-in may be tried again, or None when it may be tried now."""
     by_address = (LoginAttempt.address == address[:64]) & (LoginAttempt.email != SIGNUP)
-    waits = [_wait(db, LoginAttempt.email == email_key(email), now), _wait(db, by_address, now)]
-    longest = max(w for w in waits)
-    return longest or None
+    waits = [_wait(session, LoginAttempt.email == email_key(email), now), _wait(session, by_address, now)]
+    return max(waits) or None
 
 
-def _wait(db: Session, who, now: dt.datetime) -> int:
-    recent = db.scalars(
+def _wait(session: Session, who: ColumnElement[bool], now: dt.datetime) -> int:
+    recent = session.scalars(
         select(LoginAttempt.created_at)
         .where(who, LoginAttempt.created_at > now - WINDOW)
         .order_by(LoginAttempt.created_at.desc())
@@ -47,23 +46,23 @@ def _wait(db: Session, who, now: dt.datetime) -> int:
     return max(1, int((recent[-1] + WINDOW - now).total_seconds() + 0.999))
 
 
-def record_failure(db: Session, email: str, address: str, now: dt.datetime) -> None:
+def record_failure(session: Session, email: str, address: str, now: dt.datetime) -> None:
     # Rows outside the window count for nothing; dropping them here keeps the table small.
-    db.execute(delete(LoginAttempt).where(LoginAttempt.created_at <= now - WINDOW))
-    db.add(LoginAttempt(email=email_key(email), address=address[:64], created_at=now))
-    db.flush()
+    session.execute(delete(LoginAttempt).where(LoginAttempt.created_at <= now - WINDOW))
+    session.add(LoginAttempt(email=email_key(email), address=address[:64], created_at=now))
+    session.flush()
 
 
-def clear(db: Session, email: str) -> None:
+def clear(session: Session, email: str) -> None:
     """A successful log-in forgives that email's failures (not the address's: one own account must
     not reset a counter that guards everybody else's)."""
-    db.execute(delete(LoginAttempt).where(LoginAttempt.email == email_key(email)))
+    session.execute(delete(LoginAttempt).where(LoginAttempt.email == email_key(email)))
 
 
-def signup_retry_after(db: Session, address: str, now: dt.datetime) -> int | None:
+def signup_retry_after(session: Session, address: str, now: dt.datetime) -> int | None:
     """Sign-ups from one address are limited like failed log-ins: each account is free credits."""
-    return _wait(db, (LoginAttempt.email == SIGNUP) & (LoginAttempt.address == address[:64]), now) or None
+    return _wait(session, (LoginAttempt.email == SIGNUP) & (LoginAttempt.address == address[:64]), now) or None
 
 
-def record_signup(db: Session, address: str, now: dt.datetime) -> None:
-    record_failure(db, SIGNUP, address, now)
+def record_signup(session: Session, address: str, now: dt.datetime) -> None:
+    record_failure(session, SIGNUP, address, now)

@@ -11,22 +11,23 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from aimichat.keys.service import KeyUse, use_by_key
 from aimichat.store.models import ApiKey, UsageEvent
 
 MAX_RANGE_DAYS = 366
 
 
 class BadRange(ValueError):
-    pass
+    """A CSV date range that cannot be served; the message says why."""
 
 
 # -- per day -------------------------------------------------------------------------------------
 
 
-def daily_credits(db: Session, account_id: int, last_day: dt.date, days: int) -> list[tuple[dt.date, int]]:
+def daily_credits(session: Session, account_id: int, last_day: dt.date, days: int) -> list[tuple[dt.date, int]]:
     """Credits per UTC day for ``days`` days ending with ``last_day``; days without use are 0."""
     first = last_day - dt.timedelta(days=days - 1)
-    rows = db.execute(
+    rows = session.execute(
         select(UsageEvent.day, func.sum(UsageEvent.credits))
         .where(UsageEvent.account_id == account_id, UsageEvent.day >= first, UsageEvent.day <= last_day)
         .group_by(UsageEvent.day)
@@ -57,8 +58,9 @@ class Chart:
 
 
 def bar_chart(series: list[tuple[dt.date, int]], height: int = 100, slot: int = 10) -> Chart:
+    """One bar per day, ``slot`` units apart, scaled so the top of the box is a round number."""
     top_value = nice_ceiling(max((c for _, c in series), default=0))
-    bars = []
+    bars: list[Bar] = []
     for i, (day, credits) in enumerate(series):
         # A day without use still gets a 1-unit stub, so every one of the days is visible.
         h = max(1.0, round(height * credits / top_value, 2))
@@ -79,29 +81,10 @@ def nice_ceiling(value: int) -> int:
 # -- per key today -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class KeyUse:
-    id: int | None  # None: the playground (a logged-in browser, no key)
-    name: str
-    prefix: str | None
-    requests: int
-    credits: int
-    last_used_at: dt.datetime | None
-    revoked: bool
-
-
-def keys_today(db: Session, account_id: int, day: dt.date) -> list[KeyUse]:
-    # Plain columns, not the ApiKey entity: its eager-loaded account would break the GROUP BY.
-    columns = (ApiKey.id, ApiKey.name, ApiKey.prefix, ApiKey.last_used_at, ApiKey.revoked_at)
-    rows = db.execute(
-        select(*columns, func.coalesce(func.sum(UsageEvent.credits), 0), func.count(UsageEvent.id))
-        .join(UsageEvent, (UsageEvent.api_key_id == ApiKey.id) & (UsageEvent.day == day), isouter=True)
-        .where(ApiKey.account_id == account_id)
-        .group_by(*columns)
-        .order_by(ApiKey.id)
-    ).all()
-    uses = [KeyUse(i, name, prefix, int(n), int(c), used, revoked is not None) for i, name, prefix, used, revoked, c, n in rows]
-    credits, requests = db.execute(
+def keys_today(session: Session, account_id: int, day: dt.date) -> list[KeyUse]:
+    """Each key's use on ``day`` (see ``keys.use_by_key``), then the playground's, if it was used."""
+    uses = use_by_key(session, account_id, day)
+    credits, requests = session.execute(
         select(func.coalesce(func.sum(UsageEvent.credits), 0), func.count(UsageEvent.id)).where(
             UsageEvent.account_id == account_id, UsageEvent.api_key_id.is_(None), UsageEvent.day == day
         )
@@ -128,11 +111,23 @@ def parse_range(start: str | None, end: str | None, today: dt.date) -> tuple[dt.
     return first, last
 
 
-CSV_COLUMNS = ["time_utc", "day", "request_id", "key_id", "key_name", "key_prefix", "status", "credits", "prompt_tokens", "completion_tokens"]
+CSV_COLUMNS = [
+    "time_utc",
+    "day",
+    "request_id",
+    "key_id",
+    "key_name",
+    "key_prefix",
+    "status",
+    "credits",
+    "prompt_tokens",
+    "completion_tokens",
+]
 
 
-def ledger_csv(db: Session, account_id: int, first: dt.date, last: dt.date) -> str:
-    rows = db.execute(
+def ledger_csv(session: Session, account_id: int, first: dt.date, last: dt.date) -> str:
+    """The account's ledger rows from ``first`` to ``last`` (inclusive) as CSV, oldest first."""
+    rows = session.execute(
         select(UsageEvent, ApiKey.name, ApiKey.prefix)
         .join(ApiKey, ApiKey.id == UsageEvent.api_key_id, isouter=True)
         .where(UsageEvent.account_id == account_id, UsageEvent.day >= first, UsageEvent.day <= last)
@@ -142,11 +137,20 @@ def ledger_csv(db: Session, account_id: int, first: dt.date, last: dt.date) -> s
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(CSV_COLUMNS)
     for event, name, prefix in rows:
-        writer.writerow([
-            event.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"), event.day.isoformat(), event.request_id,
-            event.api_key_id or "", spreadsheet_safe(name if event.api_key_id else "playground"), prefix or "",
-            event.status, event.credits, event.prompt_tokens, event.completion_tokens,
-        ])
+        writer.writerow(
+            [
+                event.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                event.day.isoformat(),
+                event.request_id,
+                event.api_key_id or "",
+                spreadsheet_safe(name if event.api_key_id else "playground"),
+                prefix or "",
+                event.status,
+                event.credits,
+                event.prompt_tokens,
+                event.completion_tokens,
+            ]
+        )
     return out.getvalue()
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from aimichat.keys import service as keys
 from aimichat.quota import ledger, periods
 
 from . import usage_data
-from .deps import Visitor, WebError, require_user
+from .deps import RequestSession, User, WebError
 from .render import WebRoute, page
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
@@ -17,28 +17,39 @@ CHART_DAYS = 30
 
 
 @router.get("/usage")
-def usage(request: Request, visitor: Visitor = Depends(require_user)):
-    state = request.app.state
-    now = state.clock()
-    account = visitor.account
-    with state.db.session() as db:
-        summary = ledger.summary(db, keys.principal_for(account), now)
-        series = usage_data.daily_credits(db, account.id, periods.day_start(now), CHART_DAYS)
-        per_key = usage_data.keys_today(db, account.id, periods.day_start(now))
+def usage(request: Request, session: RequestSession, visitor: User) -> Response:
+    now = request.app.state.clock()
+    account = visitor.user
+    today = periods.day_start(now)
+    summary = ledger.summary(session, keys.principal_for(account), now)
+    series = usage_data.daily_credits(session, account.id, today, CHART_DAYS)
+    per_key = usage_data.keys_today(session, account.id, today)
     return page(
-        request, visitor, "usage.html", title="Usage", s=summary, per_key=per_key, chart=usage_data.bar_chart(series),
-        today=periods.day_start(now), month_start=periods.month_start(now), now=now,
+        request,
+        visitor,
+        "usage.html",
+        title="Usage",
+        s=summary,
+        per_key=per_key,
+        chart=usage_data.bar_chart(series),
+        today=today,
+        month_start=periods.month_start(now),
+        now=now,
     )
 
 
 @router.get("/usage.csv")
-def usage_csv(request: Request, visitor: Visitor = Depends(require_user), start: str | None = None, end: str | None = None):
-    state = request.app.state
+def usage_csv(
+    request: Request, session: RequestSession, visitor: User, start: str | None = None, end: str | None = None
+) -> Response:
     try:
-        first, last = usage_data.parse_range(start, end, periods.day_start(state.clock()))
+        first, last = usage_data.parse_range(start, end, periods.day_start(request.app.state.clock()))
     except usage_data.BadRange as exc:
         raise WebError(400, "Invalid date range", str(exc)) from None
-    with state.db.session() as db:
-        body = usage_data.ledger_csv(db, visitor.account.id, first, last)
+    body = usage_data.ledger_csv(session, visitor.user.id, first, last)
     filename = f"aimichat-usage-{first.isoformat()}-to-{last.isoformat()}.csv"
-    return Response(body, media_type="text/csv; charset=utf-8", headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    return Response(
+        body,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
