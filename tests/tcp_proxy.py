@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -27,18 +28,14 @@ class TCPProxy:
     def stop(self) -> None:
         """Refuse new connections and drop the open ones, as a crashed database would."""
         if self._listener:
-            try:  # wakes the thread blocked in accept(); close() alone would not on Linux
+            with contextlib.suppress(OSError):  # wakes the thread blocked in accept(); close() alone would not on Linux
                 self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._listener.close()
             self._listener = None
         with self._lock:
             for conn in self._conns:
-                try:
+                with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 conn.close()
             self._conns.clear()
 
@@ -68,7 +65,5 @@ class TCPProxy:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass

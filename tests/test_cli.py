@@ -7,7 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from aimichat.accounts.service import DEFAULT_DAILY_CREDITS
 from aimichat.cli import cli
+from aimichat.config import Settings
 from aimichat.keys import tokens
 
 
@@ -25,21 +27,73 @@ def run(db_url, tmp_path, monkeypatch):
     return invoke
 
 
-def test_help_documents_commands_and_settings(run):
+def test_help_documents_commands_and_points_to_the_settings(run):
     out = run("--help").output
-    for word in ("serve", "tiers", "accounts", "keys", "usage", "db", "AIMICHAT_DATABASE_URL", "AIMICHAT_MODEL_PATH", "AIMICHAT_MAX_QUEUE"):
+    for word in ("serve", "tiers", "accounts", "keys", "usage", "db", "settings", "`aimichat settings`"):
         assert word in out
     serve = run("serve", "--help").output
     assert "--host" in serve and "--port" in serve and "--model" in serve
+    assert "Address to listen on.  [default: 127.0.0.1]" in serve  # help and default come from Settings
+
+
+def test_settings_lists_every_setting_as_a_table_and_never_a_secret(run, monkeypatch):
+    monkeypatch.setenv("AIMICHAT_UPSTREAM_API_KEY", "sk-very-secret")
+    monkeypatch.setenv("COLUMNS", "200")
+    lines = run("settings").output.splitlines()
+    assert lines[0].split() == ["NAME", "ENV", "VAR", "DEFAULT", "DESCRIPTION"]
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line[:1] != " "}
+    assert set(rows) == set(Settings.model_fields)
+    assert rows["host"][:3] == ["host", "AIMICHAT_HOST", "127.0.0.1"]
+    assert rows["max_queue"][:4] == ["max_queue", "AIMICHAT_MAX_QUEUE", "64", "Requests"]
+    assert rows["database_url"][1] == "AIMICHAT_DATABASE_URL" and rows["model_path"][1] == "AIMICHAT_MODEL_PATH"
+    assert "sk-very-secret" not in "\n".join(lines)
+
+
+def test_serve_options_override_the_environment_only_when_given(run, monkeypatch):
+    import uvicorn
+
+    import aimichat.app
+
+    monkeypatch.setenv("AIMICHAT_PORT", "9123")
+    monkeypatch.setenv("AIMICHAT_HOST", "10.0.0.1")
+    built = []
+    monkeypatch.setattr(aimichat.app, "create_app", lambda settings, **_: built.append(settings))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: None)
+    monkeypatch.setattr("signal.signal", lambda *args: None)
+    run("serve", "--host", "127.0.0.2", "--engine", "upstream", "--upstream-url", "http://127.0.0.1:9/v1")
+    [settings] = built
+    assert (settings.host, settings.port, settings.engine) == ("127.0.0.2", 9123, "upstream")
+    assert settings.model_fields_set >= {"host", "port", "engine", "upstream_url"}
+    assert "parallel" not in settings.model_fields_set  # left out: not passed down as a default
 
 
 def test_a_fresh_database_has_the_free_tier(run):
     tiers = json.loads(run("tiers", "list", "--json").output)
-    assert tiers == [{"name": "free", "daily_credits": 100, "monthly_credits": None, "cost_rule": "per_request", "credits_per_1k_tokens": 1}]
+    assert tiers == [
+        {
+            "name": "free",
+            "daily_credits": DEFAULT_DAILY_CREDITS,
+            "monthly_credits": None,
+            "cost_rule": "per_request",
+            "credits_per_1k_tokens": 1,
+        }
+    ]
 
 
 def test_tiers_accounts_and_keys_round_trip(run):
-    run("tiers", "set", "pro", "--daily-credits", "5000", "--monthly-credits", "100000", "--cost", "per_token", "--credits-per-1k-tokens", "2")
+    run(
+        "tiers",
+        "set",
+        "pro",
+        "--daily-credits",
+        "5000",
+        "--monthly-credits",
+        "100000",
+        "--cost",
+        "per_token",
+        "--credits-per-1k-tokens",
+        "2",
+    )
     run("accounts", "create", "Ada@Example.com", "--password", "long enough", "--tier", "pro")
     accounts = json.loads(run("accounts", "list", "--json").output)
     assert [(a["email"], a["tier"]) for a in accounts] == [("ada@example.com", "pro")]
@@ -61,7 +115,8 @@ def test_tiers_accounts_and_keys_round_trip(run):
     assert account["tier"] == "free" and account["disabled"] is True
 
     usage = json.loads(run("usage", "ada@example.com", "--json").output)
-    assert usage["daily"] == {"used": 0, "limit": 100, "remaining": 100, "resetAt": usage["daily"]["resetAt"]}
+    free = DEFAULT_DAILY_CREDITS
+    assert usage["daily"] == {"used": 0, "limit": free, "remaining": free, "resetAt": usage["daily"]["resetAt"]}
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,10 @@ import sys
 
 import httpx
 
-from conftest import free_port, make_account, make_key, wait_ready
 from aimichat.app import prepare_database
 from aimichat.config import Settings
 from aimichat.store.db import Database
+from conftest import free_port, make_account, make_key, wait_ready
 
 
 def test_workers_share_the_cores_and_all_answer(tmp_path):
@@ -23,8 +23,12 @@ def test_workers_share_the_cores_and_all_answer(tmp_path):
     port = free_port()
     env = {**os.environ, "AIMICHAT_DATA_DIR": str(tmp_path), "AIMICHAT_CONTEXT_LENGTH": "512", "AIMICHAT_PARALLEL": "2"}
     env.pop("AIMICHAT_THREADS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "aimichat", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aimichat", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready([url], [proc], timeout=120)

@@ -1,32 +1,40 @@
-"""Every bad input answers its 4xx in OpenAI's error shape; nothing answers 500."""
+"""Every bad input answers its 4xx in OpenAI's error shape; nothing answers 500.
+
+In-process, against one app per module answered by the scripted engine: nothing here is about the model.
+tests/engines/test_upstream_peer.py runs some of these tests again with its own ``server`` (a LiveServer).
+"""
 
 from __future__ import annotations
 
-import pytest
-import requests
+from typing import Any
 
-from aimichat.store.db import Database
-from conftest import make_account, make_key, serve_app
+import httpx
+import pytest
+
+from conftest import AppClient, LiveServer
+from scripted_engine import endless
 
 USER = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def server(engine, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("errors")
-    db = Database(f"sqlite:///{tmp / 'aimichat.db'}")
-    with serve_app(engine, db, tmp) as live:
-        make_account(db, "errors@example.com", daily=100_000)
-        live.key = make_key(db, "errors@example.com")
-        live.db = db
-        yield live
+def server(api_server: AppClient) -> AppClient:
+    """What these tests call ``server``: the module's in-process app."""
+    return api_server
 
 
-def post(server, body=None, *, data=None, headers=None, path="/v1/chat/completions", timeout=60):
+def post(
+    server: AppClient | LiveServer,
+    body: Any = None,
+    *,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/chat/completions",
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {server.key}", **(headers or {})}
     if data is not None:
-        return requests.post(server.url + path, data=data, headers={"Content-Type": "application/json", **headers}, timeout=timeout)
-    return requests.post(server.url + path, json=body, headers=headers, timeout=timeout)
+        return server.http.post(path, content=data, headers={"Content-Type": "application/json", **headers})
+    return server.http.post(path, json=body, headers=headers)
 
 
 def assert_error(response, status, code=None, param=None):
@@ -97,9 +105,9 @@ def test_unknown_model_is_404_model_not_found(server):
 
 
 def test_unknown_route_and_wrong_method(server):
-    assert_error(requests.get(server.url + "/nope", timeout=10), 404)
-    assert_error(requests.get(server.url + "/v1/chat/completions", timeout=10), 405)
-    assert_error(requests.delete(server.url + "/v1/models", timeout=10), 405)
+    assert_error(server.http.get("/nope"), 404)
+    assert_error(server.http.get("/v1/chat/completions"), 405)
+    assert_error(server.http.delete("/v1/models"), 405)
 
 
 def test_body_over_one_mebibyte_is_413(server):
@@ -117,15 +125,19 @@ def test_chunked_body_over_the_limit_is_413(server):
     assert_error(post(server, data=chunks()), 413)
 
 
-def test_prompt_longer_than_the_context_is_400_context_length_exceeded(server, engine):
-    words = " ".join(["banana"] * (engine.context_length + 100))
-    error = assert_error(post(server, {"messages": [{"role": "user", "content": words}]}), 400, code="context_length_exceeded")
-    assert str(engine.context_length) in error["message"]
+def test_prompt_longer_than_the_context_is_400_context_length_exceeded(server):
+    context = server.engine.context_length
+    words = " ".join(["banana"] * (context + 100))
+    body = {"messages": [{"role": "user", "content": words}]}
+    error = assert_error(post(server, body), 400, code="context_length_exceeded")
+    assert str(context) in error["message"]
 
 
-def test_max_tokens_is_clamped_to_what_fits(server, engine):
-    words = " ".join(["apple"] * (engine.context_length - 60))
-    r = post(server, {"messages": [{"role": "user", "content": words}], "max_tokens": 5000, "temperature": 0}, timeout=180)
+def test_max_tokens_is_clamped_to_what_fits(server, monkeypatch):
+    monkeypatch.setattr(server.engine, "reply", endless())  # it would talk on if it could
+    context = server.engine.context_length
+    words = " ".join(["apple"] * (context - 60))
+    r = post(server, {"messages": [{"role": "user", "content": words}], "max_tokens": 5000, "temperature": 0})
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
-    assert usage["total_tokens"] <= engine.context_length
+    assert usage["total_tokens"] == context and r.json()["choices"][0]["finish_reason"] == "length"

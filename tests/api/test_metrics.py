@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_account, make_key, serve_app
+from conftest import AppClient, make_account, make_key
 
 
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    r = requests.get(f"{url}/metrics", timeout=10)
+def scrape(server: AppClient) -> dict[tuple[str, tuple], float]:
+    r = server.http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -18,22 +17,23 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     }
 
 
-def test_metrics_count_requests_tokens_credits_and_refusals(engine, database, tmp_path):
-    make_account(database, daily=2)
-    key = make_key(database)
+def test_metrics_count_requests_tokens_credits_and_refusals(server):
+    make_account(server.db, daily=2)
+    key = make_key(server.db)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
-    with serve_app(engine, database, tmp_path) as server:
-        statuses = [requests.post(f"{server.url}/v1/chat/completions", json=body, headers={"X-API-Key": key}, timeout=60).status_code for _ in range(3)]
-        assert statuses == [200, 200, 429]
-        requests.get(f"{server.url}/v1/nothing-here", timeout=10)
-        m = scrape(server.url)
+    statuses = [server.chat(body, key).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    server.http.get("/v1/nothing-here")
+    m = scrape(server)
     route = (("method", "POST"), ("route", "/v1/chat/completions"))
-    assert m[("aimichat_requests_total", route + (("status", "200"),))] == 2
-    assert m[("aimichat_requests_total", route + (("status", "429"),))] == 1
+    assert m[("aimichat_requests_total", (*route, ("status", "200")))] == 2
+    assert m[("aimichat_requests_total", (*route, ("status", "429")))] == 1
     assert m[("aimichat_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
     assert m[("aimichat_quota_refusals_total", ())] == 1
     assert m[("aimichat_credits_charged_total", ())] == 2
-    assert 0 < m[("aimichat_tokens_total", (("kind", "completion"),))] <= 6
+    assert m[("aimichat_tokens_total", (("kind", "completion"),))] == 6  # the scripted engine's 3 words, twice
+    assert m[("aimichat_tokens_total", (("kind", "prompt"),))] == 2 * server.engine.generations[0].prompt_tokens
     assert m[("aimichat_time_to_first_token_seconds_count", ())] == 2
     assert m[("aimichat_engine_queue_depth", ())] == 0
+    assert m[("aimichat_engine_running", ())] == 0
     assert m[("aimichat_request_duration_seconds_count", (("route", "/v1/chat/completions"),))] == 3

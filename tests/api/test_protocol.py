@@ -8,17 +8,14 @@ and that the OpenAPI document shows them, so neither can drift from the other.
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterator
 from typing import Any
 
-import httpx
-import pytest
 import typing_extensions
 from pydantic import TypeAdapter
 
 from aimichat.api.chat.protocol import ChatCompletion, ChatCompletionChunk
 from aimichat.api.handlers import validation_message
-from conftest import AppClient, make_account, make_key, sse_events
+from conftest import sse_events
 
 
 def assert_exact(value: Any, schema: Any, where: str = "body") -> None:

@@ -13,7 +13,8 @@ Each chat request takes the next behaviour from ``plan`` (or ``default`` when th
 - ``empty``, ``drop_empty``: 200, then an empty body or a dropped connection (what llama-cpp-python's
   server answers to a streamed request it refuses).
 
-It records every request body and Authorization header, and the moment (``time.monotonic()``) each streaming client went away.
+It records every request body and Authorization header, and the moment (``time.monotonic()``) each streaming
+client went away.
 A plain 200 for a non-streaming request is a one-token completion (the engine's diagnosis request).
 """
 
@@ -28,12 +29,27 @@ ERRORS = {
     "500": (500, {"error": {"message": "upstream exploded", "type": "server_error", "code": None}}),
     "503": (503, {"error": {"message": "upstream overloaded", "type": "server_error", "code": None}}),
     "429": (429, {"error": {"message": "slow down", "type": "rate_limit_error", "code": "rate_limit_exceeded"}}),
-    "401": (401, {"error": {"message": "Incorrect API key provided: sk-abc***xyz", "type": "invalid_request_error",
-                            "code": "invalid_api_key"}}),
+    "401": (
+        401,
+        {
+            "error": {
+                "message": "Incorrect API key provided: sk-abc***xyz",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+            }
+        },
+    ),
     "400": (400, {"error": {"message": "temperature is too spicy", "type": "invalid_request_error", "code": None}}),
-    "400_context": (400, {"object": "error", "type": "BadRequestError", "code": 400,
-                          "message": "This model's maximum context length is 512 tokens. However, you requested "
-                                     "900 tokens (890 in the messages, 10 in the completion)."}),
+    "400_context": (
+        400,
+        {
+            "object": "error",
+            "type": "BadRequestError",
+            "code": 400,
+            "message": "This model's maximum context length is 512 tokens. However, you requested "
+            "900 tokens (890 in the messages, 10 in the completion).",
+        },
+    ),
 }
 TRICKLE_CHUNKS = 2000
 TRICKLE_DELAY = 0.05
@@ -93,8 +109,13 @@ class FaultyUpstream:
         gone = asyncio.Event()
         watcher = asyncio.create_task(self._watch(receive, gone))
         try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+                }
+            )
             await self._answer(name, n, request, send, gone)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -125,8 +146,17 @@ class FaultyUpstream:
             raise Dropped("dropping the connection on purpose")
         await _event(send, _chunk({}, finish_reason="stop"))
         if name == "ok" and (request.get("stream_options") or {}).get("include_usage"):
-            await _event(send, {"id": "up-1", "object": "chat.completion.chunk", "created": 0, "model": "faulty",
-                                "choices": [], "usage": self.usage})
+            await _event(
+                send,
+                {
+                    "id": "up-1",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": "faulty",
+                    "choices": [],
+                    "usage": self.usage,
+                },
+            )
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": True})
 
     async def _watch(self, receive, gone: asyncio.Event) -> None:
@@ -137,14 +167,24 @@ class FaultyUpstream:
 
 
 def _chunk(delta: dict, finish_reason: str | None = None) -> dict:
-    return {"id": "up-1", "object": "chat.completion.chunk", "created": 0, "model": "faulty",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    return {
+        "id": "up-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "faulty",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
 
 
 def _completion(text: str) -> dict:
-    return {"id": "up-1", "object": "chat.completion", "created": 0, "model": "faulty",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 42, "completion_tokens": 1, "total_tokens": 43}}
+    return {
+        "id": "up-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "faulty",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 42, "completion_tokens": 1, "total_tokens": 43},
+    }
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
@@ -157,14 +197,24 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
 
 
 async def _event(send, payload: dict) -> None:
-    await send({"type": "http.response.body", "body": b"data: " + json.dumps(payload).encode() + b"\n\n", "more_body": True})
+    await send(
+        {"type": "http.response.body", "body": b"data: " + json.dumps(payload).encode() + b"\n\n", "more_body": True}
+    )
 
 
 async def _json(send, status: int, body: dict, headers: list | None = None) -> None:
     raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                            *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": raw})
 
 

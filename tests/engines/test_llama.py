@@ -98,8 +98,14 @@ def server(engine8, tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama_generate() -> Iterator[Llama]:
     """llama-cpp-python's own high-level model over the same GGUF: the reference the engine must match."""
-    llm = Llama(model_path=str(default_model_path()), n_ctx=512, n_threads=os.cpu_count() or 1,
-                n_threads_batch=os.cpu_count() or 1, n_batch=512, verbose=False)
+    llm = Llama(
+        model_path=str(default_model_path()),
+        n_ctx=512,
+        n_threads=os.cpu_count() or 1,
+        n_threads_batch=os.cpu_count() or 1,
+        n_batch=512,
+        verbose=False,
+    )
     yield llm
     llm.close()
 
@@ -126,8 +132,14 @@ def reference_answer(
     llm.reset()
     llm.set_seed(params.seed if params.seed is not None else 0)
     output, parts, reason = TextOutput(params.stop), [], "length"
-    for token in llm.generate(tokens, temp=params.temperature, top_p=params.top_p, repeat_penalty=repeat_penalty,
-                              presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty):
+    for token in llm.generate(
+        tokens,
+        temp=params.temperature,
+        top_p=params.top_p,
+        repeat_penalty=repeat_penalty,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+    ):
         if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
             reason = "stop"
             break
@@ -140,7 +152,6 @@ def reference_answer(
             break
     tail = output.tail()
     return "".join(parts) + (tail.text if tail else ""), Finish(reason, len(tokens), output.generated)
-
 
 
 async def complete(engine: LlamaEngine, text: str | list[Message], **params) -> tuple[str, Finish]:
@@ -200,9 +211,10 @@ def stream_chat(server, content: str, max_tokens: int, out: Stream, hang_up: thr
         "stream_options": {"include_usage": True},
     }
     headers = {"Authorization": f"Bearer {server.key}"}
-    with httpx.Client(timeout=120) as client, client.stream(
-        "POST", f"{server.url}/v1/chat/completions", json=body, headers=headers
-    ) as response:
+    with (
+        httpx.Client(timeout=120) as client,
+        client.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as response,
+    ):
         out.status = response.status_code
         for line in response.iter_lines():
             if not line.startswith("data: "):
@@ -286,8 +298,9 @@ def test_a_disconnect_frees_its_slot_for_a_queued_request_while_the_others_conti
     runners = [Stream() for _ in range(SLOTS)]
     hang_up = threading.Event()
     threads = [
-        threading.Thread(target=stream_chat, args=(server, LONG, 48, s),
-                         kwargs={"hang_up": hang_up if i == 0 else None})
+        threading.Thread(
+            target=stream_chat, args=(server, LONG, 48, s), kwargs={"hang_up": hang_up if i == 0 else None}
+        )
         for i, s in enumerate(runners)
     ]
     for t in threads:
@@ -327,8 +340,9 @@ def test_readyz_and_metrics_show_slots_and_queue(server, engine8):
 
 def test_a_prompt_that_cannot_fit_a_slot_answers_400_before_taking_one(server, engine8):
     body = {"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 5}
-    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {server.key}"},
-                   timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {server.key}"}, timeout=30
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert engine8.stats().running == 0
 
@@ -384,8 +398,12 @@ def test_alone_it_answers_as_llama_generate(engine8, llama_generate):
     ]
     mine = alone(engine8, requests)
     theirs = [
-        reference_answer(llama_generate, engine8.tokenize_chat([Message("user", text)]), SamplingParams(**params),
-                         engine8.repeat_penalty)
+        reference_answer(
+            llama_generate,
+            engine8.tokenize_chat([Message("user", text)]),
+            SamplingParams(**params),
+            engine8.repeat_penalty,
+        )
         for text, params in requests
     ]
     for (text, _), (_, a), (_, b) in zip(requests, mine, theirs):
@@ -414,14 +432,15 @@ def test_slots_reuse_the_shared_prompt_start_and_answers_do_not_depend_on_histor
 
 def test_a_conversations_next_turn_reads_only_what_is_new(engine8):
     """A slot keeps its last prompt and answer: the next turn of that chat reads just the new part."""
+
     def cached() -> int:
         return engine8.stats().details["prompt_tokens_cached"]
 
     question = [Message("user", "Name three rivers in Europe.")]
-    (answer, first), = alone(engine8, [(question, {"max_tokens": 24, "temperature": 0})])
-    turn = question + [Message("assistant", answer), Message("user", "Which is the longest?")]
+    ((answer, first),) = alone(engine8, [(question, {"max_tokens": 24, "temperature": 0})])
+    turn = [*question, Message("assistant", answer), Message("user", "Which is the longest?")]
     before = cached()
-    (reply, second), = alone(engine8, [(turn, {"max_tokens": 8, "temperature": 0})])
+    ((reply, second),) = alone(engine8, [(turn, {"max_tokens": 8, "temperature": 0})])
     reused = cached() - before
     assert second.prompt_tokens == len(engine8.tokenize_chat(turn))  # usage still counts the whole prompt
     assert reused >= first.prompt_tokens + first.completion_tokens - 8 - 4  # - re-read, - re-tokenised answer end
@@ -440,7 +459,7 @@ def test_a_burst_of_short_identical_requests_all_complete_and_leave_the_engine_i
 
 
 def test_stop_strings_are_cut_and_never_shown(engine8):
-    (text, finish), = alone(engine8, [(LONG, {"max_tokens": 40, "temperature": 0, "stop": (",",)})])
+    ((text, finish),) = alone(engine8, [(LONG, {"max_tokens": 40, "temperature": 0, "stop": (",",)})])
     assert "," not in text and finish.finish_reason == "stop"
     assert 1 <= finish.completion_tokens < 40
 
@@ -517,9 +536,10 @@ QUEUED = {"messages": [{"role": "user", "content": "Tell me a very long story ab
 def stream_to_end(server, body: dict, results: dict[int, tuple], index: int) -> None:
     """Run one streaming request to the end; record (status, retry-after, got [DONE], start of the body)."""
     headers = {"Authorization": f"Bearer {server.key}"}
-    with httpx.Client(timeout=120) as c, c.stream(
-        "POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, headers=headers
-    ) as r:
+    with (
+        httpx.Client(timeout=120) as c,
+        c.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, headers=headers) as r,
+    ):
         text = "".join(r.iter_text())
         results[index] = (r.status_code, r.headers.get("retry-after"), text.endswith("data: [DONE]\n\n"), text[:300])
 
@@ -553,8 +573,12 @@ def test_one_slot_waiting_longer_than_the_queue_timeout_answers_503(queue_server
     first.start()
     time.sleep(0.3)
     started = time.monotonic()
-    r = httpx.post(f"{queue_server.url}/v1/chat/completions", json={**QUEUED, "max_tokens": 5},
-                   headers={"Authorization": f"Bearer {queue_server.key}"}, timeout=60)
+    r = httpx.post(
+        f"{queue_server.url}/v1/chat/completions",
+        json={**QUEUED, "max_tokens": 5},
+        headers={"Authorization": f"Bearer {queue_server.key}"},
+        timeout=60,
+    )
     assert r.status_code == 503 and r.headers["retry-after"]
     assert r.json()["error"]["code"] == "engine_overloaded"
     assert time.monotonic() - started < 5
@@ -616,8 +640,12 @@ def test_one_slot_the_server_stays_responsive_during_a_long_generation(queue_ser
 
 def test_one_slot_usage_chunk_tokens_match_what_was_streamed(queue_server):
     body = {**QUEUED, "max_tokens": 25, "stream": True, "stream_options": {"include_usage": True}}
-    r = httpx.post(f"{queue_server.url}/v1/chat/completions", json=body,
-                   headers={"Authorization": f"Bearer {queue_server.key}"}, timeout=60)
+    r = httpx.post(
+        f"{queue_server.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {queue_server.key}"},
+        timeout=60,
+    )
     payloads = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
     usage_chunk = json.loads(payloads[-2])
     assert usage_chunk["usage"]["completion_tokens"] == 25

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+from faulty_upstream import FaultyUpstream
 
 from aimichat.engines.base import Delta, Finish, Message, SamplingParams
 from aimichat.engines.breaker import CircuitBreaker
@@ -18,7 +19,6 @@ from aimichat.engines.openai_upstream import (
     parse_urls,
 )
 from conftest import LiveServer
-from faulty_upstream import FaultyUpstream
 
 
 class FakeClock:
@@ -85,7 +85,10 @@ def test_a_released_probe_lets_the_next_request_probe():
 
 def test_parse_urls_normalises_to_the_api_root():
     assert parse_urls(" http://a:8000 , https://b.example/v1/, http://c/v1/chat/completions,,") == [
-        "http://a:8000/v1", "https://b.example/v1", "http://c/v1"]
+        "http://a:8000/v1",
+        "https://b.example/v1",
+        "http://c/v1",
+    ]
     assert parse_urls("https://gw.example/api/openai/v1") == ["https://gw.example/api/openai/v1"]
     for bad in ("", " , ", "localhost:8000", "ftp://x/v1"):
         with pytest.raises(ValueError):
@@ -155,4 +158,4 @@ def test_closing_the_stream_closes_the_upstream_connection(upstream):
     events, closed = asyncio.run(_collect(engine, limit=3))
     assert len(events) == 3 and upstream.disconnects
     assert upstream.disconnects[0] - closed < 1.0
-    assert engine.ready()[1]["in_flight"] == 0
+    assert engine.stats().running == 0

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import requests
+from faulty_upstream import FaultyUpstream
 from sqlalchemy import select
 
 from aimichat.app import create_app
@@ -24,7 +25,6 @@ from aimichat.engines.openai_upstream import estimate_prompt_tokens
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
 from conftest import LiveServer, free_port, make_account, make_key
-from faulty_upstream import FaultyUpstream
 
 USER = [{"role": "user", "content": "Say hello"}]
 MAX_TOKENS = 100  # the per-token reservation (prompt + this) stays above the upstream's usage
@@ -66,9 +66,15 @@ def key(database) -> str:
 
 @contextmanager
 def aimichat(db: Database, tmp_path, *urls: str, **settings) -> Iterator[LiveServer]:
-    cfg = Settings(data_dir=tmp_path, database_url=db.url, engine="upstream", upstream_url=",".join(urls),
-                   upstream_model="the-model", **{**FAST, **settings})
-    with LiveServer(create_app(cfg, db=db)) as live:
+    cfg = Settings(
+        data_dir=tmp_path,
+        database_url=db.url,
+        engine="upstream",
+        upstream_url=",".join(urls),
+        upstream_model="the-model",
+        **{**FAST, **settings},
+    )
+    with LiveServer(create_app(cfg, database=db)) as live:
         yield live
 
 
@@ -79,8 +85,9 @@ def dead_url() -> str:
 
 def chat(live: LiveServer, key: str, *, stream: bool = False, **body) -> requests.Response:
     payload = {"messages": USER, "max_tokens": MAX_TOKENS, "stream": stream, **body}
-    return requests.post(f"{live.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                         json=payload, timeout=30)
+    return requests.post(
+        f"{live.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=payload, timeout=30
+    )
 
 
 def sse(body: str) -> list:
@@ -90,8 +97,11 @@ def sse(body: str) -> list:
 
 
 def texts(payloads: list) -> list[str]:
-    return [p["choices"][0]["delta"]["content"] for p in payloads
-            if isinstance(p, dict) and p.get("choices") and p["choices"][0]["delta"].get("content")]
+    return [
+        p["choices"][0]["delta"]["content"]
+        for p in payloads
+        if isinstance(p, dict) and p.get("choices") and p["choices"][0]["delta"].get("content")
+    ]
 
 
 def ledger(db: Database) -> list[UsageEvent]:
@@ -148,11 +158,19 @@ def test_upstream_usage_is_what_is_charged(database, tmp_path, key, up):
 def test_request_fields_pass_through(database, tmp_path, key, up):
     a, _ = up
     with aimichat(database, tmp_path, a.url, upstream_api_key="sk-upstream") as live:
-        assert chat(live, key, temperature=0.3, top_p=0.9, stop=["\n\n"], seed=11, presence_penalty=0.5).status_code == 200
+        assert (
+            chat(live, key, temperature=0.3, top_p=0.9, stop=["\n\n"], seed=11, presence_penalty=0.5).status_code == 200
+        )
     sent = a.requests[-1]
     assert a.authorizations[-1] == "Bearer sk-upstream"  # our key for the upstream, never the caller's
     assert sent["model"] == "the-model" and sent["max_tokens"] == MAX_TOKENS
-    assert (sent["temperature"], sent["top_p"], sent["stop"], sent["seed"], sent["presence_penalty"]) == (0.3, 0.9, ["\n\n"], 11, 0.5)
+    assert (sent["temperature"], sent["top_p"], sent["stop"], sent["seed"], sent["presence_penalty"]) == (
+        0.3,
+        0.9,
+        ["\n\n"],
+        11,
+        0.5,
+    )
     assert sent["messages"][0] == {"role": "system", "content": Settings().system_prompt}
 
 
@@ -216,7 +234,7 @@ def test_when_every_upstream_fails_the_caller_gets_503_and_pays_nothing(database
 
 @pytest.mark.parametrize("status", ["429", "503"])
 def test_429_and_503_are_our_503_with_retry_after_never_429(database, tmp_path, key, up, status):
-    a, b = up
+    a, _ = up
     a.default = status
     with aimichat(database, tmp_path, a.url) as live:
         r = chat(live, key)
@@ -305,7 +323,8 @@ def test_a_stall_before_the_first_token_fails_over(database, tmp_path, key, up):
 
 @pytest.mark.parametrize("fault, received", [("stall_mid:3", 3), ("drop:2", 2)])
 def test_a_stream_that_breaks_ends_with_an_error_event_and_charges_what_was_received(
-        database, tmp_path, key, up, fault, received):
+    database, tmp_path, key, up, fault, received
+):
     a, b = up
     a.default = fault
     with aimichat(database, tmp_path, a.url, b.url) as live:
@@ -337,7 +356,9 @@ def test_a_broken_non_streaming_answer_is_503_and_costs_nothing(database, tmp_pa
 def test_breaker_opens_skips_and_closes_after_a_good_probe(database, tmp_path, key, up):
     a, b = up
     a.default = "500"
-    with aimichat(database, tmp_path, a.url, b.url, upstream_breaker_failures=2, upstream_breaker_cooldown=COOLDOWN) as live:
+    with aimichat(
+        database, tmp_path, a.url, b.url, upstream_breaker_failures=2, upstream_breaker_cooldown=COOLDOWN
+    ) as live:
         assert chat(live, key).status_code == 200  # A fails twice (the retry trips it), B answers
         assert (a.chat_requests, b.chat_requests) == (2, 1)
         tripped, fallback = upstream_states(live)
@@ -356,7 +377,9 @@ def test_breaker_opens_skips_and_closes_after_a_good_probe(database, tmp_path, k
 def test_a_failed_probe_trips_the_breaker_again(database, tmp_path, key, up):
     a, b = up
     a.default = "500"
-    with aimichat(database, tmp_path, a.url, b.url, upstream_breaker_failures=2, upstream_breaker_cooldown=COOLDOWN) as live:
+    with aimichat(
+        database, tmp_path, a.url, b.url, upstream_breaker_failures=2, upstream_breaker_cooldown=COOLDOWN
+    ) as live:
         assert chat(live, key).status_code == 200
         time.sleep(COOLDOWN + 0.1)
         assert chat(live, key).status_code == 200
@@ -388,8 +411,9 @@ def test_a_callers_disconnect_closes_the_upstream_connection_within_a_second(dat
     a.default = "trickle"
     with aimichat(database, tmp_path, a.url) as live, httpx.Client(timeout=30) as client:
         body = {"messages": USER, "max_tokens": 5000, "stream": True}
-        with client.stream("POST", f"{live.url}/v1/chat/completions", json=body,
-                           headers={"Authorization": f"Bearer {key}"}) as r:
+        with client.stream(
+            "POST", f"{live.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as r:
             received = 0
             for line in r.iter_lines():
                 received += '"content":" w' in line
@@ -408,7 +432,9 @@ def test_a_non_streaming_caller_that_hangs_up_closes_the_upstream_and_pays_nothi
     with aimichat(database, tmp_path, a.url) as live:
         body = {"messages": USER, "max_tokens": 5000}
         with pytest.raises(httpx.ReadTimeout):  # the caller gives up waiting for the whole answer
-            httpx.post(f"{live.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=1.0)
+            httpx.post(
+                f"{live.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=1.0
+            )
         assert_upstream_saw_the_hang_up_within_a_second(a, time.monotonic())
         time.sleep(0.2)  # let the release land
         row = ledger(database)[-1]
@@ -424,7 +450,7 @@ def assert_upstream_saw_the_hang_up_within_a_second(upstream, left: float) -> No
 
 
 def test_readyz_lists_every_upstream(database, tmp_path, key, up):
-    a, b = up
+    a, _ = up
     with aimichat(database, tmp_path, a.url, dead_url(), "http://user:secret@127.0.0.1:9/v1") as live:
         r = requests.get(f"{live.url}/readyz", timeout=10)
     assert r.status_code == 200

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from aimichat.app import create_app
 from aimichat.config import Settings
 from aimichat.engines.base import Message
-from aimichat.engines.embedded import default_model_path
+from aimichat.engines.llama import default_model_path
 from aimichat.engines.openai_upstream import estimate_prompt_tokens
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
@@ -68,8 +68,21 @@ def peer(tmp_path_factory) -> str:
     """llama-cpp-python's server on a free port, started once for the module; its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("peer") / "llama_cpp_server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()),
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(PEER_CONTEXT), "--n_threads", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(default_model_path()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(PEER_CONTEXT),
+        "--n_threads",
+        "1",
+    ]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -100,7 +113,7 @@ def _wait_until_serving(process: subprocess.Popen, url: str, log: Path) -> None:
 
 def serve_upstream(db: Database, tmp_path: Path, peer: str) -> LiveServer:
     settings = Settings(data_dir=tmp_path, database_url=db.url, engine="upstream", upstream_url=peer)
-    return LiveServer(create_app(settings, db=db))
+    return LiveServer(create_app(settings, database=db))
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +129,9 @@ def server(peer, tmp_path_factory):
 
 
 def post(server, body: dict) -> requests.Response:
-    return requests.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.key}"},
-                         json=body, timeout=120)
+    return requests.post(
+        f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.key}"}, json=body, timeout=120
+    )
 
 
 # -- the embedded-specific tests, in their upstream form -------------------------------------------
@@ -132,7 +146,9 @@ def test_usage_is_an_estimate_and_the_ledger_says_so(peer, database, tmp_path, e
     with serve_upstream(database, tmp_path, peer) as live:
         live.key = key
         plain = post(live, {"messages": messages, "max_tokens": 8})
-        streamed = post(live, {"messages": messages, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}})
+        streamed = post(
+            live, {"messages": messages, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}}
+        )
     assert plain.status_code == 200 and streamed.status_code == 200
     estimate = estimate_prompt_tokens([{"role": "system", "content": Settings().system_prompt}, *messages])
     usage = plain.json()["usage"]
@@ -152,17 +168,27 @@ def test_stream_equals_non_stream_at_temperature_zero(server):
     which can change a greedy answer at a near tie; our own engines read the last few again (see
     ``REREAD_TOKENS``). Another prompt in between makes the peer read both requests the same way.
     """
+
     def other_prompt() -> None:
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-        assert requests.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {server.key}"},
-                             json=body, timeout=60).status_code == 200
+        assert (
+            requests.post(
+                f"{server.url}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {server.key}"},
+                json=body,
+                timeout=60,
+            ).status_code
+            == 200
+        )
 
     _chat.check_stream_equals_non_stream(server, before_each=other_prompt)
 
 
 def test_prompt_longer_than_the_upstream_context_is_400_context_length_exceeded(server):
     words = " ".join(["banana"] * (PEER_CONTEXT + 100))
-    error = assert_error(post(server, {"messages": [{"role": "user", "content": words}]}), 400, code="context_length_exceeded")
+    error = assert_error(
+        post(server, {"messages": [{"role": "user", "content": words}]}), 400, code="context_length_exceeded"
+    )
     assert str(PEER_CONTEXT) in error["message"]
     with server.db.session() as s:
         row = s.scalars(select(UsageEvent).order_by(UsageEvent.id.desc())).first()
@@ -174,4 +200,6 @@ def test_readyz_shows_the_peer_up(server, peer):
     assert r.status_code == 200
     engine = r.json()["engine"]
     assert engine["engine"] == "upstream"
-    assert engine["upstreams"] == [{"url": peer, "state": "up", "consecutive_failures": 0, "last_error": None, "retry_in": 0}]
+    assert engine["upstreams"] == [
+        {"url": peer, "state": "up", "consecutive_failures": 0, "last_error": None, "retry_in": 0}
+    ]

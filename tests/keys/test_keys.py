@@ -1,4 +1,7 @@
-"""API keys: the token format, authentication over HTTP, revocation, and that keys never leak."""
+"""API keys: the token format, authentication over HTTP, revocation, and that keys never leak.
+
+The HTTP tests run in-process (the app over SQLite and PostgreSQL, answered by the scripted engine).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,18 @@ import logging
 import time
 from pathlib import Path
 
+import httpx
 import pytest
-import requests
 from sqlalchemy import event
 
 from aimichat.accounts import service as accounts
-from aimichat.keys import service as keys
 from aimichat.config import Settings
+from aimichat.keys import service as keys
 from aimichat.keys import tokens
 from aimichat.keys.cache import PrincipalCache
 from aimichat.store.db import Database
-from conftest import make_account, make_key, serve_app
+from conftest import AppClient, app_client, make_account, make_key
+from scripted_engine import ScriptedEngine
 
 HELLO = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
 
@@ -61,16 +65,17 @@ def test_keys_are_stored_as_sha256_with_a_display_prefix(database):
 
 
 @pytest.fixture
-def server(engine, database, tmp_path):
-    make_account(database, daily=1000)
-    with serve_app(engine, database, tmp_path) as live:
-        live.db = database
-        live.key = make_key(database)
-        yield live
+def server(server: AppClient) -> AppClient:
+    """The shared in-process app, with an account of 1,000 daily credits and its key."""
+    make_account(server.db, daily=1000)
+    server.key = make_key(server.db)
+    return server
 
 
-def chat(server, headers=None, params=None, body=HELLO):
-    return requests.post(f"{server.url}/v1/chat/completions", json=body, headers=headers or {}, params=params, timeout=60)
+def chat(
+    server: AppClient, headers: dict[str, str] | None = None, params: dict[str, str] | None = None, body: dict = HELLO
+) -> httpx.Response:
+    return server.http.post("/v1/chat/completions", json=body, headers=headers or {}, params=params)
 
 
 def assert_401(r):
@@ -102,11 +107,11 @@ def test_missing_malformed_and_unknown_keys_are_401(server):
 def test_a_bad_checksum_is_refused_without_a_database_query(server):
     statements = []
     listener = lambda *args: statements.append(args[2])  # noqa: E731
-    event.listen(server.db.engine, "before_cursor_execute", listener)
+    event.listen(server.db.sql_engine, "before_cursor_execute", listener)
     try:
         assert_401(chat(server, {"Authorization": f"Bearer {server.key[:-1]}{'A' if server.key[-1] != 'A' else 'B'}"}))
     finally:
-        event.remove(server.db.engine, "before_cursor_execute", listener)
+        event.remove(server.db.sql_engine, "before_cursor_execute", listener)
     assert statements == []
 
 
@@ -141,11 +146,11 @@ def test_a_known_key_skips_the_database_lookup(server):
     assert chat(server, {"X-API-Key": server.key}).status_code == 200
     statements = []
     listener = lambda *args: statements.append(args[2])  # noqa: E731
-    event.listen(server.db.engine, "before_cursor_execute", listener)
+    event.listen(server.db.sql_engine, "before_cursor_execute", listener)
     try:
         assert chat(server, {"X-API-Key": server.key}).status_code == 200
     finally:
-        event.remove(server.db.engine, "before_cursor_execute", listener)
+        event.remove(server.db.sql_engine, "before_cursor_execute", listener)
     assert statements and not any("api_keys.key_hash" in sql for sql in statements)  # only the credit ledger ran
 
 
@@ -181,7 +186,7 @@ def test_keys_give_talk_mode_only(server):
     assert r.status_code == 403 and r.json()["error"]["code"] == "mode_not_allowed"
     assert chat(server, {"X-API-Key": server.key}, body={**HELLO, "mode": "talk"}).status_code == 200
     for path in ("/v1/embeddings", "/v1/images/generations", "/v1/audio/speech"):
-        r = requests.post(server.url + path, json={}, headers={"X-API-Key": server.key}, timeout=10)
+        r = server.http.post(path, json={}, headers={"X-API-Key": server.key})
         assert r.status_code == 403 and r.json()["error"]["code"] == "mode_not_allowed", path
 
 
@@ -197,26 +202,24 @@ def test_a_query_string_key_never_reaches_the_access_log(server, caplog):
     with caplog.at_level(logging.INFO, logger="aimichat.access"):
         assert chat(server, params={"api_key": server.key, "x": "1"}).status_code == 200
         assert_401(chat(server, params={"api_key": server.key[:-2] + "zz"}))
-        encoded = requests.post(f"{server.url}/v1/chat/completions?api%5Fkey={server.key}", json=HELLO, timeout=60)
+        encoded = server.http.post(f"/v1/chat/completions?api%5Fkey={server.key}", json=HELLO)
         assert encoded.status_code == 200  # the app decodes the name, so the log must too
     lines = [r.getMessage() for r in caplog.records if r.name == "aimichat.access"]
     assert len(lines) == 3 and all("api_key=[REDACTED]" in line for line in lines)
     assert not any(server.key[9:20] in line for line in caplog.text.splitlines())
 
 
-def test_the_query_string_key_can_be_turned_off(engine, database, tmp_path):
+def test_the_query_string_key_can_be_turned_off(database, tmp_path):
     make_account(database)
     key = make_key(database)
-    with serve_app(engine, database, tmp_path, allow_query_key=False) as live:
+    with app_client(ScriptedEngine(), database, tmp_path, allow_query_key=False) as live:
         assert_401(chat(live, params={"api_key": key}))
         assert chat(live, {"X-API-Key": key}).status_code == 200
 
 
-def test_the_database_file_holds_no_plaintext_key(engine, sqlite_url, tmp_path):
-    from aimichat.store.db import Database
-
+def test_the_database_file_holds_no_plaintext_key(sqlite_url, tmp_path):
     db = Database(sqlite_url)
-    with serve_app(engine, db, tmp_path) as live:
+    with app_client(ScriptedEngine(), db, tmp_path) as live:
         make_account(db)
         key = make_key(db)
         assert chat(live, {"X-API-Key": key}).status_code == 200

@@ -21,15 +21,12 @@ NOON = dt.datetime(2024, 1, 18, 12, 0, 0)
 
 
 @pytest.fixture(params=["sql", "redis"])
-def quota(request, database):
+def quota(request, database, redis_prefix):
     if request.param == "sql":
         yield SqlQuota(database)
         return
     client = redis.Redis.from_url(REDIS_URL)
-    backend = RedisQuota(database, client, prefix="aimichat-test-" + secrets.token_hex(4))
-    yield backend
-    for key in client.scan_iter(f"{backend.prefix}:*"):
-        client.delete(key)
+    yield RedisQuota(database, client, prefix=redis_prefix)
     client.close()
 
 
@@ -39,11 +36,14 @@ def principal(database):
         return principal_for(account)
 
 
-def reserve(quota, p, cost=Cost(1, 1), now=NOON):
+ONE_CREDIT = Cost(1, 1)
+
+
+def reserve(quota, p, cost=ONE_CREDIT, now=NOON):
     return quota.reserve(p, cost, request_id="req-" + secrets.token_hex(8), now=now)
 
 
-def used_today(database, p, day=NOON.date()):
+def used_today(database, p, day=NOON.date()):  # noqa: B008 (a date is immutable)
     with database.session() as s:
         return ledger.ledger_sum(s, p.account_id, day, day)
 
@@ -105,9 +105,9 @@ def test_daily_and_monthly_rollover(quota, database):
     assert refusal.reset_at == dt.datetime(2024, 3, 1)
 
 
-def test_redis_counters_lost_are_rebuilt_from_the_ledger(database):
+def test_redis_counters_lost_are_rebuilt_from_the_ledger(database, redis_prefix):
     client = redis.Redis.from_url(REDIS_URL)
-    quota = RedisQuota(database, client, prefix="aimichat-test-" + secrets.token_hex(4))
+    quota = RedisQuota(database, client, prefix=redis_prefix)
     try:
         make_account(database, daily=5)
         p = principal(database)
@@ -119,8 +119,6 @@ def test_redis_counters_lost_are_rebuilt_from_the_ledger(database):
         assert [isinstance(r, Reservation) for r in granted] == [True, True, False, False]
         assert used_today(database, p) == 5
     finally:
-        for key in client.scan_iter(f"{quota.prefix}:*"):
-            client.delete(key)
         client.close()
 
 

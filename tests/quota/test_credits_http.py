@@ -1,36 +1,67 @@
-"""Credits through the real HTTP server: exact 429s, headers on every answer, fair charges."""
+"""Credits over HTTP: exact 429s, headers on every answer, fair charges.
+
+In-process with the scripted engine, but for a stream the client cuts (a real socket, so the hang-up is
+real) and the two-server test (two `aimichat serve` processes sharing PostgreSQL, with the real model).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
+import itertools
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import select
 
-from aimichat.engines.base import EngineError, Finish
+from aimichat.cli import cli
+from aimichat.engines.base import EngineBusy, EngineError
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
-from conftest import REDIS_URL, MutableClock, free_port, make_account, make_key, new_postgres_database, serve_app, wait_ready
+from conftest import (
+    REDIS_URL,
+    AppClient,
+    MutableClock,
+    app_client,
+    free_port,
+    iter_sse,
+    make_account,
+    make_key,
+    migrated,
+    new_postgres_database,
+    serve_app,
+    sse_events,
+    sse_text,
+    wait_ready,
+)
+from scripted_engine import ScriptedEngine, endless
 
 HELLO = {"messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 1}
 SPEC_429_KEYS = ["error", "message", "limit", "used", "resetAt"]
 
 
+def fire_in_process(server: AppClient, keys: list[str], body: dict) -> list[httpx.Response]:
+    """Send all requests at once (one per key, each from its own thread) and return every response."""
+    with ThreadPoolExecutor(max_workers=len(keys)) as pool:
+        return list(pool.map(lambda key: server.chat(body, key), keys))
+
+
 async def fire(urls_and_keys: list[tuple[str, str]], body: dict) -> list[httpx.Response]:
-    """Send all requests at once (one per (url, key) pair) and return every response."""
+    """Send all requests at once over real sockets (one per (url, key) pair) and return every response."""
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         return await asyncio.gather(
-            *(client.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) for url, key in urls_and_keys)
+            *(
+                client.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+                for url, key in urls_and_keys
+            )
         )
 
 
@@ -50,11 +81,11 @@ def assert_spec_429(r: httpx.Response, limit: int, message="Daily credit limit r
     return body, reset
 
 
-def test_100_concurrent_requests_from_two_keys_against_20_credits(engine, database, tmp_path):
+def test_100_concurrent_requests_from_two_keys_against_20_credits(server):
+    database = server.db
     make_account(database, daily=20)
     k1, k2 = make_key(database, name="one"), make_key(database, name="two")
-    with serve_app(engine, database, tmp_path) as server:
-        responses = asyncio.run(fire([(server.url, k1 if i % 2 else k2) for i in range(100)], HELLO))
+    responses = fire_in_process(server, [k1 if i % 2 else k2 for i in range(100)], HELLO)
     statuses = [r.status_code for r in responses]
     assert statuses.count(200) == 20 and statuses.count(429) == 80
     for r in responses:
@@ -68,39 +99,59 @@ def test_100_concurrent_requests_from_two_keys_against_20_credits(engine, databa
 
 
 @pytest.mark.parametrize("counters", ["postgresql", "redis"])
-def test_two_server_processes_sharing_postgresql_never_oversell(tmp_path, counters):
+def test_two_server_processes_sharing_postgresql_never_oversell(tmp_path, counters, redis_prefix):
     url, drop = new_postgres_database()
-    db = Database(url)
-    db.upgrade()
+    db = migrated(url)
     procs = []
     try:
         make_account(db, "fleet@example.com", daily=20)
         key = make_key(db, "fleet@example.com")
         ports = [free_port(), free_port()]
-        # Random, not port-based: a port is reused across runs, and a stale counter of an earlier run's account 1
-        # would refuse every request of this one.
-        redis_prefix = "aimichat-test-" + secrets.token_hex(4)
+        # redis_prefix is random, not port-based: a port is reused across runs, and a stale counter of an earlier
+        # run's account 1 would refuse every request of this one.
         for port in ports:
-            env = {**os.environ, "AIMICHAT_DATABASE_URL": url, "AIMICHAT_DATA_DIR": str(tmp_path), "AIMICHAT_CONTEXT_LENGTH": "1024",
-                   # Two replicas on one host split its cores, as deploy.md says: llama.cpp's threads spin while
-                   # they wait, and two processes of all cores each ran several times slower (requests timed out).
-                   "AIMICHAT_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
+            env = {
+                **os.environ,
+                "AIMICHAT_DATABASE_URL": url,
+                "AIMICHAT_DATA_DIR": str(tmp_path),
+                "AIMICHAT_CONTEXT_LENGTH": "1024",
+                # Two replicas on one host split its cores, as deploy.md says: llama.cpp's threads spin while
+                # they wait, and two processes of all cores each ran several times slower (requests timed out).
+                "AIMICHAT_THREADS": str(max(1, (os.cpu_count() or 1) // 2)),
+                # Two slots: still the batched engine, and a start-up that reads the system prompt into 2 slots, not 8.
+                "AIMICHAT_PARALLEL": "2",
+            }
             if counters == "redis":
                 env.update(AIMICHAT_REDIS_URL=REDIS_URL, AIMICHAT_REDIS_PREFIX=redis_prefix)  # shared by both
-            procs.append(subprocess.Popen([sys.executable, "-m", "aimichat", "serve", "--port", str(port), "--log-level", "warning"],
-                                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "aimichat", "serve", "--port", str(port), "--log-level", "warning"],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
         urls = [f"http://127.0.0.1:{p}" for p in ports]
         wait_ready(urls, procs)
         responses = asyncio.run(fire([(urls[i % 2], key) for i in range(100)], HELLO))
         statuses = [r.status_code for r in responses]
-        assert statuses.count(200) == 20 and statuses.count(429) == 80, [r.text for r in responses if r.status_code not in (200, 429)]
+        assert statuses.count(200) == 20 and statuses.count(429) == 80, [
+            r.text for r in responses if r.status_code not in (200, 429)
+        ]
         assert len(ledger_rows(db)) == 20
-        # A key revoked through the CLI is refused by both replicas within a second.
-        env = {**os.environ, "AIMICHAT_DATABASE_URL": url}
-        subprocess.run([sys.executable, "-m", "aimichat", "keys", "revoke", str(ledger_rows(db)[0].api_key_id)], env=env, check=True, capture_output=True)
+        # A key revoked through the CLI (run here: a process of its own, as far as the replicas can tell) is
+        # refused by both replicas within a second.
+        revoke = ["keys", "revoke", str(ledger_rows(db)[0].api_key_id)]
+        done = CliRunner().invoke(cli, revoke, env={"AIMICHAT_DATABASE_URL": url}, catch_exceptions=False)
+        assert done.exit_code == 0, done.output
         revoked_at = time.monotonic()
         for target in urls:
-            while httpx.post(f"{target}/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code != 401:
+            while (
+                httpx.post(
+                    f"{target}/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}, timeout=10
+                ).status_code
+                != 401
+            ):
                 assert time.monotonic() - revoked_at < 1.0
                 time.sleep(0.05)
     finally:
@@ -112,23 +163,23 @@ def test_two_server_processes_sharing_postgresql_never_oversell(tmp_path, counte
         drop()
 
 
-def test_streams_carry_the_headers_and_the_usage_chunk_carries_remaining_credits(engine, database, tmp_path):
-    make_account(database, daily=5)
-    key = make_key(database)
+def test_streams_carry_the_headers_and_the_usage_chunk_carries_remaining_credits(server):
+    make_account(server.db, daily=5)
+    key = make_key(server.db)
     body = {**HELLO, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
-    with serve_app(engine, database, tmp_path) as server, server.client() as c:
-        with c.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
-            assert r.headers["x-ratelimit-limit"] == "5" and r.headers["x-ratelimit-remaining"] == "4"
-            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    usage = json.loads(events[-2])
+    r = server.chat(body, key)
+    assert r.headers["x-ratelimit-limit"] == "5" and r.headers["x-ratelimit-remaining"] == "4"
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
     assert usage["x_ratelimit"] == {"limit": 5, "remaining": 4, "reset": r.headers["x-ratelimit-reset"]}
 
 
-def test_rollover_at_midnight_and_retry_after_agrees_with_reset_at(engine, database, tmp_path):
+def test_rollover_at_midnight_and_retry_after_agrees_with_reset_at(database, tmp_path):
     clock = MutableClock(dt.datetime(2024, 1, 18, 23, 59, 0))
     make_account(database, daily=1)
     key = make_key(database)
-    with serve_app(engine, database, tmp_path, clock=clock) as server, server.client() as c:
+    with app_client(ScriptedEngine(), database, tmp_path, clock=clock) as server, server.client() as c:
         headers = {"Authorization": f"Bearer {key}"}
         ok = c.post("/v1/chat/completions", json=HELLO, headers=headers)
         assert ok.status_code == 200 and ok.headers["x-ratelimit-reset"] == "2024-01-19T00:00:00Z"
@@ -140,11 +191,11 @@ def test_rollover_at_midnight_and_retry_after_agrees_with_reset_at(engine, datab
         assert c.post("/v1/chat/completions", json=HELLO, headers=headers).status_code == 200
 
 
-def test_monthly_limit_answers_with_its_own_message(engine, database, tmp_path):
+def test_monthly_limit_answers_with_its_own_message(database, tmp_path):
     clock = MutableClock(dt.datetime(2024, 1, 31, 10, 0, 0))
     make_account(database, daily=5, monthly=1)
     key = make_key(database)
-    with serve_app(engine, database, tmp_path, clock=clock) as server, server.client() as c:
+    with app_client(ScriptedEngine(), database, tmp_path, clock=clock) as server, server.client() as c:
         headers = {"X-API-Key": key}
         assert c.post("/v1/chat/completions", json=HELLO, headers=headers).status_code == 200
         refused = c.post("/v1/chat/completions", json=HELLO, headers=headers)
@@ -153,24 +204,33 @@ def test_monthly_limit_answers_with_its_own_message(engine, database, tmp_path):
         assert int(refused.headers["retry-after"]) == 14 * 3600
 
 
-def test_per_token_charge_equals_the_tokens_used(engine, database, tmp_path):
+def test_per_token_charge_equals_the_tokens_used(server):
+    database = server.db
     make_account(database, daily=10_000, cost_rule="per_token", per_1k=1000)  # 1 credit per token
     key = make_key(database)
-    with serve_app(engine, database, tmp_path) as server, server.client() as c:
-        r = c.post("/v1/chat/completions", json={**HELLO, "max_tokens": 20}, headers={"Authorization": f"Bearer {key}"})
+    r = server.chat({**HELLO, "max_tokens": 20}, key)
     usage = r.json()["usage"]
+    assert usage["completion_tokens"] < 20 and r.json()["choices"][0]["finish_reason"] == "stop"  # some came back
     assert int(r.headers["x-ratelimit-remaining"]) == 10_000 - usage["total_tokens"]  # the unused reservation came back
     [row] = ledger_rows(database)
     assert row.credits == usage["total_tokens"] and row.reserved_credits == usage["prompt_tokens"] + 20
     assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
-def test_per_token_clamps_max_tokens_to_what_the_credits_pay_for(engine, database, tmp_path):
+def test_per_token_clamps_max_tokens_to_what_the_credits_pay_for(database, tmp_path):
     make_account(database, daily=50, cost_rule="per_token", per_1k=1000)
     key = make_key(database)
-    with serve_app(engine, database, tmp_path) as server, server.client() as c:
-        r = c.post("/v1/chat/completions", json={**HELLO, "max_tokens": 500, "temperature": 0,
-                   "messages": [{"role": "user", "content": "Write a long essay about rivers."}]}, headers={"Authorization": f"Bearer {key}"})
+    with app_client(ScriptedEngine(endless()), database, tmp_path) as server, server.client() as c:
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                **HELLO,
+                "max_tokens": 500,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "Write a long essay about rivers."}],
+            },
+            headers={"Authorization": f"Bearer {key}"},
+        )
         assert r.status_code == 200
         usage = r.json()["usage"]
         assert usage["total_tokens"] == 50 and r.json()["choices"][0]["finish_reason"] == "length"
@@ -178,72 +238,70 @@ def test_per_token_clamps_max_tokens_to_what_the_credits_pay_for(engine, databas
         assert c.post("/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}).status_code == 429
 
 
-def test_a_stream_cut_by_the_client_is_charged_for_what_was_sent(engine, database, tmp_path):
+def test_a_stream_cut_by_the_client_is_charged_for_what_was_sent(database, tmp_path):
     make_account(database, daily=10_000, cost_rule="per_token", per_1k=1000)
     key = make_key(database)
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": True}
+    engine = ScriptedEngine(endless(), token_delay=0.02)  # 8 s for all 400: a hang-up must stop it well before
     with serve_app(engine, database, tmp_path) as server, server.client() as c:
         with c.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
-            lines = r.iter_lines()
-            got = [line for line, _ in zip(lines, range(20)) if line.startswith("data: ")]
-        time.sleep(0.5)
+            events = iter_sse(r.iter_text())
+            got = list(itertools.islice(events, 10))
+            events.close()
+        deadline = time.monotonic() + 5
+        while ledger_rows(database)[0].status == "reserved" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    generation = engine.generations[0]
+    assert generation.outcome == "closed" and generation.tokens < 40, "the hang-up stopped the generation"
     [row] = ledger_rows(database)
     assert row.status == "charged"
-    assert len(got) - 1 <= row.completion_tokens < 40  # deltas received (first event is the role)
+    assert len(got) - 1 <= row.completion_tokens <= generation.tokens  # deltas received (the first event is the role)
     assert row.credits == row.prompt_tokens + row.completion_tokens < row.reserved_credits
 
 
-class FailingEngine:
-    """The real engine, made to fail: before any output, or after ``after`` pieces."""
-
-    def __init__(self, inner, after: int | None = None):
-        self.inner, self.after = inner, after
-        self.model_id = inner.model_id
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    async def generate(self, prompt, params):
-        if self.after is None:
-            raise EngineError("injected failure")
-        n = 0
-        async for event in self.inner.generate(prompt, params):
-            if isinstance(event, Finish) or n == self.after:
-                raise EngineError("injected failure")
-            n += 1
-            yield event
-
-
 @pytest.mark.parametrize("stream", [False, True])
-def test_an_engine_failure_before_output_is_charged_nothing(engine, database, tmp_path, stream):
+@pytest.mark.parametrize(
+    "error, code, retry_after",
+    [
+        (EngineError("injected failure"), "engine_error", "1"),
+        (EngineBusy("queue full", retry_after=7), "engine_overloaded", "7"),
+    ],
+)
+def test_an_engine_failure_before_output_is_charged_nothing(database, tmp_path, stream, error, code, retry_after):
     make_account(database, daily=10)
     key = make_key(database)
-    with serve_app(FailingEngine(engine), database, tmp_path) as server, server.client() as c:
-        r = c.post("/v1/chat/completions", json={**HELLO, "stream": stream}, headers={"Authorization": f"Bearer {key}"})
-        assert r.status_code == 503 and r.headers["retry-after"]
-        assert r.json()["error"]["code"] == "engine_error"
+    with app_client(ScriptedEngine(error=error), database, tmp_path) as server:
+        r = server.chat({**HELLO, "stream": stream}, key)
+        assert r.status_code == 503 and r.headers["retry-after"] == retry_after
+        assert r.json()["error"]["code"] == code
+        assert r.headers["x-ratelimit-remaining"] == "10"  # the reservation came back
     [row] = ledger_rows(database)
     assert (row.status, row.credits) == ("released", 0)
 
 
-def test_an_engine_failure_mid_stream_ends_with_an_error_event_and_charges_what_was_sent(engine, database, tmp_path):
+def test_an_engine_failure_mid_stream_ends_with_an_error_event_and_charges_what_was_sent(database, tmp_path):
     make_account(database, daily=1000, cost_rule="per_token", per_1k=1000)
     key = make_key(database)
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 100, "stream": True}
-    with serve_app(FailingEngine(engine, after=5), database, tmp_path) as server, server.client() as c:
-        r = c.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
-    events = [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    with app_client(ScriptedEngine(endless(), fail_after=5), database, tmp_path) as server:
+        r = server.chat(body, key)
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and "error" in events[-2]
+    assert sse_text(events) == "one two three four five"  # what came before the failure
     [row] = ledger_rows(database)
     assert row.status == "charged" and row.completion_tokens == 5
 
 
-def test_usage_endpoint_reports_today_month_and_keys_and_costs_nothing(engine, database, tmp_path):
+def test_usage_endpoint_reports_today_month_and_keys_and_costs_nothing(server):
+    database = server.db
     make_account(database, daily=10, monthly=100)
     k1, k2 = make_key(database, name="laptop"), make_key(database, name="server")
-    with serve_app(engine, database, tmp_path) as server, server.client() as c:
+    with server.client() as c:
         for key in (k1, k1, k2):
-            assert c.post("/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert (
+                c.post("/v1/chat/completions", json=HELLO, headers={"Authorization": f"Bearer {key}"}).status_code
+                == 200
+            )
         usage = c.get("/v1/usage", headers={"Authorization": f"Bearer {k1}"}).json()
         again = c.get("/v1/usage", headers={"Authorization": f"Bearer {k1}"}).json()
     assert usage == again

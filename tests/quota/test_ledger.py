@@ -24,15 +24,26 @@ def principal(database, email="user@example.com"):
         return principal_for(account)
 
 
-def reserve(database, p, cost=Cost(1, 1), now=NOON):
+ONE_CREDIT = Cost(1, 1)
+
+
+def reserve(database, p, cost=ONE_CREDIT, now=NOON):
     with database.connect() as conn:
         return ledger.reserve(conn, p, cost, request_id="req-" + secrets.token_hex(8), now=now)
 
 
 def ledger_total(database, account_id, day):
     with database.session() as s:
-        credits = s.scalar(select(func.coalesce(func.sum(UsageEvent.credits), 0)).where(UsageEvent.account_id == account_id, UsageEvent.day == day))
-        counter = s.scalar(select(UsageCounter.used).where(UsageCounter.account_id == account_id, UsageCounter.period == "day", UsageCounter.period_start == day))
+        credits = s.scalar(
+            select(func.coalesce(func.sum(UsageEvent.credits), 0)).where(
+                UsageEvent.account_id == account_id, UsageEvent.day == day
+            )
+        )
+        counter = s.scalar(
+            select(UsageCounter.used).where(
+                UsageCounter.account_id == account_id, UsageCounter.period == "day", UsageCounter.period_start == day
+            )
+        )
         return int(credits), counter
 
 
@@ -123,7 +134,9 @@ def test_a_request_spanning_midnight_stays_on_the_day_it_was_reserved(database):
     p = principal(database)
     r = reserve(database, p, Cost(want=50, minimum=10), now=dt.datetime(2024, 1, 18, 23, 59, 59))
     with database.connect() as conn:
-        ledger.settle(conn, r, credits=20, prompt_tokens=10, completion_tokens=10, now=dt.datetime(2024, 1, 19, 0, 0, 5))
+        ledger.settle(
+            conn, r, credits=20, prompt_tokens=10, completion_tokens=10, now=dt.datetime(2024, 1, 19, 0, 0, 5)
+        )
     assert ledger_total(database, p.account_id, dt.date(2024, 1, 18)) == (20, 20)
     assert ledger_total(database, p.account_id, dt.date(2024, 1, 19)) == (0, None)
 
@@ -189,9 +202,25 @@ def test_every_reservation_path_writes_the_same_row_and_the_keys_last_use(databa
     with database.session() as s:
         rows = s.scalars(select(UsageEvent).order_by(UsageEvent.id)).all()
     assert [r.id for r in rows] == [first.ledger_id, second.ledger_id, third.ledger_id]
-    shape = {(r.account_id, r.api_key_id, r.day, r.reserved_credits, r.credits, r.prompt_tokens, r.completion_tokens,
-              r.status, r.estimated, r.settled_at) for r in rows}
+    shape = {
+        (
+            r.account_id,
+            r.api_key_id,
+            r.day,
+            r.reserved_credits,
+            r.credits,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.status,
+            r.estimated,
+            r.settled_at,
+        )
+        for r in rows
+    }
     assert shape == {(first.account_id, created.key.id, NOON.date(), 1, 1, 0, 0, "reserved", False, None)}
     assert [(r.request_id, r.created_at) for r in rows] == [
-        ("first", NOON), ("second", NOON + dt.timedelta(seconds=30)), ("third", NOON + dt.timedelta(minutes=2))]
+        ("first", NOON),
+        ("second", NOON + dt.timedelta(seconds=30)),
+        ("third", NOON + dt.timedelta(minutes=2)),
+    ]
     assert ledger_total(database, first.account_id, NOON.date()) == (3, 3)

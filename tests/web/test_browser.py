@@ -1,8 +1,8 @@
 """The account pages in Debian's Chromium, driven by Playwright: the newcomer's whole path from sign-up
 to a working key, the playground, the docs, keyboard-only use, 360 px screens and no JavaScript.
 
-One server and one browser per module; each test uses its own account. Screenshots of every page go
-to the test output folder (``test-output/web-*.png``).
+One server (a real socket, answered by the scripted engine) and one browser per module; each test uses
+its own account. Screenshots of every page go to the test output folder (``test-output/web-*.png``).
 """
 
 from __future__ import annotations
@@ -14,31 +14,35 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
+from web_helpers import PASSWORD, chat
 
 from aimichat.accounts import service as accounts
 from aimichat.store.db import Database
 from conftest import OUTPUT, make_account, serve_app, tool_missing
-from web_helpers import PASSWORD, chat
+from scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 PAGES = ["/keys", "/usage", "/plan", "/playground", "/docs", "/account"]
 
 
 @pytest.fixture(scope="module")
-def server(engine, tmp_path_factory):
-    from aimichat.web import playground
-
-    saved, playground.MAX_TOKENS = playground.MAX_TOKENS, 24  # short replies keep the test quick
+def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web")
     db = Database(f"sqlite:///{tmp / 'aimichat.db'}")
-    with serve_app(engine, db, tmp) as live:
-        live.db = db
+    # A reply that arrives word by word, as a model's does, for the playground to stream.
+    with serve_app(ScriptedEngine(token_delay=0.01), db, tmp) as live:
         yield live
-    playground.MAX_TOKENS = saved
     db.dispose()
 
 
@@ -234,7 +238,13 @@ def test_pages_fit_a_360px_screen(browser, server):
     with server.db.session() as s:
         accounts.create_account(s, "narrow@example.com", PASSWORD, is_admin=True)
         s.commit()
-    ctx = browser.new_context(base_url=server.url, viewport={"width": 360, "height": 740}, device_scale_factor=2, is_mobile=True, has_touch=True)
+    ctx = browser.new_context(
+        base_url=server.url,
+        viewport={"width": 360, "height": 740},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+    )
     watched = Watched(ctx.new_page())
     page = watched.page
     page.goto("/login")
@@ -243,7 +253,7 @@ def test_pages_fit_a_360px_screen(browser, server):
     log_in(page, "narrow@example.com")
     page.get_by_label("Key name").fill("phone")
     page.get_by_role("button", name="Generate key").click()
-    for path in ["/keys?fresh"] + PAGES + ["/admin"]:
+    for path in ["/keys?fresh", *PAGES, "/admin"]:
         page.goto(path)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 360, f"{path} scrolls sideways ({width}px)"

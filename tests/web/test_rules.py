@@ -1,25 +1,19 @@
-"""The account pages' business rules as plain functions: sessions, throttling, the usage chart and
-CSV, the docs page's parsing of the API document, and the migration that matches the models."""
+"""The account pages' business rules as plain functions: sessions, throttling, the usage chart and CSV.
+(Their tables' migration: tests/store/test_migrations.py; the docs page: tests/web/test_server.py.)"""
 
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
-import sys
+import itertools
 
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from sqlalchemy import Table
 
 from aimichat.accounts import service as accounts
-from aimichat.store import db as store
-from aimichat.store.models import Base, UsageEvent, WebSession
-from aimichat.web import auth, docs_page, sessions, throttle, usage_data
-from conftest import make_account, tool_missing
+from aimichat.store.models import UsageEvent, WebSession
+from aimichat.web import auth, sessions, throttle, usage_data
+from conftest import make_account
 
 NOW = dt.datetime(2026, 3, 14, 15, 9, 26)
-WEB_TABLES = {"web_sessions", "login_attempts"}
 
 
 def account(db, email="rules@example.com"):
@@ -114,6 +108,19 @@ def test_unknown_emails_count_too(database):
         assert refused.value.status == 429
 
 
+def test_sign_ups_from_one_address_are_limited_without_locking_log_ins(database):
+    now = dt.datetime(2024, 1, 18, 12, 0)
+    with database.session() as db:
+        for i in range(throttle.MAX_FAILURES):
+            auth.sign_up(db, f"user{i}@example.com", "long enough", tier="free", now=now, address="10.0.0.9")
+        with pytest.raises(auth.Refused) as refused:
+            auth.sign_up(db, "one-more@example.com", "long enough", tier="free", now=now, address="10.0.0.9")
+        assert refused.value.status == 429 and refused.value.retry_after > 0
+        auth.sign_up(db, "elsewhere@example.com", "long enough", tier="free", now=now, address="10.0.0.10")
+        auth.log_in(db, "user0@example.com", "long enough", address="10.0.0.9", now=now)  # not throttled
+        auth.sign_up(db, "later@example.com", "long enough", tier="free", now=now + throttle.WINDOW, address="10.0.0.9")
+
+
 # -- usage ---------------------------------------------------------------------------------------
 
 
@@ -123,8 +130,17 @@ def test_daily_series_and_chart(database):
     with database.session() as s:
         for i, (days_ago, credits) in enumerate([(0, 3), (0, 2), (1, 7), (29, 1), (30, 50)]):
             day = today - dt.timedelta(days=days_ago)
-            s.add(UsageEvent(request_id=f"r{i}", account_id=acc.id, created_at=dt.datetime.combine(day, dt.time(12)), day=day,
-                             reserved_credits=credits, credits=credits, status="charged"))
+            s.add(
+                UsageEvent(
+                    request_id=f"r{i}",
+                    account_id=acc.id,
+                    created_at=dt.datetime.combine(day, dt.time(12)),
+                    day=day,
+                    reserved_credits=credits,
+                    credits=credits,
+                    status="charged",
+                )
+            )
         s.commit()
         series = usage_data.daily_credits(s, acc.id, today, 30)
     assert len(series) == 30 and series[0] == (today - dt.timedelta(days=29), 1) and series[-1] == (today, 5)
@@ -133,10 +149,12 @@ def test_daily_series_and_chart(database):
     assert len(chart.bars) == 30 and chart.top_value == 10 and chart.total == 13
     tallest = max(chart.bars, key=lambda b: b.height)
     assert tallest.credits == 7 and tallest.y + tallest.height == chart.height and tallest.height == 70
-    assert all(b.height >= 1 for b in chart.bars) and all(a.x < b.x for a, b in zip(chart.bars, chart.bars[1:]))
+    assert all(b.height >= 1 for b in chart.bars) and all(a.x < b.x for a, b in itertools.pairwise(chart.bars))
 
 
-@pytest.mark.parametrize("value, ceiling", [(0, 1), (1, 1), (3, 5), (7, 10), (11, 20), (100, 100), (101, 200), (4999, 5000)])
+@pytest.mark.parametrize(
+    "value, ceiling", [(0, 1), (1, 1), (3, 5), (7, 10), (11, 20), (100, 100), (101, 200), (4999, 5000)]
+)
 def test_nice_ceiling(value, ceiling):
     assert usage_data.nice_ceiling(value) == ceiling
 
@@ -149,83 +167,3 @@ def test_csv_range_rules():
         with pytest.raises(usage_data.BadRange):
             usage_data.parse_range(start, end, today)
     assert usage_data.spreadsheet_safe("=cmd()") == "'=cmd()" and usage_data.spreadsheet_safe("laptop") == "laptop"
-
-
-# -- docs ----------------------------------------------------------------------------------------
-
-
-def test_docs_fill_in_base_url_and_placeholder():
-    sections = docs_page.sections("http://example.test:8000")
-    code = {b.label: b.text for s in sections for b in s.blocks if b.kind == "code" and b.label}
-    assert set(code) >= {"Python", "Node.js", "curl", "Request", "Response", "429 response body"}
-    for label in ("Python", "Node.js", "curl"):
-        assert "http://example.test:8000/v1/chat/completions" in code[label]
-        assert docs_page.PLACEHOLDER in code[label] and "aimichat.app" not in code[label]
-    assert [s.title for s in sections][-2:] == ["Best practices", "Help"]
-    practices = next(s for s in sections if s.id == "best-practices").blocks[0]
-    assert practices.kind == "list" and len(practices.items) == 4
-
-
-def test_docs_python_example_still_compiles_after_reindenting():
-    python = next(b.text for s in docs_page.sections("http://x") for b in s.blocks if b.label == "Python")
-    compile(python, "example.py", "exec")
-    assert '    "Authorization": f"Bearer {api_key}",' in python
-
-
-def test_docs_node_example_is_valid_javascript(tmp_path):
-    node = next(b.text for s in docs_page.sections("http://x") for b in s.blocks if b.label == "Node.js")
-    path = tmp_path / "example.js"
-    path.write_text(node)
-    if subprocess.run(["node", "--version"], capture_output=True).returncode != 0:
-        tool_missing("node is not installed")
-    assert subprocess.run(["node", "--check", str(path)], capture_output=True).returncode == 0
-
-
-# -- migration -----------------------------------------------------------------------------------
-
-
-def test_migration_matches_the_models(database):
-    with database.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
-    ours = [d for d in diff if WEB_TABLES & set(_tables(d))]
-    assert ours == []
-
-
-def test_migration_downgrades_and_upgrades(database):
-    store.downgrade(database.engine, "0001")
-    with database.engine.connect() as conn:
-        assert not WEB_TABLES & set(conn.dialect.get_table_names(conn))
-    store.upgrade(database.engine)
-    with database.engine.connect() as conn:
-        assert WEB_TABLES <= set(conn.dialect.get_table_names(conn))
-
-
-def _tables(diff) -> list[str]:
-    """Table names an Alembic diff entry is about (entries are tuples, or lists of them)."""
-    if isinstance(diff, list):
-        return [t for d in diff for t in _tables(d)]
-    names = []
-    for part in diff:
-        if isinstance(part, Table):
-            names.append(part.name)
-        elif isinstance(getattr(part, "table", None), Table):  # indexes, constraints, columns
-            names.append(part.table.name)
-        elif isinstance(part, str):
-            names.append(part)
-    return names
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))
-
-
-def test_sign_ups_from_one_address_are_limited_without_locking_log_ins(database):
-    now = dt.datetime(2024, 1, 18, 12, 0)
-    with database.session() as db:
-        for i in range(throttle.MAX_FAILURES):
-            auth.sign_up(db, f"user{i}@example.com", "long enough", tier="free", now=now, address="10.0.0.9")
-        with pytest.raises(auth.Refused) as refused:
-            auth.sign_up(db, "one-more@example.com", "long enough", tier="free", now=now, address="10.0.0.9")
-        assert refused.value.status == 429 and refused.value.retry_after > 0
-        auth.sign_up(db, "elsewhere@example.com", "long enough", tier="free", now=now, address="10.0.0.10")
-        auth.log_in(db, "user0@example.com", "long enough", address="10.0.0.9", now=now)  # not throttled
-        auth.sign_up(db, "later@example.com", "long enough", tier="free", now=now + throttle.WINDOW, address="10.0.0.9")

@@ -1,4 +1,5 @@
-"""The account pages and account API over real HTTP, on SQLite and PostgreSQL.
+"""The account pages and account API over HTTP (in-process, the scripted engine answering), on SQLite and
+PostgreSQL.
 
 Covers the issue's server tests: CSRF refusal, log-in throttling, XSS escaping, another account's
 key id -> 404, session fixation, and a key appearing in exactly one response.
@@ -6,28 +7,18 @@ key id -> 404, session fixation, and a key appearing in exactly one response.
 
 from __future__ import annotations
 
+import html
 import re
+import subprocess
 
 import pytest
+from web_helpers import PASSWORD, Browser, chat, csrf_of, new_key_of
 
 from aimichat.accounts import service as accounts
 from aimichat.keys import service as keys
 from aimichat.store.models import ApiKey, UsageEvent, WebSession
-from conftest import make_account, serve_app
-from web_helpers import PASSWORD, Browser, chat, csrf_of, new_key_of
-
-
-@pytest.fixture(autouse=True)
-def short_replies(monkeypatch):
-    # The playground's reply budget, cut so these tests spend little time in the model.
-    monkeypatch.setattr("aimichat.web.playground.MAX_TOKENS", 4)
-
-
-@pytest.fixture
-def server(engine, database, tmp_path):
-    with serve_app(engine, database, tmp_path) as live:
-        live.db = database
-        yield live
+from conftest import app_client, make_account, tool_missing
+from scripted_engine import ScriptedEngine
 
 
 def key_row(db, key_id: int) -> ApiKey:
@@ -60,7 +51,11 @@ def test_post_without_valid_csrf_token_is_refused_and_changes_nothing(server):
 
         # Log-out and password change are state changes too.
         assert b.post("/logout", {"csrf_token": "wrong"}, csrf=False).status_code == 403
-        refused = b.post("/account/password", {"current_password": PASSWORD, "new_password": "another password", "csrf_token": "x"}, csrf=False)
+        refused = b.post(
+            "/account/password",
+            {"current_password": PASSWORD, "new_password": "another password", "csrf_token": "x"},
+            csrf=False,
+        )
         assert refused.status_code == 403
         assert b.get("/keys").status_code == 200, "still logged in"
         assert b.log_in("csrf@example.com", "another password").status_code != 303
@@ -75,7 +70,13 @@ def test_json_calls_need_the_csrf_header(server):
             assert r.status_code == 403 and r.json()["error"]["code"] == "csrf_failed"
             r = b.api("POST", f"/api/account/keys/{key_id}/revoke", csrf=False, headers=headers)
             assert r.status_code == 403
-            r = b.api("POST", "/playground/stream", csrf=False, headers=headers, json={"messages": [{"role": "user", "content": "hi"}]})
+            r = b.api(
+                "POST",
+                "/playground/stream",
+                csrf=False,
+                headers=headers,
+                json={"messages": [{"role": "user", "content": "hi"}]},
+            )
             assert r.status_code == 403
         assert key_count(server.db) == 1 and key_row(server.db, key_id).revoked_at is None
         assert b.api("GET", "/api/account/keys", csrf=False).status_code == 200, "reads need no token"
@@ -87,13 +88,17 @@ def test_login_and_signup_forms_need_the_pre_session_token(server):
         login = b.get("/login")
         assert "aimichat_csrf" in login.headers.get("set-cookie", "")
         # A forged cross-site form has no way to know the cookie's value.
-        assert b.post("/login", {"email": "pre@example.com", "password": PASSWORD, "csrf_token": "forged"}, csrf=False).status_code == 403
+        assert (
+            b.post(
+                "/login", {"email": "pre@example.com", "password": PASSWORD, "csrf_token": "forged"}, csrf=False
+            ).status_code
+            == 403
+        )
         assert b.post("/signup", {"email": "new@example.com", "password": PASSWORD}, csrf=False).status_code == 403
         assert b.session_cookie() is None
         assert b.log_in("pre@example.com").status_code == 303
-    with server.db.session() as s:
-        with pytest.raises(accounts.AccountError):
-            accounts.get_account(s, "new@example.com")
+    with server.db.session() as s, pytest.raises(accounts.AccountError):
+        accounts.get_account(s, "new@example.com")
 
 
 # -- log-in throttling ---------------------------------------------------------------------------
@@ -122,7 +127,10 @@ def test_login_is_throttled_per_address(server):
     with Browser(server) as b:
         b.get("/login")
         for i in range(10):
-            assert b.log_in(f"guess{i}@example.com", "password1", headers={"X-Forwarded-For": "192.0.2.66"}).status_code == 400
+            assert (
+                b.log_in(f"guess{i}@example.com", "password1", headers={"X-Forwarded-For": "192.0.2.66"}).status_code
+                == 400
+            )
         r = b.log_in("real@example.com", PASSWORD, headers={"X-Forwarded-For": "192.0.2.66"})
         assert r.status_code == 429 and "Too many failed log-in attempts" in r.text
         assert b.log_in("real@example.com", PASSWORD, headers={"X-Forwarded-For": "192.0.2.67"}).status_code == 303
@@ -225,7 +233,12 @@ def test_logout_and_password_change_end_sessions(server):
         phone.sign_up("pw@example.com")
         laptop.log_in("pw@example.com")
         laptop.get("/keys")
-        assert laptop.post("/account/password", {"current_password": "wrong one", "new_password": "new password 1"}).status_code == 400
+        assert (
+            laptop.post(
+                "/account/password", {"current_password": "wrong one", "new_password": "new password 1"}
+            ).status_code
+            == 400
+        )
         r = laptop.post("/account/password", {"current_password": PASSWORD, "new_password": "new password 1"})
         assert r.status_code == 303 and laptop.session_cookie()
         assert laptop.get("/account?changed=1").status_code == 200
@@ -235,18 +248,22 @@ def test_logout_and_password_change_end_sessions(server):
         assert laptop.log_in("pw@example.com", "new password 1").status_code == 303
 
 
-def test_cookie_flags(engine, database, tmp_path):
-    with serve_app(engine, database, tmp_path) as plain, Browser(plain) as b:
+def test_cookie_flags(server, database, tmp_path):
+    with Browser(server) as b:
         cookie = b.sign_up("flags@example.com").headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Secure" not in cookie
-    with serve_app(engine, database, tmp_path, public_url="https://chat.example.com") as https, https.client() as c:
+    https = app_client(ScriptedEngine(), database, tmp_path, public_url="https://chat.example.com")
+    with https, https.client() as c:
         form = c.get("/signup")
         pre = form.headers["set-cookie"]
         assert pre.startswith("__Host-aimichat_csrf=") and "Secure" in pre
         # httpx keeps Secure cookies off plain http, so send the pre-session cookie by hand.
         value = pre.split(";")[0].split("=", 1)[1]
-        r = c.post("/signup", data={"email": "flags2@example.com", "password": PASSWORD, "csrf_token": csrf_of(form.text)},
-                   headers={"Cookie": f"__Host-aimichat_csrf={value}"})
+        r = c.post(
+            "/signup",
+            data={"email": "flags2@example.com", "password": PASSWORD, "csrf_token": csrf_of(form.text)},
+            headers={"Cookie": f"__Host-aimichat_csrf={value}"},
+        )
         cookie = r.headers["set-cookie"]
         assert r.status_code == 303 and cookie.startswith("__Host-aimichat_session=")
         assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=lax" in cookie and "Path=/" in cookie
@@ -262,7 +279,17 @@ def test_a_key_appears_in_exactly_one_response(server):
         b.sign_up("once@example.com")
         key_id, key = b.generate_key("shown once")
         assert chat(server, key).status_code == 200
-        for path in ("/keys", "/usage", "/plan", "/docs", "/playground", "/account", "/usage.csv", "/api/account/keys", "/api/account/usage"):
+        for path in (
+            "/keys",
+            "/usage",
+            "/plan",
+            "/docs",
+            "/playground",
+            "/account",
+            "/usage.csv",
+            "/api/account/keys",
+            "/api/account/usage",
+        ):
             b.get(path)
         b.post(f"/keys/{key_id}/revoke", {})  # confirmation page
         created = b.api("POST", "/api/account/keys", json={"name": "json"}).json()["key"]
@@ -284,7 +311,11 @@ def test_account_api_refuses_api_keys(server):
     with Browser(server) as b:
         b.sign_up("apikey@example.com")
         _, key = b.generate_key()
-        for headers, params in (({"Authorization": f"Bearer {key}"}, {}), ({"X-API-Key": key}, {}), ({}, {"api_key": key})):
+        for headers, params in (
+            ({"Authorization": f"Bearer {key}"}, {}),
+            ({"X-API-Key": key}, {}),
+            ({}, {"api_key": key}),
+        ):
             with server.client() as c:  # no session cookie: the key alone
                 r = c.get("/api/account/keys", headers=headers, params=params)
                 assert r.status_code == 403 and r.json()["error"]["code"] == "mode_not_allowed"
@@ -306,7 +337,12 @@ def test_account_api_manages_keys_and_reads_usage(server):
         body = created.json()
         assert body["key"].startswith("aimichat_") and body["status"] == "active" and body["prefix"] == body["key"][:13]
         assert b.api("POST", "/api/account/keys", json={"name": "  "}).status_code == 400
-        assert b.api("POST", "/api/account/keys", content=b"not json", headers={"Content-Type": "application/json"}).status_code == 400
+        assert (
+            b.api(
+                "POST", "/api/account/keys", content=b"not json", headers={"Content-Type": "application/json"}
+            ).status_code
+            == 400
+        )
         assert chat(server, body["key"]).status_code == 200
 
         listed = b.api("GET", "/api/account/keys").json()["data"]
@@ -361,7 +397,12 @@ def test_pages_need_a_session(server):
     make_account(server.db, "next@example.com", password=PASSWORD)
     with Browser(server) as b:
         b.get("/login?next=//evil.example/x")
-        assert "evil" not in b.post("/login", {"email": "next@example.com", "password": PASSWORD, "next": "//evil.example/x"}).headers["location"]
+        assert (
+            "evil"
+            not in b.post(
+                "/login", {"email": "next@example.com", "password": PASSWORD, "next": "//evil.example/x"}
+            ).headers["location"]
+        )
 
 
 # -- playground ----------------------------------------------------------------------------------
@@ -374,31 +415,37 @@ def test_playground_charges_the_account(server):
         assert page.status_code == 200
         assert re.search(r'id="remaining">99<', page.text), "one credit gone"
         assert page.text.count('class="msg assistant"') == 1
-        follow_up = b.post("/playground", {"role": ["user", "assistant"], "content": ["Say hello", "Hello!"], "message": "And again"})
+        follow_up = b.post(
+            "/playground", {"role": ["user", "assistant"], "content": ["Say hello", "Hello!"], "message": "And again"}
+        )
         assert re.search(r'id="remaining">98<', follow_up.text) and follow_up.text.count('class="msg ') == 4
 
         stream = b.api("POST", "/playground/stream", json={"messages": [{"role": "user", "content": "Hi"}]})
         assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
         assert '"x_ratelimit":{"limit":100,"remaining":97' in stream.text
-        assert b.api("POST", "/playground/stream", json={"messages": [{"role": "system", "content": "x"}]}).status_code == 400
+        assert (
+            b.api("POST", "/playground/stream", json={"messages": [{"role": "system", "content": "x"}]}).status_code
+            == 400
+        )
         assert b.api("POST", "/playground/stream", json={"messages": []}).status_code == 400
     with server.db.session() as s:
         events = s.query(UsageEvent).all()
         assert len(events) == 3 and all(e.api_key_id is None and e.credits == 1 for e in events)
 
 
-def test_a_conversation_longer_than_the_context_is_explained_on_the_page(server, engine):
+def test_a_conversation_longer_than_the_context_is_explained_on_the_page(server):
     with Browser(server) as b:
         b.sign_up("long@example.com")
         earlier = "word " * 1500  # each turn within the page's limit, together past the model's window
+        assert 1500 < server.engine.context_length < 3000
         page = b.post("/playground", {"role": ["user", "assistant"], "content": [earlier, earlier], "message": "and?"})
         assert page.status_code == 400 and "maximum context length" in page.text
         assert page.text.count('class="msg assistant"') == 1  # the earlier turn, and no new reply
 
 
-def test_playground_shows_when_credits_are_spent(engine, database, tmp_path):
-    make_account(database, "broke@example.com", daily=1, password=PASSWORD)
-    with serve_app(engine, database, tmp_path) as live, Browser(live) as b:
+def test_playground_shows_when_credits_are_spent(server):
+    make_account(server.db, "broke@example.com", daily=1, password=PASSWORD)
+    with Browser(server) as b:
         b.log_in("broke@example.com")
         assert b.post("/playground", {"message": "one"}).status_code == 200
         spent = b.post("/playground", {"message": "two"})
@@ -424,7 +471,11 @@ def test_admin_changes_tier_and_disables_accounts(server):
         admin.log_in("admin@example.com")
         page = admin.get("/admin")
         assert page.status_code == 200 and "user@example.com" in page.text
-        user_id = int(re.search(r'<tr id="account-(\d+)"[^>]*>\s*<th scope="row" data-label="Email">user@example.com', page.text).group(1))
+        user_id = int(
+            re.search(
+                r'<tr id="account-(\d+)"[^>]*>\s*<th scope="row" data-label="Email">user@example.com', page.text
+            ).group(1)
+        )
         assert admin.post(f"/admin/accounts/{user_id}/tier", {"tier": "pro"}).status_code == 303
         assert admin.post(f"/admin/accounts/{user_id}/tier", {"tier": "nope"}).status_code == 400
         assert "1,000 a day" in user.get("/plan").text
@@ -436,7 +487,12 @@ def test_admin_changes_tier_and_disables_accounts(server):
         admin.get("/admin")
         assert admin.post(f"/admin/accounts/{user_id}/enable").status_code == 303
         assert chat(server, key).status_code == 200
-        own_id = int(re.search(r'<tr id="account-(\d+)"[^>]*>\s*<th scope="row" data-label="Email">admin@example.com', admin.get("/admin").text).group(1))
+        own_id = int(
+            re.search(
+                r'<tr id="account-(\d+)"[^>]*>\s*<th scope="row" data-label="Email">admin@example.com',
+                admin.get("/admin").text,
+            ).group(1)
+        )
         assert admin.post(f"/admin/accounts/{own_id}/disable").status_code == 400
         assert admin.post("/admin/accounts/424242/disable").status_code == 404
 
@@ -445,12 +501,39 @@ def test_admin_changes_tier_and_disables_accounts(server):
 
 
 def test_docs_page_fills_in_this_server(server):
-    page = server.client().get("/docs").text
+    page = html.unescape(server.http.get("/docs").text)  # the text a reader sees, whichever quotes are escaped
     assert "aimichat.app" not in page and "aimichat_your_api_key_here" not in page
-    for fragment in (f"curl -X POST {server.url}/v1/chat/completions", f'url = &#34;{server.url}/v1/chat/completions&#34;',
-                     f"const url = &#39;{server.url}/v1/chat/completions&#39;;", "Bearer YOUR_API_KEY",
-                     "Never commit API keys to version control"):
+    for fragment in (
+        f"curl -X POST {server.url}/v1/chat/completions",
+        f'url = "{server.url}/v1/chat/completions"',
+        f"const url = '{server.url}/v1/chat/completions';",
+        "Bearer YOUR_API_KEY",
+        "Never commit API keys to version control",
+    ):
         assert fragment in page, fragment
+
+
+def docs_examples(page: str) -> dict[str, str]:
+    """The docs page's labelled code examples, as a reader copies them."""
+    blocks = re.findall(r'<p class="code-label">(.*?)</p>.*?<code id="code-[^"]+">(.*?)</code>', page, re.S)
+    return {html.unescape(label): html.unescape(code) for label, code in blocks}
+
+
+def test_docs_examples_are_this_servers_and_valid_code(api_server, tmp_path):
+    page = api_server.http.get("/docs").text
+    code = docs_examples(page)
+    assert set(code) >= {"Python", "Node.js", "curl", "Request", "Response", "429 response body"}
+    for label in ("Python", "Node.js", "curl"):
+        assert f"{api_server.url}/v1/chat/completions" in code[label], label
+        assert "YOUR_API_KEY" in code[label] and "aimichat.app" not in code[label], label
+    compile(code["Python"], "example.py", "exec")
+    assert '    "Authorization": f"Bearer {api_key}",' in code["Python"]
+    practices = re.search(r'<section id="best-practices".*?</section>', page, re.S).group(0)
+    assert practices.count("<li>") == 4 and re.search(r'<section id="help"', page)
+    (tmp_path / "example.js").write_text(code["Node.js"])
+    if subprocess.run(["node", "--version"], capture_output=True).returncode != 0:
+        tool_missing("node is not installed")
+    assert subprocess.run(["node", "--check", str(tmp_path / "example.js")], capture_output=True).returncode == 0
 
 
 def test_signup_validation(server):

@@ -82,9 +82,4 @@ class Browser:
 
 
 def chat(server, key: str, **kwargs) -> httpx.Response:
-    with server.client() as c:
-        return c.post(
-            "/v1/chat/completions",
-            headers={"Authorization": f"Bearer {key}"},
-            json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 3, **kwargs},
-        )
+    return server.chat({"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 3, **kwargs}, key)
