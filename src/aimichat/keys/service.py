@@ -44,7 +44,7 @@ class Principal:
     credits_per_1k_tokens: int
 
 
-def create_key(db: Session, account: Account, name: str) -> CreatedKey:
+def create_key(session: Session, account: Account, name: str) -> CreatedKey:
     name = clean_name(name)
     secret = tokens.generate_key()
     key = ApiKey(
@@ -55,8 +55,8 @@ def create_key(db: Session, account: Account, name: str) -> CreatedKey:
         scope="talk",
         created_at=utcnow(),
     )
-    db.add(key)
-    db.flush()
+    session.add(key)
+    session.flush()
     return CreatedKey(key, secret)
 
 
@@ -69,29 +69,29 @@ def clean_name(name: str) -> str:
     return name
 
 
-def list_keys(db: Session, account_id: int) -> list[ApiKey]:
-    return list(db.scalars(select(ApiKey).where(ApiKey.account_id == account_id).order_by(ApiKey.id)))
+def list_keys(session: Session, account_id: int) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).where(ApiKey.account_id == account_id).order_by(ApiKey.id)))
 
 
-def get_key(db: Session, key_id: int, account_id: int | None = None) -> ApiKey:
-    key = db.get(ApiKey, key_id)
+def get_key(session: Session, key_id: int, account_id: int | None = None) -> ApiKey:
+    key = session.get(ApiKey, key_id)
     if key is None or (account_id is not None and key.account_id != account_id):
         raise UnknownKey(f"no API key with id {key_id}")
     return key
 
 
-def revoke_key(db: Session, key_id: int, account_id: int | None = None) -> ApiKey:
-    key = get_key(db, key_id, account_id)
+def revoke_key(session: Session, key_id: int, account_id: int | None = None) -> ApiKey:
+    key = get_key(session, key_id, account_id)
     if key.revoked_at is None:
         key.revoked_at = utcnow()
-        db.flush()
+        session.flush()
     return key
 
 
-def regenerate_key(db: Session, key_id: int, account_id: int | None = None) -> CreatedKey:
+def regenerate_key(session: Session, key_id: int, account_id: int | None = None) -> CreatedKey:
     """Revoke a key and make a new one with the same name."""
-    old = revoke_key(db, key_id, account_id)
-    return create_key(db, old.account, old.name)
+    old = revoke_key(session, key_id, account_id)
+    return create_key(session, old.account, old.name)
 
 
 def key_status(key: ApiKey) -> str:
@@ -152,7 +152,7 @@ _PRINCIPAL = (
 )
 
 
-def authenticate(db: Connection | Session, presented: str) -> Principal | None:
+def authenticate(conn: Connection | Session, presented: str) -> Principal | None:
     """The principal for a live key, or None. Malformed keys are refused before any query.
 
     The lookup is by SHA-256 of the key; comparing hashes in the index leaks nothing useful about
@@ -161,7 +161,7 @@ def authenticate(db: Connection | Session, presented: str) -> Principal | None:
     if not tokens.is_well_formed(presented):
         return None
     digest = tokens.hash_key(presented)
-    row = db.execute(_PRINCIPAL, {"p_digest": digest}).first()
+    row = conn.execute(_PRINCIPAL, {"p_digest": digest}).first()
     if row is None or not secrets.compare_digest(row.key_hash, digest):
         return None
     return Principal(
@@ -206,10 +206,10 @@ def principal_for(
 _TOUCH = update(ApiKey).where(ApiKey.id == bindparam("p_key")).values(last_used_at=bindparam("p_now"))
 
 
-def touch_last_used(db: Connection, principal: Principal, now: dt.datetime) -> None:
+def touch_last_used(conn: Connection, principal: Principal, now: dt.datetime) -> None:
     """Record use at most once a minute per key, so a busy key costs no extra write per request."""
     if last_use_is_stale(principal, now):
-        db.execute(_TOUCH, {"p_key": principal.key_id, "p_now": now})
+        conn.execute(_TOUCH, {"p_key": principal.key_id, "p_now": now})
 
 
 def last_use_is_stale(principal: Principal, now: dt.datetime) -> bool:
