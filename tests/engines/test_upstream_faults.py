@@ -8,7 +8,6 @@ chunks it received when a stream broke. The tier charges 1 credit per token, so 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from aimichat.config import Settings
 from aimichat.engines.openai_upstream import estimate_prompt_tokens
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
-from conftest import LiveServer, free_port, make_account, make_key
+from fixtures import LiveServer, free_port, make_account, make_key, sse_events
 
 USER = [{"role": "user", "content": "Say hello"}]
 MAX_TOKENS = 100  # the per-token reservation (prompt + this) stays above the upstream's usage
@@ -90,12 +89,6 @@ def chat(live: LiveServer, key: str, *, stream: bool = False, **body) -> request
     )
 
 
-def sse(body: str) -> list:
-    """The data payloads of an SSE body: dicts, and the final "[DONE]"."""
-    payloads = [block.removeprefix("data: ") for block in body.strip("\n").split("\n\n")]
-    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
-
-
 def texts(payloads: list) -> list[str]:
     return [
         p["choices"][0]["delta"]["content"]
@@ -144,7 +137,7 @@ def test_upstream_usage_is_what_is_charged(database, tmp_path, key, up):
         assert plain.json()["choices"][0]["message"]["content"] == "".join(a.pieces)
         assert plain.json()["usage"] == a.usage
         streamed = chat(live, key, stream=True, stream_options={"include_usage": True})
-        payloads = sse(streamed.text)
+        payloads = sse_events(streamed.text)
     assert texts(payloads) == a.pieces  # one chunk per upstream chunk, re-framed with our ids
     assert {p["id"] for p in payloads[:-1]} == {payloads[0]["id"]} and payloads[0]["id"].startswith("chatcmpl-")
     assert payloads[-2]["usage"]["completion_tokens"] == 7 and payloads[-1] == "[DONE]"
@@ -215,7 +208,7 @@ def test_two_5xx_fail_over_to_the_next_url(database, tmp_path, key, up):
     a.plan.extend(["500", "500"])
     with aimichat(database, tmp_path, a.url, b.url) as live:
         r = chat(live, key, stream=True)
-    assert r.status_code == 200 and texts(sse(r.text)) == b.pieces
+    assert r.status_code == 200 and texts(sse_events(r.text)) == b.pieces
     assert (a.chat_requests, b.chat_requests) == (2, 1)
     assert ledger(database)[-1].status == "charged"
 
@@ -294,7 +287,7 @@ def test_a_drop_before_the_first_token_is_retried(database, tmp_path, key, up):
     a.plan.extend(["drop:0"])  # the role chunk, then the connection drops: nothing reached the caller
     with aimichat(database, tmp_path, a.url) as live:
         r = chat(live, key, stream=True)
-    assert texts(sse(r.text)) == a.pieces and a.chat_requests == 2
+    assert texts(sse_events(r.text)) == a.pieces and a.chat_requests == 2
 
 
 def test_a_stall_before_the_first_token_is_503_after_the_timeout(database, tmp_path, key, up):
@@ -330,7 +323,7 @@ def test_a_stream_that_breaks_ends_with_an_error_event_and_charges_what_was_rece
     with aimichat(database, tmp_path, a.url, b.url) as live:
         r = chat(live, key, stream=True, stream_options={"include_usage": True})
     assert r.status_code == 200
-    payloads = sse(r.text)
+    payloads = sse_events(r.text)
     assert len(texts(payloads)) == received
     assert set(payloads[-2]) == {"error"} and payloads[-2]["error"]["message"]
     assert payloads[-1] == "[DONE]"
