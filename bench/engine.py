@@ -1,4 +1,4 @@
-"""Embedded engine through the API vs a raw llama-cpp-python loop, same model, same prompts, one run.
+"""The llama.cpp engine through the API vs a raw llama-cpp-python loop, same model, same prompts, one run.
 
     .venv/bin/python bench/engine.py [--tokens 200] [--reps 3]
 
@@ -20,10 +20,11 @@ import tempfile
 import time
 
 import httpx
+from llama_cpp import Llama
 
 from aimichat.config import Settings
 from aimichat.engines.base import Message
-from aimichat.engines.embedded import EmbeddedEngine
+from aimichat.engines.llama import ChatPrompt, default_model_path
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper who finds a map.",
@@ -40,18 +41,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure_raw(engine: EmbeddedEngine, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+def measure_raw(
+    llm: Llama, chat: ChatPrompt, repeat_penalty: float, prompt: str, max_tokens: int
+) -> tuple[float, float, int]:
     """(ttft seconds, decode tokens/s, tokens) for the bare llama-cpp-python loop."""
     import llama_cpp
 
-    llm = engine._llm
-    tokens = engine.tokenize_chat([Message("user", prompt)])
+    tokens = chat.tokens([Message("user", prompt)])
     vocab = llm._model.vocab
     start = time.perf_counter()
     first = None
     n = 0
     generated: list[int] = []
-    for token in llm.generate(tokens, temp=0.0, top_p=1.0, repeat_penalty=engine.repeat_penalty):
+    for token in llm.generate(tokens, temp=0.0, top_p=1.0, repeat_penalty=repeat_penalty):
         if llama_cpp.llama_vocab_is_eog(vocab, token):
             break
         llm.detokenize([token], prev_tokens=generated)  # a fair loop turns tokens into text too
@@ -76,7 +78,9 @@ def measure_api(client: httpx.Client, url: str, key: str, prompt: str, max_token
     start = time.perf_counter()  # the client exists already: building one costs ~50 ms here (its TLS context)
     first = last = None
     tokens = 0
-    with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+    with client.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+    ) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if '"delta":{"content"' in line:
@@ -91,13 +95,32 @@ def measure_api(client: httpx.Client, url: str, key: str, prompt: str, max_token
 def start_server(data_dir: str) -> tuple[subprocess.Popen, str, str]:
     env = {**os.environ, "AIMICHAT_DATA_DIR": data_dir}  # the default engine, unless AIMICHAT_PARALLEL says otherwise
     aimichat = [sys.executable, "-m", "aimichat"]
-    subprocess.run([*aimichat, "accounts", "create", "bench@example.com", "--password", "bench-password"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [*aimichat, "accounts", "create", "bench@example.com", "--password", "bench-password"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     tier = ["tiers", "set", "free", "--daily-credits", "1000000"]
     subprocess.run([*aimichat, *tier], env=env, check=True, capture_output=True)
-    key = subprocess.run([*aimichat, "keys", "create", "bench@example.com", "--name", "bench"], env=env, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    key = (
+        subprocess.run(
+            [*aimichat, "keys", "create", "bench@example.com", "--name", "bench"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     port = free_port()
-    proc = subprocess.Popen([*aimichat, "serve", "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*aimichat, "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -117,17 +140,29 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=len(PROMPTS))
     args = parser.parse_args()
     settings = Settings()
-    engine = EmbeddedEngine(context_length=settings.context_length, threads=settings.threads, system_prompt=settings.system_prompt)
-    engine.load()
+    path = settings.model_path or default_model_path()
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=settings.context_length,
+        n_threads=settings.threads,
+        n_threads_batch=settings.threads,
+        n_batch=512,
+        verbose=False,
+    )
+    chat = ChatPrompt(llm._model, settings.system_prompt, path.name)  # the prompt tokens the API would use
+
+    def run_raw(prompt: str, max_tokens: int) -> tuple[float, float, int]:
+        return measure_raw(llm, chat, settings.repeat_penalty, prompt, max_tokens)
+
     with tempfile.TemporaryDirectory() as data_dir:
         proc, url, key = start_server(data_dir)
         try:
             with httpx.Client(timeout=300) as client:
-                measure_raw(engine, "Warm up.", 16)
+                run_raw("Warm up.", 16)
                 measure_api(client, url, key, "Warm up.", 16)
                 raw, api = [], []
                 for prompt in (PROMPTS * 3)[: args.reps]:  # alternate, so drift hits both sides alike
-                    raw.append(measure_raw(engine, prompt, args.tokens))
+                    raw.append(run_raw(prompt, args.tokens))
                     api.append(measure_api(client, url, key, prompt, args.tokens))
         finally:
             proc.terminate()

@@ -1,12 +1,29 @@
-"""What AimiChat adds to each request: the same requests straight to a zero-latency upstream and through
-AimiChat (key auth + credit reservation + settlement + proxying), in one run.
+"""What AimiChat adds to each request, against a bare proxy: the same requests straight to a zero-latency
+upstream, through a bare proxy (bench/bare_proxy.py) and through AimiChat (key auth + credit reservation +
+settlement + proxying), in one run.
 
-    .venv/bin/python bench/gateway.py [--requests 400] [--backends sqlite,postgresql,redis]
+    .venv/bin/python bench/gateway.py [--requests 400] [--backends sqlite,postgresql,redis] [--py-spy DIR]
 
 For each backend (SQLite; PostgreSQL; PostgreSQL ledger + Redis counters) it measures, non-streaming
-and streaming: sequential latency (p50/p99, requests interleaved so drift hits both sides alike),
-throughput with 32 concurrent clients, and p99 at a paced 200 requests/s. It prints the added
-latency and as its last line ``gateway_overhead_ms_p50=<value>`` for PostgreSQL, sequential, non-streaming.
+and streaming: sequential latency (p50/p99; the targets take turns request by request, in rotating
+order, so drift hits all alike), throughput with 32 concurrent clients (in four slices that take turns
+too), and p99 at a paced 200 requests/s. The bare proxy (Starlette + one pooled httpx client, no auth,
+no ledger, served by uvicorn with AimiChat's options) is the baseline: what any Python proxy adds.
+LiteLLM's proxy is measured too when ``litellm`` is importable. "Added" is a target's median (p99) minus
+the direct one's.
+
+It prints a line per backend, mode and target, then a table with the ratios, then
+``gateway_overhead_ratio=`` (AimiChat added p50 ÷ bare proxy added p50), ``gateway_throughput_ratio=``
+(AimiChat req/s ÷ bare proxy req/s at 32 clients) and, last, ``gateway_overhead_ms_p50=<value>``:
+all for PostgreSQL, non-streaming (sequential for the latencies).
+
+``--py-spy DIR``: after the timed passes of each backend, record AimiChat's server with py-spy
+(``pip install py-spy``) during an extra 32-client non-streaming pass, as DIR/<backend>.txt (``py-spy
+record --format raw --threads``: folded stacks, one line per stack and thread; feed them to a flame graph
+tool or grep them). Not during the timed passes, which it would slow. On a VM py-spy may not tell idle
+threads from busy ones: read the MainThread lines (the event loop), and the worker threads' lines that
+are not waiting in ``Queue.get``.
+
 Every server runs in its own process; PostgreSQL and Redis come from AIMICHAT_TEST_POSTGRES_URL /
 AIMICHAT_TEST_REDIS_URL (default 127.0.0.1).
 """
@@ -15,8 +32,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
+import math
 import os
 import secrets
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -24,6 +45,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -34,6 +56,22 @@ HERE = Path(__file__).parent
 PG_URL = os.environ.get("AIMICHAT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("AIMICHAT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 BODY = {"messages": [{"role": "user", "content": "Hello, how are you?"}], "max_tokens": 16}
+CLIENTS = 32
+PACED_RATE = 200
+HEADLINE = ("postgresql", "plain")
+
+
+@dataclass
+class Target:
+    """One way to the stub: its chat URL, and what a request to it carries."""
+
+    name: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # added to the body (LiteLLM routes on "model")
+
+    def body(self, stream: bool) -> dict:
+        return {**BODY, **self.extra, **({"stream": True} if stream else {})}
 
 
 def free_port() -> int:
@@ -42,8 +80,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, path: str) -> None:
-    deadline = time.monotonic() + 60
+def wait_ready(url: str, proc: subprocess.Popen, path: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited: {proc.args}")
@@ -57,10 +95,10 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str) -> None:
 
 
 @contextmanager
-def process(args: list[str], env: dict, url: str, ready_path: str):
+def process(args: list[str], env: dict, url: str, ready_path: str, seconds: float = 60):
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(url, proc, ready_path)
+        wait_ready(url, proc, ready_path, seconds)
         yield proc
     finally:
         proc.terminate()
@@ -86,9 +124,14 @@ def postgres_database():
 
 @contextmanager
 def gateway(backend: str, upstream: str, data_dir: str):
-    """AimiChat in front of the stub, with an account that will not run out of credits; yields (url, key)."""
+    """AimiChat in front of the stub, with an account that will not run out of credits; yields (url, key, pid)."""
     with postgres_database() if backend != "sqlite" else _nothing() as pg_url:
-        env = {**os.environ, "AIMICHAT_DATA_DIR": data_dir, "AIMICHAT_ENGINE": "upstream", "AIMICHAT_UPSTREAM_URL": upstream}
+        env = {
+            **os.environ,
+            "AIMICHAT_DATA_DIR": data_dir,
+            "AIMICHAT_ENGINE": "upstream",
+            "AIMICHAT_UPSTREAM_URL": upstream,
+        }
         if pg_url:
             env["AIMICHAT_DATABASE_URL"] = pg_url
         if backend == "redis":
@@ -100,8 +143,8 @@ def gateway(backend: str, upstream: str, data_dir: str):
         key = run("keys", "create", f"bench-{backend}@example.com", "--name", "bench").strip().splitlines()[-1]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        with process([*cli, "serve", "--port", str(port), "--log-level", "warning"], env, url, "/readyz"):
-            yield url, key
+        with process([*cli, "serve", "--port", str(port), "--log-level", "warning"], env, url, "/readyz") as proc:
+            yield url, key, proc.pid
 
 
 @contextmanager
@@ -109,35 +152,85 @@ def _nothing():
     yield None
 
 
-def one(client: httpx.Client, url: str, key: str | None, stream: bool) -> float:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {**BODY, "stream": True} if stream else BODY
+@contextmanager
+def bare_proxy(stub: str):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [sys.executable, str(HERE / "bare_proxy.py"), "--port", str(port), "--upstream", stub]
+    with process(args, dict(os.environ), url, "/v1/models"):
+        yield Target("bare proxy", f"{url}/v1/chat/completions")
+
+
+@contextmanager
+def litellm_proxy(stub: str, workdir: str):
+    """LiteLLM's proxy in front of the stub, one worker, for the record; yields None when litellm is absent."""
+    if importlib.util.find_spec("litellm") is None:
+        print(
+            "litellm is not importable: LiteLLM's proxy is skipped (pip install 'litellm[proxy]' to include it)",
+            flush=True,
+        )
+        yield None
+        return
+    config = Path(workdir) / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: stub\n"
+        "    litellm_params:\n"
+        "      model: openai/stub\n"
+        f"      api_base: {stub}/v1\n"
+        "      api_key: bench\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = [
+        sys.executable,
+        "-c",
+        "from litellm.proxy.proxy_cli import run_server; run_server()",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    with process(args, env, url, "/health/liveliness", seconds=180):
+        yield Target("LiteLLM", f"{url}/v1/chat/completions", extra={"model": "stub"})
+
+
+def one(client: httpx.Client, target: Target, stream: bool) -> float:
     start = time.perf_counter()
     if stream:
-        with client.stream("POST", url, json=body, headers=headers) as r:
+        with client.stream("POST", target.url, json=target.body(True), headers=target.headers) as r:
             for _ in r.iter_bytes():
                 pass
     else:
-        r = client.post(url, json=body, headers=headers)
-    assert r.status_code == 200, r.status_code
+        r = client.post(target.url, json=target.body(False), headers=target.headers)
+    assert r.status_code == 200, (target.name, r.status_code)
     return (time.perf_counter() - start) * 1000
 
 
-def sequential(direct: str, through: str, key: str, n: int, stream: bool) -> tuple[list[float], list[float]]:
-    d, t = [], []
+def sequential(targets: list[Target], n: int, stream: bool) -> dict[str, list[float]]:
+    """n requests to each target, taking turns; the order rotates so that none always follows another."""
+    times: dict[str, list[float]] = {t.name: [] for t in targets}
     with httpx.Client(timeout=30) as c:
         for _ in range(20):  # warm up connections and caches
-            one(c, direct, None, stream)
-            one(c, through, key, stream)
-        for _ in range(n):
-            d.append(one(c, direct, None, stream))
-            t.append(one(c, through, key, stream))
-    return d, t
+            for t in targets:
+                one(c, t, stream)
+        for i in range(n):
+            k = i % len(targets)
+            for t in targets[k:] + targets[:k]:
+                times[t.name].append(one(c, t, stream))
+    return times
 
 
-async def _concurrent(url: str, key: str | None, n: int, clients: int, stream: bool) -> float:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {**BODY, "stream": True} if stream else BODY
+async def _concurrent(target: Target, n: int, clients: int, stream: bool) -> float:
+    """n requests from ``clients`` concurrent clients; requests per second."""
+    body = target.body(stream)
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         queue = list(range(n))
@@ -145,24 +238,35 @@ async def _concurrent(url: str, key: str | None, n: int, clients: int, stream: b
         async def worker():
             while queue:
                 queue.pop()
-                r = await client.post(url, json=body, headers=headers)
-                assert r.status_code == 200, r.status_code
+                r = await client.post(target.url, json=body, headers=target.headers)
+                assert r.status_code == 200, (target.name, r.status_code)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         return n / (time.perf_counter() - start)
 
 
-async def _paced(url: str, key: str | None, rate: int, seconds: float, stream: bool) -> list[float]:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {**BODY, "stream": True} if stream else BODY
+def throughput(targets: list[Target], n: int, stream: bool, rounds: int = 4) -> dict[str, float]:
+    """Requests per second at 32 clients, n requests per target in ``rounds`` slices that take turns
+    (rotating order), so a burst of load from elsewhere on the machine does not land on one target only."""
+    seconds = dict.fromkeys((t.name for t in targets), 0.0)
+    per_round = max(CLIENTS, n // rounds)
+    for i in range(rounds):
+        k = i % len(targets)
+        for t in targets[k:] + targets[:k]:
+            seconds[t.name] += per_round / asyncio.run(_concurrent(t, per_round, CLIENTS, stream))
+    return {name: per_round * rounds / s for name, s in seconds.items()}
+
+
+async def _paced(target: Target, rate: int, seconds: float, stream: bool) -> list[float]:
+    body = target.body(stream)
     latencies: list[float] = []
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
 
         async def shot():
             start = time.perf_counter()
             try:
-                r = await client.post(url, json=body, headers=headers)
+                r = await client.post(target.url, json=body, headers=target.headers)
                 ok = r.status_code == 200
             except httpx.HTTPError:  # past capacity a paced run overloads the server: count, don't crash
                 ok = False
@@ -177,9 +281,48 @@ async def _paced(url: str, key: str | None, rate: int, seconds: float, stream: b
     return latencies
 
 
-def pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: int) -> float:
     """Percentile; failed requests count as infinitely slow."""
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
+@contextmanager
+def py_spy(pid: int, out: Path):
+    """py-spy recording ``pid`` until the block ends (SIGINT makes it write its file)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        raise SystemExit("--py-spy: py-spy is not installed (.venv/bin/pip install py-spy)")
+    proc = subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads", "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def measure(targets: list[Target], args: argparse.Namespace, stream: bool) -> dict[str, dict[str, float]]:
+    """Per target: sequential p50/p99, req/s at 32 clients, p99 at a paced 200 req/s."""
+    seq = sequential(targets, args.requests, stream)
+    rps = throughput(targets, args.requests, stream)
+    paced = {t.name: asyncio.run(_paced(t, PACED_RATE, args.paced_seconds, stream)) for t in targets}
+    return {
+        t.name: {
+            "p50": statistics.median(seq[t.name]),
+            "p99": pct(seq[t.name], 99),
+            "rps": rps[t.name],
+            "paced_p99": pct(paced[t.name], 99),
+        }
+        for t in targets
+    }
 
 
 def main() -> None:
@@ -187,36 +330,84 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--backends", default="sqlite,postgresql,redis")
     parser.add_argument("--paced-seconds", type=float, default=5.0)
+    parser.add_argument("--py-spy", type=Path, metavar="DIR", help="record AimiChat with py-spy into DIR/<backend>.txt")
     args = parser.parse_args()
     stub_port = free_port()
     stub = f"http://127.0.0.1:{stub_port}"
-    direct = f"{stub}/v1/chat/completions"
-    results = {}
-    with process([sys.executable, str(HERE / "stub_upstream.py"), "--port", str(stub_port)], dict(os.environ), stub, "/v1/models"):
+    direct = Target("direct", f"{stub}/v1/chat/completions")
+    results: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    print(
+        f"{args.requests} requests per measurement, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
+        "(other processes' load moves every figure)",
+        flush=True,
+    )
+    with (
+        tempfile.TemporaryDirectory() as workdir,
+        process(
+            [sys.executable, str(HERE / "stub_upstream.py"), "--port", str(stub_port)],
+            dict(os.environ),
+            stub,
+            "/v1/models",
+        ),
+        bare_proxy(stub) as bare,
+        litellm_proxy(stub, workdir) as litellm,
+    ):
+        baselines = [direct, bare] + ([litellm] if litellm else [])
         for backend in args.backends.split(","):
-            with tempfile.TemporaryDirectory() as data_dir, gateway(backend, stub, data_dir) as (url, key):
-                through = f"{url}/v1/chat/completions"
+            with tempfile.TemporaryDirectory() as data_dir, gateway(backend, stub, data_dir) as (url, key, pid):
+                aimichat = Target("AimiChat", f"{url}/v1/chat/completions", {"Authorization": f"Bearer {key}"})
+                targets = [*baselines, aimichat]
                 for stream in (False, True):
                     mode = "stream" if stream else "plain"
-                    d, t = sequential(direct, through, key, args.requests, stream)
-                    rps_d = asyncio.run(_concurrent(direct, None, args.requests, 32, stream))
-                    rps_t = asyncio.run(_concurrent(through, key, args.requests, 32, stream))
-                    paced_d = asyncio.run(_paced(direct, None, 200, args.paced_seconds, stream))
-                    paced_t = asyncio.run(_paced(through, key, 200, args.paced_seconds, stream))
-                    row = {
-                        "p50_added": statistics.median(t) - statistics.median(d),
-                        "p99_added": pct(t, 99) - pct(d, 99),
-                        "p50_direct": statistics.median(d),
-                        "rps_direct": rps_d,
-                        "rps_through": rps_t,
-                        "paced200_p99_added": pct(paced_t, 99) - pct(paced_d, 99),
-                    }
-                    results[(backend, mode)] = row
-                    print(f"{backend:<10} {mode:<6} added p50={row['p50_added']:6.2f} ms  p99={row['p99_added']:6.2f} ms  "
-                          f"(direct p50 {row['p50_direct']:5.2f} ms)  32 clients: {rps_t:7.1f} req/s vs direct {rps_d:7.1f}  "
-                          f"@200 req/s p99 added={row['paced200_p99_added']:6.2f} ms", flush=True)
-    key = ("postgresql", "plain") if ("postgresql", "plain") in results else next(iter(results))
-    print(f"gateway_overhead_ms_p50={results[key]['p50_added']:.2f}")
+                    row = results[(backend, mode)] = measure(targets, args, stream)
+                    d = row["direct"]
+                    for t in targets[1:]:
+                        r = row[t.name]
+                        print(
+                            f"{backend:<10} {mode:<6} {t.name:<10} added p50={r['p50'] - d['p50']:6.2f} ms  "
+                            f"p99={r['p99'] - d['p99']:6.2f} ms  (direct p50 {d['p50']:5.2f} ms)  "
+                            f"{CLIENTS} clients: {r['rps']:7.1f} req/s vs direct {d['rps']:7.1f}  "
+                            f"@{PACED_RATE} req/s p99 added={r['paced_p99'] - d['paced_p99']:8.2f} ms",
+                            flush=True,
+                        )
+                if args.py_spy:
+                    args.py_spy.mkdir(parents=True, exist_ok=True)
+                    with py_spy(pid, args.py_spy / f"{backend}.txt"):
+                        asyncio.run(_concurrent(aimichat, 4 * args.requests, CLIENTS, False))
+
+    print()
+    print(
+        "| backend | mode | AimiChat added p50 | bare proxy added p50 | overhead ratio | AimiChat added p99 "
+        "| AimiChat req/s | bare proxy req/s | direct req/s | throughput ratio "
+        "| @200 req/s p99 added AimiChat / bare |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (backend, mode), row in results.items():
+        d, a, b = row["direct"], row["AimiChat"], row["bare proxy"]
+        print(
+            f"| {backend} | {mode} | {a['p50'] - d['p50']:.2f} ms | {b['p50'] - d['p50']:.2f} ms "
+            f"| {ratio(a['p50'] - d['p50'], b['p50'] - d['p50']):.2f} | {a['p99'] - d['p99']:.2f} ms "
+            f"| {a['rps']:.0f} | {b['rps']:.0f} | {d['rps']:.0f} | {ratio(a['rps'], b['rps']):.2f} "
+            f"| {a['paced_p99'] - d['paced_p99']:.1f} / {b['paced_p99'] - d['paced_p99']:.1f} ms |"
+        )
+    print()
+    for (backend, mode), row in results.items():
+        if "LiteLLM" in row:
+            d, lite = row["direct"], row["LiteLLM"]
+            print(
+                f"LiteLLM {backend} {mode}: added p50 {lite['p50'] - d['p50']:.2f} ms, {lite['rps']:.0f} req/s "
+                f"at {CLIENTS} clients (AimiChat ÷ LiteLLM: added p50 "
+                f"{ratio(row['AimiChat']['p50'] - d['p50'], lite['p50'] - d['p50']):.2f}, "
+                f"req/s {ratio(row['AimiChat']['rps'], lite['rps']):.2f})"
+            )
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+    key = HEADLINE if HEADLINE in results else next(iter(results))
+    d, a, b = results[key]["direct"], results[key]["AimiChat"], results[key]["bare proxy"]
+    if key != HEADLINE:
+        print(f"(no PostgreSQL run: the figures below are for {key[0]}, {key[1]})")
+    print(f"gateway_overhead_ratio={ratio(a['p50'] - d['p50'], b['p50'] - d['p50']):.2f}")
+    print(f"gateway_throughput_ratio={ratio(a['rps'], b['rps']):.2f}")
+    print(f"gateway_overhead_ms_p50={a['p50'] - d['p50']:.2f}")
 
 
 if __name__ == "__main__":

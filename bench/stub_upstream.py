@@ -17,8 +17,13 @@ USAGE = {"prompt_tokens": 12, "completion_tokens": len(WORDS), "total_tokens": 1
 
 
 def _chunk(delta: dict, finish: str | None = None) -> bytes:
-    body = {"id": "stub", "object": "chat.completion.chunk", "created": 0, "model": "stub",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    body = {
+        "id": "stub",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "stub",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
@@ -26,14 +31,23 @@ STREAM = b"".join(
     [_chunk({"role": "assistant", "content": ""})]
     + [_chunk({"content": w}) for w in WORDS]
     + [_chunk({}, "stop")]
-    + [b"data: " + json.dumps({"id": "stub", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}).encode() + b"\n\n"]
+    + [
+        b"data: "
+        + json.dumps({"id": "stub", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}).encode()
+        + b"\n\n"
+    ]
     + [b"data: [DONE]\n\n"]
 )
-PLAIN = json.dumps({
-    "id": "stub", "object": "chat.completion", "created": 0, "model": "stub",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(WORDS)}, "finish_reason": "stop"}],
-    "usage": USAGE,
-}).encode()
+PLAIN = json.dumps(
+    {
+        "id": "stub",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "stub",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(WORDS)}, "finish_reason": "stop"}],
+        "usage": USAGE,
+    }
+).encode()
 
 
 async def app(scope, receive, send) -> None:
@@ -56,8 +70,13 @@ async def app(scope, receive, send) -> None:
 
 
 async def _send(send, status: int, content_type: bytes, payload: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", content_type), (b"content-length", str(len(payload)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
