@@ -12,8 +12,9 @@ put prompt chunks into the same ``llama_decode`` as the generating tokens, 17-19
 matched their solo run. The cause: llama.cpp cuts such a mixed multi-sequence batch into micro-batches
 of equal tokens per sequence, so a prompt could have its last token computed in a micro-batch of its
 own, and the CPU attention kernels differ between one query row and several (logits moved by up to
-~0.6, enough to flip a near-tie under greedy decoding). The engine now reads each prompt in its own
-decode, cut only by its length, and decodes generated tokens one row per sequence: 20 of 20 match.
+~0.6, enough to flip a near-tie under greedy decoding). The engine now reads prompts in decodes of their
+own (several prompts together only when their chunks have one length, which llama.cpp keeps whole) and
+decodes generated tokens one row per sequence: 20 of 20 match.
 The tolerance stays for what llama.cpp may change underneath.
 """
 
@@ -36,6 +37,7 @@ from sqlalchemy import select
 from aimichat.config import Settings
 from aimichat.engines.base import ContextLengthExceeded, Delta, EngineBusy, EngineError, Finish, Message, SamplingParams
 from aimichat.engines.llama import REREAD_TOKENS, LlamaEngine, default_model_path
+from aimichat.engines.sampling import GreedySampler, SamplerChain, make_sampler
 from aimichat.engines.text import TextOutput
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
@@ -389,6 +391,27 @@ def test_sampling_settings_do_not_leak_between_slots(engine8):
     assert matches >= 5, f"only {matches}/6 target streams matched their solo run"
 
 
+def test_the_greedy_fast_path_picks_what_llama_cpps_chain_picks(engine8, llama_generate):
+    """GreedySampler (numpy) against llama.cpp's penalties + greedy chain on the same logits, token by token.
+
+    Penalties above and below 1 and more picks than the 64-token penalty window, so the window's turnover
+    and the multiply-or-divide rule are both exercised.
+    """
+    llm, greedy_params = llama_generate, SamplingParams(max_tokens=1, temperature=0)
+    for text, penalty in [(LONG, 1.1), ("Repeat the word banana fifty times.", 1.3), (PROMPTS[1], 0.9)]:
+        fast = make_sampler(greedy_params, n_vocab=llm.n_vocab(), repeat_penalty=penalty, seed=0)
+        chain = SamplerChain(greedy_params, n_vocab=llm.n_vocab(), repeat_penalty=penalty, seed=0)
+        assert isinstance(fast, GreedySampler)
+        llm.reset()
+        llm.eval(engine8.tokenize_chat([Message("user", text)]))
+        picks = []
+        for _ in range(100):
+            picks.append((fast.sample(llm.ctx, -1), chain.sample(llm.ctx, -1)))
+            llm.eval([picks[-1][1]])
+        chain.close()
+        assert [mine for mine, _ in picks] == [theirs for _, theirs in picks]
+
+
 def test_alone_it_answers_as_llama_generate(engine8, llama_generate):
     """Same tokens in, same sampler chain: a request alone gets what llama-cpp-python's own loop gives."""
     requests = [
@@ -428,6 +451,40 @@ def test_slots_reuse_the_shared_prompt_start_and_answers_do_not_depend_on_histor
     assert cached() - before < 8
     assert alone(engine8, [ask]) == [first]  # the slot's shared start is whole again, with the same values
     assert first[1].prompt_tokens == prompt_tokens(engine8, PROMPTS[0])  # usage counts the whole prompt
+
+
+def test_a_new_request_copies_the_prompt_start_a_busy_slot_holds_and_answers_as_read_fresh(engine8, llama_generate):
+    """Two chats about one document: the second copies the document's cells from the first one's slot."""
+    document = (
+        "The lighthouse on Gull Rock was built in 1871 from granite quarried on the mainland. Its lamp "
+        "burned whale oil until 1890, then kerosene, and has been electric since 1952. Three keepers "
+        "lived there with their families until the light was automated in 1987. "
+    )
+    first = [Message("user", document + "When was the light automated?")]
+    second = [Message("user", document + "What did the lamp burn first?")]
+    params = SamplingParams(max_tokens=40, temperature=0)
+    first_tokens, second_tokens = engine8.tokenize_chat(first), engine8.tokenize_chat(second)
+    common = next(i for i, (a, b) in enumerate(zip(first_tokens, second_tokens)) if a != b)
+
+    async def run() -> tuple[str, str, int]:
+        events = engine8.generate(await engine8.prepare(first), params)
+        parts = [(await anext(events)).text]  # the first chat holds its slot, its prompt read
+        assert engine8.stats().running == 1
+        before = engine8.stats().details["prompt_tokens_cached"]
+        reply, _ = await complete(engine8, second, max_tokens=12, temperature=0)
+        cached = engine8.stats().details["prompt_tokens_cached"] - before
+        parts += [event.text async for event in events if isinstance(event, Delta)]
+        return "".join(parts), reply, cached
+
+    answer, reply, cached = asyncio.run(run())
+    assert cached >= common - REREAD_TOKENS  # the document was not read again
+    assert answer == reference_answer(llama_generate, first_tokens, params, engine8.repeat_penalty)[0]
+    assert (
+        reply
+        == reference_answer(
+            llama_generate, second_tokens, SamplingParams(max_tokens=12, temperature=0), engine8.repeat_penalty
+        )[0]
+    )
 
 
 def test_a_conversations_next_turn_reads_only_what_is_new(engine8):

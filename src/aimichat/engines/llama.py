@@ -6,16 +6,16 @@ each forward pass instead of queueing behind each other. A scheduler thread repe
 1. free the slot of every sequence whose caller went away (disconnect, queue timeout);
 2. admit waiting requests, oldest first, into free slots;
 3. decode the last sampled token of every generating sequence in a single ``llama_decode``, sample
-   each with its own sampler chain and hand the text to its request at once;
+   each with its own sampler and hand the text to its request at once;
 4. read prompt chunks of the sequences still reading their prompt, oldest first, within a per-step
    token budget (a long prompt is read over several steps while the running streams keep flowing);
    a prompt's last chunk yields its first token.
 
 A finished sequence frees its slot in the step it ends; the next waiting request takes it at the
-next step. Each prompt chunk gets a ``llama_decode`` of its own rather than riding along with the
-generating tokens: llama.cpp would cut such a mixed batch into separate micro-batches anyway (see
-below), and reading prompts on their own keeps answers the same whatever else is running (see
-``_read_prompt_chunk``).
+next step. Prompt chunks never ride along with the generating tokens: llama.cpp would cut such a
+mixed batch into separate micro-batches anyway (see below), and reading prompts apart keeps answers
+the same whatever else is running. Last chunks of one length share a ``llama_decode`` (eight prompts
+that arrive together are read in one or two decodes); see ``_read_prompt_chunks``.
 
 KV layout: one llama.cpp stream per slot (``kv_unified = false``, llama-server's default), each with
 ``context_length`` cells. A sequence's attention cost then does not grow with the other sequences'
@@ -31,7 +31,10 @@ then gets the answer it got the first time. Cells computed otherwise than on a f
 answer, decoded a row at a time) can still move a near tie, so at temperature 0 the next turn of a chat
 may differ from what an empty engine would answer (18 of 20 prompts matched). Every slot also starts with
 the prompt start that every chat with our default system prompt shares, computed once the same way for
-every slot (see ``_pin_prefix``).
+every slot (see ``_pin_prefix``), and a request whose prompt starts like what another slot holds, busy
+or not, copies those cells rather than reading them again (see ``_borrow_cells``).
+
+``AIMICHAT_ENGINE_PROFILE=<steps>`` logs where the scheduler's time goes (see ``_Profile``).
 
 Prompts are rendered with the GGUF's own chat template (:class:`ChatPrompt`) and each request samples
 with a chain built as llama-cpp-python's ``Llama.generate`` builds it (see
@@ -43,6 +46,7 @@ whatever a slot's cells saved.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.resources
 import itertools
 import logging
@@ -55,7 +59,7 @@ from collections.abc import AsyncGenerator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import llama_cpp
 from llama_cpp._internals import LlamaContext, LlamaModel
@@ -84,14 +88,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# Prompt tokens read again even when the KV cache already holds them. llama.cpp computes one row
-# slightly differently from several, so a prompt whose last token alone is read again can get other
-# logits than on its first read and, at a near tie, another greedy answer (measured: 3 of 20 prompts).
-# Read again in a decode of several rows, a repeated prompt gets the answer it got the first time.
-REREAD_TOKENS = 8
+# Prompt tokens read again even when the KV cache already holds them. llama.cpp's CPU matmul computes a
+# sequence's lone row with another kernel than two rows or more (llamafile's sgemm takes n >= 2 only), so a
+# prompt whose last token alone is read again gets other logits than on its first read (bitwise different
+# for 9 of the 20 test prompts) and, at a near tie, another greedy answer (3 of 20 once). Read again with
+# the token before it, its logits are bitwise those of the first read (20 of 20, llama-cpp-python 0.3.36;
+# it was 8 tokens until measured). Every token read again delays the first token of a prompt found whole in
+# a slot by about the cost of a generated token.
+REREAD_TOKENS = 2
 
 # Set to a number of steps to log, every that many steps, where the scheduler thread's time went (see _Profile).
 PROFILE_ENV = "AIMICHAT_ENGINE_PROFILE"
+
+# A slot copies another slot's KV cells (see _borrow_cells) when that saves reading at least one prompt row for
+# every this many tokens copied: ~26 µs a token copied against ~4 ms a row read, measured on 2 cores.
+_COPY_TOKENS_PER_ROW = 64
 
 _LONG_PROMPT_CHARS = 4000
 _MANY_MESSAGES = 16
@@ -159,7 +170,7 @@ class _Profile:
         self.every = every
         self._last = time.perf_counter()
         self._phases: dict[str, float] = {}
-        self._steps = self._rows = self._handoffs = 0
+        self._steps = self._rows = self._prompt_decodes = self._prompt_rows = self._handoffs = 0
         self._handoff = 0.0
 
     def mark(self, phase: str) -> None:
@@ -168,6 +179,14 @@ class _Profile:
         now = time.perf_counter()
         self._phases[phase] = self._phases.get(phase, 0.0) + now - self._last
         self._last = now
+
+    def prompt(self, rows: int) -> None:
+        """One prompt decode of ``rows`` rows done (its time is charged to the "prompt" phase)."""
+        if not self.every:
+            return
+        self._prompt_decodes += 1
+        self._prompt_rows += rows
+        self.mark("prompt")
 
     def step(self, rows: int) -> None:
         """One step done that decoded ``rows`` generated tokens; logs and starts over every ``every`` steps."""
@@ -178,12 +197,14 @@ class _Profile:
         if self._steps < self.every:
             return
         per_step = ", ".join(f"{name} {1000 * t / self._steps:.2f}" for name, t in self._phases.items())
-        handoff = 1000 * self._handoff / max(1, self._handoffs)
         log.info(
-            "profile: %d steps, %.2f generated tokens a step; ms a step: %s; hand-off to the event loop %.2f ms",
-            self._steps, self._rows / self._steps, per_step, handoff,
+            "profile: %d steps, %.2f generated tokens a step; ms a step: %s; %d prompt decodes of %.1f rows; "
+            "hand-off to the event loop %.2f ms",
+            self._steps, self._rows / self._steps, per_step, self._prompt_decodes,
+            self._prompt_rows / max(1, self._prompt_decodes), 1000 * self._handoff / max(1, self._handoffs),
         )  # fmt: skip
         self._phases, self._steps, self._rows, self._handoffs, self._handoff = {}, 0, 0, 0, 0.0
+        self._prompt_decodes = self._prompt_rows = 0
 
     def handed_off(self, sent: float) -> None:
         """Runs on an event loop: ``sent`` is when the scheduler queued the callback."""
@@ -234,6 +255,13 @@ class _Sequence:
     @property
     def prompt_left(self) -> int:
         return len(self.request.tokens) - self.n_past if self.next_token is None else 0
+
+
+class _Chunk(NamedTuple):
+    """The next ``length`` prompt tokens of ``seq``, to read this step."""
+
+    seq: _Sequence
+    length: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -603,9 +631,10 @@ class LlamaEngine:
         as with llama-server's slot prompt cache, and reads only what is new. Among equals the lowest
         id wins, which keeps the busy ids contiguous (see the module docstring).
         """
+        held = [_common_prefix(cells, tokens) for cells in self._cells]  # how much of the prompt each slot holds
         free = [seq_id for seq_id, seq in enumerate(self._seqs) if seq is None]
-        seq_id = max(free, key=lambda i: (_common_prefix(self._cells[i], tokens), -i))
-        shared = _common_prefix(self._cells[seq_id], tokens)
+        seq_id = max(free, key=lambda i: (held[i], -i))
+        shared = self._borrow_cells(seq_id, len(tokens), held)
         pinned = _common_prefix(self._pinned, tokens)
         if shared < pinned:
             self._prefill(seq_id)  # a request with another system prompt cut into the shared prefix
@@ -614,6 +643,32 @@ class LlamaEngine:
         kept = self._drop_cells(seq_id, kept)
         self._prompt_tokens_cached += kept
         return seq_id, kept
+
+    def _borrow_cells(self, seq_id: int, n_tokens: int, held: list[int]) -> int:
+        """Copy into slot ``seq_id`` the KV cells of any other slot, busy or free, that holds a longer start of
+        the prompt (``held``: how many of its ``n_tokens`` tokens each slot holds), when that saves reading
+        enough prompt rows; returns how much of the prompt the slot now holds.
+
+        Eight new chats that start alike (the same instructions, a shared document) thus read their
+        common start once rather than once per slot. The copy is the other slot's bytes, so the logits
+        are bitwise those of a fresh read (checked on two of the benchmark's prompts; the tests compare the
+        answers with ``Llama.generate``); it costs ~26 µs a token copied (3.6 ms for 136 tokens) against
+        ~4 ms a prompt row read, hence ``_COPY_TOKENS_PER_ROW``.
+        """
+        donor = max(range(self.slots), key=lambda i: (held[i], i != seq_id))
+        shared, longer = held[seq_id], held[donor]
+        saved = min(longer, n_tokens - REREAD_TOKENS) - shared  # prompt rows it would not read
+        if saved <= 0 or saved * _COPY_TOKENS_PER_ROW < len(self._cells[donor]):
+            return shared
+        native = self._llama
+        size = llama_cpp.llama_state_seq_get_size(native.ctx.ctx, donor)
+        state = (ctypes.c_uint8 * size)()
+        copied = llama_cpp.llama_state_seq_get_data(native.ctx.ctx, state, size, donor) == size
+        if not copied or llama_cpp.llama_state_seq_set_data(native.ctx.ctx, state, size, seq_id) != size:
+            self._drop_cells(seq_id, 0)  # what a failed copy left in the slot is unknown
+            return 0
+        self._cells[seq_id] = list(self._cells[donor])
+        return longer
 
     def _step_or_fail(self) -> None:
         active = self._active()
@@ -632,14 +687,21 @@ class LlamaEngine:
         if generating:
             self._decode_next_tokens(generating)
         self._profile.step(len(generating))
-        budget = self.step_tokens
+        for group in _same_length(self._prompt_chunks(active)):
+            self._read_prompt_chunks(group)
+            self._flush()  # these first tokens go out now, not after the step's other prompts
+            self._profile.prompt(sum(length for _, length in group))
+
+    def _prompt_chunks(self, active: list[_Sequence]) -> list[_Chunk]:
+        """The prompt chunks this step reads: oldest prompt first, within the step's token budget."""
+        budget, chunks = self.step_tokens, []
         for seq in sorted((s for s in active if s.prompt_left), key=lambda s: s.order):
             chunk = min(seq.prompt_left, self.step_tokens)  # fixed cuts: the same whatever else runs
             if chunk > budget:
                 break
-            self._read_prompt_chunk(seq, chunk)
+            chunks.append(_Chunk(seq, chunk))
             budget -= chunk
-            self._profile.mark("prompt")
+        return chunks
 
     def _decode_next_tokens(self, generating: list[_Sequence]) -> None:
         """Decode every generating sequence's last token in one llama_decode, then sample each."""
@@ -662,27 +724,34 @@ class LlamaEngine:
             self._advance(seq, token)
         self._profile.mark("text")
 
-    def _read_prompt_chunk(self, seq: _Sequence, chunk: int) -> None:
-        """Read the next ``chunk`` prompt tokens of one sequence, in a llama_decode of its own.
+    def _read_prompt_chunks(self, group: list[_Chunk]) -> None:
+        """Read one chunk of each prompt in ``group`` in one llama_decode; a prompt's last chunk yields its first token.
 
-        Prompt tokens never share a decode with other sequences. llama.cpp's CPU attention takes a
-        different kernel for one query row than for several, so a prompt cut differently (say its
-        last token computed on its own, as llama.cpp's split of a mixed batch can do) gets slightly
-        different logits and, at a near tie, a different greedy answer. Read on its own, in cuts
-        that depend only on its length, a prompt gives the same logits as when the engine is idle;
-        the decode of generated tokens (one row per sequence) is the same in any company.
+        Prompt tokens never share a decode with generated tokens, and the chunks of one decode all have the
+        same length (see :func:`_same_length`). llama.cpp cuts a multi-sequence batch into micro-batches
+        of equal tokens per sequence (consecutive ids), so each chunk stays whole, and every row is computed
+        as when its prompt is read alone: bitwise the same logits (measured on the benchmark's eight
+        prompts). A mixed batch would be cut otherwise: a prompt's last token could end up computed as the
+        only row of its sequence, which llama.cpp's CPU matmul does with another kernel (llamafile's sgemm
+        takes two rows or more), enough to flip a near tie under greedy decoding. The decode of generated
+        tokens (one row per sequence) is the same in any company.
         """
         llama = self._llama
-        tokens, start = seq.request.tokens, seq.n_past
-        end = start + chunk
-        n = 0
-        for pos in range(start, end):
-            n = llama.add(n, tokens[pos], pos, seq.seq_id, pos == len(tokens) - 1)
+        n, last_rows = 0, []
+        for seq, length in group:
+            tokens, start = seq.request.tokens, seq.n_past
+            for pos in range(start, start + length):
+                n = llama.add(n, tokens[pos], pos, seq.seq_id, pos == len(tokens) - 1)
+            last_rows.append(n - 1)
         llama.decode(n)
-        self._cells[seq.seq_id] += tokens[start:end]
-        seq.n_past = end
-        if end == len(tokens):
-            self._advance(seq, seq.sampler.sample(llama.ctx.ctx, n - 1))
+        for seq, length in group:
+            self._cells[seq.seq_id] += seq.request.tokens[seq.n_past : seq.n_past + length]
+            seq.n_past += length
+        ctx = llama.ctx.ctx
+        done = [(seq, row) for (seq, _), row in zip(group, last_rows, strict=True) if not seq.prompt_left]
+        sampled = [seq.sampler.sample(ctx, row) for seq, row in done]  # before the next decode overwrites the logits
+        for (seq, _), token in zip(done, sampled, strict=True):
+            self._advance(seq, token)
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Hand one sampled token to its request; finish the sequence when it is done."""
@@ -749,6 +818,22 @@ def _sampled(seq: _Sequence) -> int:
     if seq.next_token is None:
         raise EngineError(f"sequence {seq.seq_id} has no token to decode")
     return seq.next_token
+
+
+def _same_length(chunks: list[_Chunk]) -> list[list[_Chunk]]:
+    """The decodes to read ``chunks`` in: the chunks that end their prompts grouped by length, any other alone.
+
+    Every chunk of a group is then read in the one micro-batch llama.cpp would give it alone (see
+    ``_read_prompt_chunks``); a group runs in the order of its oldest chunk, its slots lowest id first
+    (consecutive ids share a micro-batch). A decode costs about 6 ms on top of its rows here (2 prompt
+    rows take 13-16 ms, 54 rows 220 ms), which the first token of the last prompt read waited for once
+    per prompt read before it.
+    """
+    groups: dict[tuple[bool, int], list[_Chunk]] = {}
+    for chunk in chunks:
+        ends = chunk.length == chunk.seq.prompt_left
+        groups.setdefault((ends, chunk.length if ends else chunk.seq.seq_id), []).append(chunk)
+    return [sorted(group, key=lambda c: c.seq.seq_id) for group in groups.values()]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
