@@ -1,17 +1,26 @@
 #!/usr/bin/env python3
-"""Concurrent streaming throughput: AimiChat's batched engine, its one-at-a-time engine, and llama-cpp-python's server.
+"""Concurrent streaming throughput: AimiChat's llama.cpp engine (N slots, then one) against native llama-server.
+
+llama-cpp-python's own server (``python -m llama_cpp.server``) runs too, as a second baseline.
 
 Starts each server itself (free port, throwaway data dir, an account and key made with the
 ``aimichat`` CLI), runs 1, 4 and 8 concurrent streaming clients of 100 tokens each against it, and
 stops it. For every run it prints total completion tokens per second and the worst time to first
-token, then the servers' resident memory, and as the very last line::
+token, then the servers' resident memory, and as the very last lines::
 
+    vs_llama_server_8=<AimiChat total tok/s at 8 streams ÷ llama-server's>
     concurrency_ratio_8=<AimiChat total tok/s at 8 streams ÷ AimiChat at 1 stream>
+
+Every server gets the same GGUF, context per slot, llama.cpp threads and requests (AimiChat's default
+system prompt is sent explicitly, so every server reads the very same prompt tokens). Native
+``llama-server`` (llama.cpp's own server, built as bench/README.md says) is the baseline to beat; it is
+taken from ``$LLAMA_SERVER`` or the PATH, run with as many slots as AimiChat (``-np``) and skipped, with
+a note, when there is none.
 
 Usage (from the repository root)::
 
     .venv/bin/python bench/concurrency.py                    # everything, about a minute on a quiet machine
-    .venv/bin/python bench/concurrency.py --streams 1,8 --tokens 30 --no-baseline   # a quick check
+    LLAMA_SERVER=/path/to/llama-server .venv/bin/python bench/concurrency.py --streams 1,8 --no-baseline --no-single
 
 Throughput on a shared machine is noisy: take final numbers on a quiet one (``--repeat 3`` reports medians).
 """
@@ -22,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -37,9 +47,22 @@ import httpx
 
 PYTHON = sys.executable
 TOPICS = [
-    "a dragon", "the sea", "a lost robot", "a lighthouse keeper", "a city of glass", "a talking cat",
-    "a long winter", "a time traveller", "a desert caravan", "an old library", "a mountain village",
-    "a clockmaker", "a river pirate", "a snow fox", "a night train", "a forgotten island",
+    "a dragon",
+    "the sea",
+    "a lost robot",
+    "a lighthouse keeper",
+    "a city of glass",
+    "a talking cat",
+    "a long winter",
+    "a time traveller",
+    "a desert caravan",
+    "an old library",
+    "a mountain village",
+    "a clockmaker",
+    "a river pirate",
+    "a snow fox",
+    "a night train",
+    "a forgotten island",
 ]
 
 
@@ -58,6 +81,7 @@ class Run:
     tokens: int
     seconds: float
     worst_ttft: float
+    decode_ms: float | None = None  # llama-server only: its own mean time per generated token, from its timings
 
     @property
     def tok_s(self) -> float:
@@ -86,7 +110,8 @@ def make_key(data_dir: Path) -> str:
     env = aimichat_env(data_dir)
 
     def cli(*args: str) -> str:
-        return subprocess.run([PYTHON, "-m", "aimichat", *args], env=env, check=True, capture_output=True, text=True).stdout
+        argv = [PYTHON, "-m", "aimichat", *args]
+        return subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
 
     cli("tiers", "set", "bench", "--daily-credits", "1000000")
     cli("accounts", "create", "bench@example.com", "--password", "a-long-bench-password", "--tier", "bench")
@@ -131,7 +156,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 def aimichat(data_dir: Path, key: str, parallel: int, threads: int, context_length: int):
     port = free_port()
-    argv = [PYTHON, "-m", "aimichat", "serve", "--port", str(port), "--parallel", str(parallel), "--log-level", "warning"]
+    argv = [PYTHON, "-m", "aimichat", "serve", "--port", str(port), "--parallel", str(parallel)]
+    argv += ["--log-level", "warning"]
     env = aimichat_env(data_dir, threads=str(threads), context_length=str(context_length), engine="embedded")
     label = f"aimichat parallel={parallel}" if parallel > 1 else "aimichat one-at-a-time"
     return running(label, argv, "/readyz", port, key, env)
@@ -140,12 +166,66 @@ def aimichat(data_dir: Path, key: str, parallel: int, threads: int, context_leng
 def llama_cpp_server(model: Path, threads: int, context_length: int):
     port = free_port()
     argv = [
-        PYTHON, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", str(context_length), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+        PYTHON,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(context_length),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
         # By default a new request interrupts the running one; queueing is the fair comparison.
-        "--interrupt_requests", "False", "--verbose", "False",
+        "--interrupt_requests",
+        "False",
+        "--verbose",
+        "False",
     ]
     return running("llama_cpp.server", argv, "/v1/models", port, "none", dict(os.environ))
+
+
+def find_llama_server() -> str | None:
+    """llama.cpp's own server binary: ``$LLAMA_SERVER``, else ``llama-server`` on the PATH."""
+    path = os.environ.get("LLAMA_SERVER") or shutil.which("llama-server")
+    return path if path and os.access(path, os.X_OK) else None
+
+
+def llama_server(binary: str, model: Path, parallel: int, threads: int, context_length: int, extra: list[str]):
+    """Native llama-server with AimiChat's shape: ``parallel`` slots of ``context_length`` tokens each.
+
+    ``-c`` is the whole KV cache, split evenly between the slots (one KV stream per slot with an explicit
+    ``-np``, as AimiChat). Everything else is llama-server's default (continuous batching, its slot
+    prompt cache and host-memory prompt cache, flash attention "auto", which is on for the CPU) unless
+    ``extra`` says otherwise: ``--llama-server-args="-fa off"`` gives it AimiChat's attention kernels.
+    """
+    port = free_port()
+    argv = [
+        binary,
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--parallel",
+        str(parallel),
+        "--ctx-size",
+        str(parallel * context_length),
+        "--threads",
+        str(threads),
+        "--threads-batch",
+        str(threads),
+        "--no-webui",
+        *extra,
+    ]
+    name = " ".join(["llama-server", f"-np {parallel}", *extra])
+    return running(name, argv, "/health", port, "none", dict(os.environ))
 
 
 def memory(server: Server) -> str:
@@ -161,17 +241,26 @@ def memory(server: Server) -> str:
 # -- clients -------------------------------------------------------------------------------------
 
 
-async def one_stream(client: httpx.AsyncClient, server: Server, content: str, max_tokens: int, started: float) -> tuple[int, float]:
-    """Stream one completion; returns (completion tokens, seconds to the first text)."""
+@dataclass
+class Stream:
+    tokens: int
+    first: float  # seconds to the first text
+    decode_ms: float | None  # llama-server's own time per generated token (its "timings"), when it sends them
+
+
+async def one_stream(
+    client: httpx.AsyncClient, server: Server, chat: list[dict], max_tokens: int, started: float
+) -> Stream:
+    """Stream one completion of ``chat``."""
     body = {
-        "messages": [{"role": "user", "content": content}],
+        "messages": chat,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
     headers = {"Authorization": f"Bearer {server.key}"}
-    first, chunks, usage = None, 0, None
+    first, chunks, usage, timings = None, 0, None, None
     async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -179,34 +268,58 @@ async def one_stream(client: httpx.AsyncClient, server: Server, content: str, ma
                 continue
             chunk = json.loads(line[6:])
             usage = chunk.get("usage") or usage
+            timings = chunk.get("timings") or timings
             if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                 first = first or time.perf_counter() - started
                 chunks += 1
     tokens = usage["completion_tokens"] if usage else chunks  # one chunk per token where usage is not sent
-    return tokens, first if first is not None else float("inf")
+    decode_ms = timings.get("predicted_per_token_ms") if timings else None
+    return Stream(tokens, first if first is not None else float("inf"), decode_ms)
 
 
-def prompts(streams: int, run: int) -> list[str]:
-    """Different questions in every run, so no server answers from a cache of the previous run's prompt."""
-    return [f"Write a long, detailed story about {TOPICS[(run * streams + i) % len(TOPICS)]}." for i in range(streams)]
+def prompts(streams: int, run: int, system_prompt: str) -> list[list[dict]]:
+    """Different questions in every run, so no server answers from a cache of the previous run's prompt.
+
+    AimiChat's default system prompt goes out explicitly: every server reads the same prompt tokens.
+    """
+    topics = [TOPICS[(run * streams + i) % len(TOPICS)] for i in range(streams)]
+    return [
+        [
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": f"Write a long, detailed story about {topic}."},
+        ]
+        for topic in topics
+    ]
 
 
-async def measure(server: Server, questions: list[str], max_tokens: int) -> Run:
+async def measure(server: Server, chats: list[list[dict]], max_tokens: int) -> Run:
     async with httpx.AsyncClient(timeout=600) as client:
         started = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, server, q, max_tokens, started) for q in questions))
+        results = await asyncio.gather(*(one_stream(client, server, chat, max_tokens, started) for chat in chats))
         seconds = time.perf_counter() - started
-    return Run(server.name, len(questions), sum(t for t, _ in results), seconds, max(f for _, f in results))
+    decode = [r.decode_ms for r in results if r.decode_ms is not None]
+    return Run(
+        server.name,
+        len(chats),
+        sum(r.tokens for r in results),
+        seconds,
+        max(r.first for r in results),
+        statistics.mean(decode) if decode else None,
+    )
 
 
-def bench(server: Server, stream_counts: list[int], max_tokens: int, repeat: int) -> list[Run]:
-    asyncio.run(measure(server, ["Say hello."], 8))  # warm-up: first-request costs are not what we measure
+def bench(server: Server, stream_counts: list[int], max_tokens: int, repeat: int, system_prompt: str) -> list[Run]:
+    hello = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": "Say hello."}]]
+    asyncio.run(measure(server, hello, 8))  # warm-up: first-request costs are not what we measure
     runs = []
     for streams in stream_counts:
-        tries = [asyncio.run(measure(server, prompts(streams, run), max_tokens)) for run in range(repeat)]
+        mixes = [prompts(streams, run, system_prompt) for run in range(repeat)]
+        tries = [asyncio.run(measure(server, mix, max_tokens)) for mix in mixes]
         run = sorted(tries, key=lambda r: r.tok_s)[len(tries) // 2]  # the median run
         run.worst_ttft = statistics.median(t.worst_ttft for t in tries)
-        print(f"{run.server:<26} {streams:>7} {run.tok_s:>12.1f} {run.worst_ttft:>13.2f} {run.tokens:>7}", flush=True)
+        own = f"   (its own timings: {run.decode_ms:.1f} ms a token per stream)" if run.decode_ms else ""
+        row = f"{run.server:<32} {streams:>7} {run.tok_s:>12.1f} {run.worst_ttft:>13.2f} {run.tokens:>7}"
+        print(row + own, flush=True)
         runs.append(run)
     return runs
 
@@ -223,39 +336,64 @@ def main() -> int:
     parser.add_argument("--context-length", type=int, default=4096, help="context per request (per slot)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per point; the median is reported")
     parser.add_argument("--no-baseline", action="store_true", help="skip llama_cpp.server")
-    parser.add_argument("--no-single", action="store_true", help="skip AimiChat's one-at-a-time engine")
+    parser.add_argument("--no-llama-server", action="store_true", help="skip native llama-server even when found")
+    parser.add_argument("--llama-server-args", default="", help='more llama-server options, e.g. "-fa off"')
+    parser.add_argument("--no-single", action="store_true", help="skip AimiChat with one slot (one request at a time)")
     args = parser.parse_args()
     stream_counts = sorted({int(s) for s in args.streams.split(",")})
     if 1 not in stream_counts:
         stream_counts.insert(0, 1)  # the ratio needs the single-stream figure
 
-    from aimichat.engines.llama_common import default_model_path
+    from aimichat.config import Settings
+    from aimichat.engines.llama import default_model_path
 
-    print(f"model {default_model_path().name}, {args.threads} threads, {args.tokens} tokens per stream, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"{'server':<26} {'streams':>7} {'total tok/s':>12} {'worst TTFT s':>13} {'tokens':>7}")
+    model, system_prompt = default_model_path(), Settings().system_prompt
+    native = None if args.no_llama_server else find_llama_server()
+    print(
+        f"model {model.name}, {args.threads} threads, {args.tokens} tokens per stream, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
+    if native is None and not args.no_llama_server:
+        print(
+            "note: no llama-server binary ($LLAMA_SERVER or PATH; bench/README.md says how to build one): "
+            "the native baseline is skipped"
+        )
+    print(f"{'server':<32} {'streams':>7} {'total tok/s':>12} {'worst TTFT s':>13} {'tokens':>7}")
     memories: list[str] = []
+    native_runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="aimichat-bench-") as tmp:
         data_dir = Path(tmp)
         key = make_key(data_dir)
         with aimichat(data_dir, key, args.parallel, args.threads, args.context_length) as server:
-            batched = bench(server, stream_counts, args.tokens, args.repeat)
+            batched = bench(server, stream_counts, args.tokens, args.repeat, system_prompt)
             memories.append(memory(server))
+        if native is not None:  # right after AimiChat's N slots: the two figures compared come from the same minutes
+            extra = args.llama_server_args.split()
+            with llama_server(native, model, args.parallel, args.threads, args.context_length, extra) as server:
+                native_runs = bench(server, stream_counts, args.tokens, args.repeat, system_prompt)
+                memories.append(memory(server))
         single = []
         if not args.no_single:
             with aimichat(data_dir, key, 1, args.threads, args.context_length) as server:
-                single = bench(server, [1], args.tokens, args.repeat)
+                single = bench(server, [1], args.tokens, args.repeat, system_prompt)
                 memories.append(memory(server))
     if not args.no_baseline:
-        with llama_cpp_server(default_model_path(), args.threads, args.context_length) as server:
-            bench(server, stream_counts, args.tokens, args.repeat)
+        with llama_cpp_server(model, args.threads, args.context_length) as server:
+            bench(server, stream_counts, args.tokens, args.repeat, system_prompt)
             memories.append(memory(server))
     for line in memories:
         print(f"memory after the runs, {line}")
     by_streams = {run.streams: run for run in batched}
+    top = max(stream_counts)
     if single:
         print(f"single_stream_ratio={by_streams[1].tok_s / single[0].tok_s:.2f}")
-    top = max(stream_counts)
+    if native_runs:
+        theirs = {run.streams: run for run in native_runs}[top]
+        ours = by_streams[top]
+        print(f"worst_first_token_{top}: aimichat {ours.worst_ttft:.3f} s, llama-server {theirs.worst_ttft:.3f} s")
+        print(f"vs_llama_server_{top}={by_streams[top].tok_s / theirs.tok_s:.2f}")
+    else:
+        print(f"vs_llama_server_{top}: skipped (no llama-server)")
     print(f"concurrency_ratio_{top}={by_streams[top].tok_s / by_streams[1].tok_s:.2f}")
     return 0
 
