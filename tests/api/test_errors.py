@@ -141,3 +141,19 @@ def test_max_tokens_is_clamped_to_what_fits(server, monkeypatch):
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert usage["total_tokens"] == context and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ('{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', "messages"),
+        ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', "messages"),
+        ('{"messages": [{"role": "user", "content": "hi"}], "stop": "\\ud83d"}', "stop"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_not_a_500(api_server, body, param):
+    """JSON may escape a lone surrogate (``\\ud800``); it is no text, and no engine can encode it."""
+    headers = {"Authorization": f"Bearer {api_server.key}", "Content-Type": "application/json"}
+    r = api_server.http.post("/v1/chat/completions", content=body, headers=headers)
+    error = assert_error(r, 400)
+    assert "lone surrogate" in error["message"] and error["param"] == param, error

@@ -428,6 +428,13 @@ def test_playground_charges_the_account(server):
             == 400
         )
         assert b.api("POST", "/playground/stream", json={"messages": []}).status_code == 400
+        lone = b.api(  # JSON can escape a lone surrogate; it is no text (it used to be a 500)
+            "POST",
+            "/playground/stream",
+            content='{"messages": [{"role": "user", "content": "\\ud800"}]}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert lone.status_code == 400 and "Unicode" in lone.json()["error"]["message"]
     with server.db.session() as s:
         events = s.query(UsageEvent).all()
         assert len(events) == 3 and all(e.api_key_id is None and e.credits == 1 for e in events)

@@ -18,7 +18,7 @@ from aimichat.engines.base import EngineError
 from aimichat.store.errors import STORE_UNAVAILABLE
 
 from .auth import presented_key, require_key
-from .chat.protocol import UNSUPPORTED_PARAMETER
+from .chat.protocol import INVALID_TEXT, UNSUPPORTED_PARAMETER
 from .errors import APIError, engine_error, mode_not_allowed
 from .responses import api_error_response, error_response
 
@@ -35,7 +35,7 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "We could not parse the JSON body of your request. Send valid JSON.", None
-    if first.get("type") == UNSUPPORTED_PARAMETER:  # our own refusals carry the parameter they are about
+    if first.get("type") in (UNSUPPORTED_PARAMETER, INVALID_TEXT):  # our own refusals carry their parameter
         return first["msg"], first["ctx"]["param"]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from aimichat.api.chat.api_router import chat_response
-from aimichat.api.chat.protocol import ChatCompletionRequest
+from aimichat.api.chat.protocol import ChatCompletionRequest, first_lone_surrogate
 from aimichat.api.chat.serving import Completion
 from aimichat.api.errors import APIError, engine_error
 from aimichat.engines.base import EngineError
@@ -49,6 +49,8 @@ def conversation(raw: object) -> list[Turn]:
         role, content = message.get("role"), message.get("content")
         if role not in ("user", "assistant") or not isinstance(content, str) or len(content) > MAX_CHARS:
             raise ValueError(f"Messages are user or assistant turns of at most {MAX_CHARS} characters.")
+        if first_lone_surrogate(content) is not None:  # JSON can carry one ("\\ud800"); it is no text
+            raise ValueError("Messages must be valid Unicode text.")
         turns.append({"role": role, "content": content})
     if not turns or turns[-1]["role"] != "user" or not turns[-1]["content"].strip():
         raise ValueError("Type a message first.")

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
-from typing import (
-    Any,
-    Literal,
-    NotRequired,  # pydantic reads typing's TypedDict only from Python 3.12
-)
+from typing import Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-from typing_extensions import TypedDict
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from aimichat.engines.base import FinishReason, Message
 
 UNSUPPORTED_PARAMETER = "unsupported_parameter"  # the error type of a refusal below; its ctx names the param
+
+
+INVALID_TEXT = "invalid_text"  # a string that is no Unicode text; its ctx names the param too
+
+
+def first_lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string of ``value`` (JSON may escape one: ``\\ud800``), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return value[exc.start]
+        return None
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            if (bad := first_lone_surrogate(item)) is not None:
+                return bad
+    return None
 
 
 def unsupported(param: str, reason: str) -> PydanticCustomError:
@@ -117,6 +133,10 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            for name, value in data.items():  # before pydantic, whose str validation is inconsistent about them
+                if (bad := first_lone_surrogate(value)) is not None:
+                    reason = f"contains a lone surrogate (\\u{ord(bad):04x}), which is not valid Unicode text"
+                    raise PydanticCustomError(INVALID_TEXT, "'{param}': {reason}", {"param": name, "reason": reason})
             for name, reason in UNSUPPORTED.items():
                 if data.get(name) not in (None, [], False):
                     raise unsupported(name, reason)
