@@ -93,7 +93,16 @@ def create_app(
         if close_engine:
             await engine.close()
 
-    app = FastAPI(title="AimiChat", version="0.1.0", lifespan=lifespan, docs_url="/api/docs", redoc_url=None)
+    # No trailing-slash redirects: Starlette's would echo the whole URL, ?api_key= included, in Location,
+    # built from the Host header (issue 15). A path with a stray slash is a 404 that names the right one.
+    app = FastAPI(
+        title="AimiChat",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        redoc_url=None,
+        redirect_slashes=False,
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.database = database

@@ -157,3 +157,10 @@ def test_a_lone_surrogate_is_a_400_not_a_500(api_server, body, param):
     r = api_server.http.post("/v1/chat/completions", content=body, headers=headers)
     error = assert_error(r, 400)
     assert "lone surrogate" in error["message"] and error["param"] == param, error
+
+
+def test_a_trailing_slash_is_a_404_naming_the_path_never_a_redirect_that_echoes_the_key(api_server):
+    r = api_server.http.post(f"/v1/chat/completions/?api_key={api_server.key}", json={"messages": []})
+    error = assert_error(r, 404, code="not_found")
+    assert "Location" not in r.headers and api_server.key not in r.text
+    assert "/v1/chat/completions (without the trailing slash)" in error["message"]

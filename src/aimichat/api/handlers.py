@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 
 from aimichat.engines.base import EngineError
 from aimichat.store.errors import STORE_UNAVAILABLE
@@ -72,8 +73,21 @@ async def _validation(_: Request, exc: Exception) -> Response:
     return error_response(400, message, param=param)
 
 
+def _without_trailing_slash(request: Request) -> str | None:
+    """The route path a 404's path names but for a trailing slash, if there is one."""
+    path = request.url.path
+    if not path.endswith("/") or path == "/":
+        return None
+    wanted = path.rstrip("/")
+    scope = {**request.scope, "path": wanted, "raw_path": wanted.encode()}
+    matched = any(route.matches(scope)[0] is not Match.NONE for route in request.app.router.routes)
+    return wanted if matched else None
+
+
 async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404 and (meant := _without_trailing_slash(request)) is not None:
+        return error_response(404, f"Not found. Did you mean {meant} (without the trailing slash)?", code="not_found")
     if exc.status_code == 404 and request.url.path.startswith("/v1/"):
         refused = await _refuse_key_outside_talk_mode(request)
         if refused is not None:
