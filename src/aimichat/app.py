@@ -18,9 +18,12 @@ from aimichat.api.metrics import Metrics
 from aimichat.api.metrics import router as metrics_router
 from aimichat.api.middleware import RequestMiddleware
 from aimichat.config import PUBLIC_MODEL_ID, Settings
+from aimichat.engines import configs
 from aimichat.engines.base import Engine
 from aimichat.keys.cache import PrincipalCache
 from aimichat.quota.backends import QuotaBackend, RedisQuota, SqlQuota
+from aimichat.registry.catalog import settings_model
+from aimichat.registry.live import EngineFactory, LiveModels
 from aimichat.store.clock import Clock, utcnow
 from aimichat.store.db import Database
 from aimichat.web.site import install as install_web
@@ -29,24 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(settings: Settings) -> Engine:
-    """The engine ``settings`` ask for, not started: an upstream server, or llama.cpp in this process."""
+    """The engine of ``aimichat-1`` as ``settings`` define it, not started: an upstream server, or
+    llama.cpp in this process (with the upstream API key from AIMICHAT_UPSTREAM_API_KEY)."""
     if settings.engine == "upstream":
         from aimichat.engines.openai_upstream import UpstreamEngine
 
         return UpstreamEngine.from_settings(settings)
-    from aimichat.engines.llama import LlamaEngine
-
-    return LlamaEngine(
-        settings.model_path,
-        model_id=PUBLIC_MODEL_ID,
-        slots=settings.parallel,  # 1 answers one request at a time
-        context_length=settings.context_length,
-        threads=settings.threads,
-        system_prompt=settings.system_prompt,
-        repeat_penalty=settings.repeat_penalty,
-        max_queue=settings.max_queue,
-        queue_timeout=settings.queue_timeout,
-    )
+    spec = settings_model(settings)
+    return configs.build_engine(PUBLIC_MODEL_ID, spec.config, settings)
 
 
 def build_quota(settings: Settings, database: Database) -> QuotaBackend:
@@ -71,27 +64,34 @@ def create_app(
     database: Database | None = None,
     clock: Clock = utcnow,
     close_engine: bool = True,
+    engine_factory: EngineFactory | None = None,
 ) -> FastAPI:
-    """Build the ASGI app. Pass ``engine``/``database``/``clock`` to share or control them (tests do)."""
+    """Build the ASGI app. Pass ``engine``/``database``/``clock`` to share or control them (tests do):
+    ``engine`` serves ``aimichat-1``; ``engine_factory`` builds the engines of the registry's models."""
     settings = settings or Settings()
+    auto_threads = engine is None and "threads" not in settings.model_fields_set
     engine = engine or build_engine(settings)
     database = database or Database(settings.resolved_database_url())
 
     principals = PrincipalCache(settings.key_cache_seconds)
+    models = LiveModels(
+        settings, database, default_engine=engine, factory=engine_factory, default_auto_threads=auto_threads
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         prepare_database(database, settings)
-        # Keys, accounts and tiers change through ORM sessions (web pages, tests); key lookups on the
-        # request path use Core connections and never clear it.
+        # Keys, accounts, tiers and the registry change through ORM sessions (web pages, tests); key
+        # lookups on the request path use Core connections and never clear it.
         event.listen(database.sessions, "after_commit", principals.clear)
+        event.listen(database.sessions, "after_commit", models.mark_stale)
         try:
-            await engine.start()
+            await models.start()
             yield
         finally:
             event.remove(database.sessions, "after_commit", principals.clear)
-        if close_engine:
-            await engine.close()
+            event.remove(database.sessions, "after_commit", models.mark_stale)
+            await models.close(keep=None if close_engine else engine)
 
     # No trailing-slash redirects: Starlette's would echo the whole URL, ?api_key= included, in Location,
     # built from the Host header (issue 15). A path with a stray slash is a 404 that names the right one.
@@ -104,14 +104,15 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.settings = settings
-    app.state.engine = engine
+    app.state.engine = engine  # aimichat-1 as the settings define it
+    app.state.models = models
     app.state.database = database
     app.state.principals = principals
     app.state.clock = clock
     app.state.started = int(time.time())
-    app.state.metrics = Metrics(engine)
+    app.state.metrics = Metrics(models)
     app.state.quota = build_quota(settings, database)
-    app.state.chat = ChatService(engine, app.state.quota, clock, settings.default_max_tokens, metrics=app.state.metrics)
+    app.state.chat = ChatService(models, app.state.quota, clock, settings.default_max_tokens, metrics=app.state.metrics)
 
     handlers.install(app)
     app.include_router(chat_router.router)

@@ -492,6 +492,11 @@ def usage_cmd(email: str, as_json: bool) -> None:
     click.echo(f"this month: {m['used']} / {monthly_limit} credits, resets {m['resetAt']}")
     for k in body["keys_today"]:
         click.echo(f"  key {k['id']:<5} {k['name']:<24} {k['credits']} credits in {k['requests']} requests today")
+    for u in body["models_today"]:
+        click.echo(
+            f"  model {u['model']:<30} {u['credits']} credits in {u['requests']} requests today "
+            f"({u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens)"
+        )
 
 
 if __name__ == "__main__":

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     upstream_breaker_failures: int = Field(3, ge=1, description="Consecutive failures that trip an upstream's breaker.")
     upstream_breaker_cooldown: float = Field(30.0, gt=0, description="Seconds a tripped upstream is skipped.")
 
+    registry_poll_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="How often a replica checks the model registry for changes made elsewhere (0: never).",
+    )
+    discovery_interval: float = Field(
+        300.0, gt=0, description="Seconds between two readings of a discovered upstream's model list."
+    )
+
     drain_timeout: int = Field(30, ge=0, description="Seconds running streams may take to finish after SIGTERM.")
     max_body_bytes: int = Field(1024 * 1024, description="Largest accepted request body.")
     allow_query_key: bool = Field(True, description="Accept ?api_key= (it is always redacted from logs).")

@@ -34,6 +34,7 @@ def test_metrics_count_requests_tokens_credits_and_refusals(server):
     assert m[("aimichat_tokens_total", (("kind", "completion"),))] == 6  # the scripted engine's 3 words, twice
     assert m[("aimichat_tokens_total", (("kind", "prompt"),))] == 2 * server.engine.generations[0].prompt_tokens
     assert m[("aimichat_time_to_first_token_seconds_count", ())] == 2
-    assert m[("aimichat_engine_queue_depth", ())] == 0
-    assert m[("aimichat_engine_running", ())] == 0
+    assert m[("aimichat_engine_queue_depth", (("model", "aimichat-1"),))] == 0
+    assert m[("aimichat_engine_running", (("model", "aimichat-1"),))] == 0
+    assert m[("aimichat_model_ready", (("model", "aimichat-1"),))] == 1
     assert m[("aimichat_request_duration_seconds_count", (("route", "/v1/chat/completions"),))] == 3

@@ -336,8 +336,9 @@ def test_readyz_and_metrics_show_slots_and_queue(server, engine8):
         metrics = client.get("/metrics").text
     assert engine["engine"] == "llama" and engine["slots"] == SLOTS
     assert engine["slots_busy"] == 0 and engine["queued"] == 0
-    assert f"aimichat_engine_slots {float(SLOTS)}" in metrics
-    assert "aimichat_engine_slots_busy 0.0" in metrics and "aimichat_engine_queue_depth 0.0" in metrics
+    assert f'aimichat_engine_slots{{model="aimichat-1"}} {float(SLOTS)}' in metrics
+    assert 'aimichat_engine_slots_busy{model="aimichat-1"} 0.0' in metrics
+    assert 'aimichat_engine_queue_depth{model="aimichat-1"} 0.0' in metrics
 
 
 def test_a_prompt_that_cannot_fit_a_slot_answers_400_before_taking_one(server, engine8):

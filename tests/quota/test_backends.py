@@ -14,7 +14,8 @@ from aimichat.accounts import service as accounts
 from aimichat.keys.service import principal_for
 from aimichat.quota import ledger
 from aimichat.quota.backends import RedisQuota, SqlQuota
-from aimichat.quota.ledger import Cost, Refusal, Reservation
+from aimichat.quota.ledger import Refusal, Reservation
+from aimichat.quota.pricing import Cost
 from conftest import REDIS_URL, make_account
 
 NOON = dt.datetime(2024, 1, 18, 12, 0, 0)

@@ -10,8 +10,9 @@ from sqlalchemy import func, select
 
 from aimichat.accounts import service as accounts
 from aimichat.keys.service import principal_for
-from aimichat.quota import ledger
-from aimichat.quota.ledger import Cost, Refusal, Reservation
+from aimichat.quota import ledger, pricing
+from aimichat.quota.ledger import Refusal, Reservation
+from aimichat.quota.pricing import Cost
 from aimichat.store.models import UsageCounter, UsageEvent
 from conftest import make_account
 
@@ -85,11 +86,12 @@ def test_settle_is_idempotent_and_release_refunds_everything(database):
 def test_per_token_reserves_prompt_plus_max_tokens_and_refunds_the_rest(database):
     make_account(database, daily=1000, cost_rule="per_token", per_1k=10)
     p = principal(database)
-    cost = ledger.request_cost(p, prompt_tokens=150, max_tokens=850)
+    price = pricing.tier_price(p.cost_rule, p.credits_per_1k_tokens)
+    cost = pricing.request_cost(price, prompt_tokens=150, max_tokens=850)
     assert cost == Cost(want=10, minimum=2)  # ceil(1000*10/1000), ceil(151*10/1000)
     r = reserve(database, p, cost)
     assert r.credits == 10
-    charge = ledger.final_charge(p, r, prompt_tokens=150, completion_tokens=51)
+    charge = pricing.final_charge(price, r.credits, prompt_tokens=150, completion_tokens=51)
     assert charge == 3  # 201 tokens at 10 credits per 1k, rounded up
     with database.connect() as conn:
         ledger.settle(conn, r, credits=charge, prompt_tokens=150, completion_tokens=51, now=NOON)
@@ -101,7 +103,8 @@ def test_per_token_grants_what_is_left_when_the_full_reservation_does_not_fit(da
     p = principal(database)
     r = reserve(database, p, Cost(want=9, minimum=3))
     assert r.credits == 5 and r.remaining == 0
-    assert ledger.affordable_tokens(p, r.credits) == 5
+    price = pricing.tier_price(p.cost_rule, p.credits_per_1k_tokens)
+    assert pricing.affordable_completion(price, r.credits, prompt_tokens=0) == 5
     assert isinstance(reserve(database, p, Cost(want=9, minimum=3)), Refusal)
 
 

@@ -52,3 +52,11 @@ async def require_key(request: Request) -> Principal:
 def _lookup(database: Database, key: str) -> Principal | None:
     with database.connect(single_statement=True) as conn:
         return keys.authenticate(conn, key)
+
+
+async def optional_key(request: Request) -> Principal | None:
+    """FastAPI dependency: the caller's principal when a key is presented (a bad one is still a 401),
+    None when none is."""
+    if presented_key(request, request.app.state.settings.allow_query_key) is None:
+        return None
+    return await require_key(request)

@@ -8,13 +8,13 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from aimichat.engines.base import Engine
+from aimichat.registry.live import LiveModels
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, models: LiveModels) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -37,7 +37,7 @@ class Metrics:
         self.credits = Counter("aimichat_credits_charged", "Credits charged after settlement", registry=r)
         self.refusals = Counter("aimichat_quota_refusals", "Requests refused because credits were spent", registry=r)
         self.engine_errors = Counter("aimichat_engine_errors", "Engine failures by kind", ["kind"], registry=r)
-        r.register(_EngineCollector(engine))
+        r.register(_EngineCollector(models))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -50,28 +50,39 @@ class Metrics:
 
 
 class _EngineCollector:
-    """Reads the engine's own counters at scrape time, so the engine needs no metrics code."""
+    """Reads each model's engine counters at scrape time, so engines need no metrics code."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, models: LiveModels) -> None:
+        self.models = models
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.engine.stats()
-        yield GaugeMetricFamily("aimichat_engine_queue_depth", "Requests waiting for the engine", value=stats.queued)
-        yield GaugeMetricFamily("aimichat_engine_running", "Requests the engine is generating for", value=stats.running)
-        if stats.slots is not None:
-            yield GaugeMetricFamily("aimichat_engine_slots_busy", "Sequence slots in use", value=stats.running)
-            yield GaugeMetricFamily("aimichat_engine_slots", "Sequence slots", value=stats.slots)
-        upstreams = stats.details.get("upstreams")
-        if isinstance(upstreams, list):
-            up = GaugeMetricFamily("aimichat_upstream_up", "1 if the upstream is usable", labels=["url"])
-            for item in upstreams:
-                if isinstance(item, dict) and "url" in item:
-                    up.add_metric([str(item["url"])], 1.0 if item.get("state") == "up" else 0.0)
-            yield up
+        queued = GaugeMetricFamily("aimichat_engine_queue_depth", "Requests waiting for the engine", labels=["model"])
+        running = GaugeMetricFamily(
+            "aimichat_engine_running", "Requests the engine is generating for", labels=["model"]
+        )
+        ready = GaugeMetricFamily("aimichat_model_ready", "1 if the model can take requests here", labels=["model"])
+        busy = GaugeMetricFamily("aimichat_engine_slots_busy", "Sequence slots in use", labels=["model"])
+        slots = GaugeMetricFamily("aimichat_engine_slots", "Sequence slots", labels=["model"])
+        up = GaugeMetricFamily("aimichat_upstream_up", "1 if the upstream is usable", labels=["model", "url"])
+        for status in self.models.status():
+            ready.add_metric([status.name], 1.0 if status.ready else 0.0)
+            stats = status.stats
+            if stats is None:
+                continue
+            queued.add_metric([status.name], stats.queued)
+            running.add_metric([status.name], stats.running)
+            if stats.slots is not None:
+                busy.add_metric([status.name], stats.running)
+                slots.add_metric([status.name], stats.slots)
+            upstreams = stats.details.get("upstreams")
+            if isinstance(upstreams, list):
+                for item in upstreams:
+                    if isinstance(item, dict) and "url" in item:
+                        up.add_metric([status.name, str(item["url"])], 1.0 if item.get("state") == "up" else 0.0)
+        yield from (queued, running, ready, busy, slots, up)
 
 
 router = APIRouter()

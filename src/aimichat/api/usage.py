@@ -49,4 +49,5 @@ def usage_body(principal: Principal, s: ledger.UsageSummary) -> dict[str, Any]:
             "resetAt": iso_utc(s.month_reset),
         },
         "keys_today": s.per_key_today,
+        "models_today": s.per_model_today,
     }

@@ -343,6 +343,7 @@ class LlamaEngine:
         self._busy = 0  # slots in use; written by the scheduler, read by stats()/generate()
         self._prompt_tokens_cached = 0  # prompt tokens not re-read thanks to a slot's kept cells
         self._profile = _Profile(_profile_every())
+        self._threads_applied = threads  # what the context decodes with; set_threads changes self.threads
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -399,7 +400,7 @@ class LlamaEngine:
         params.n_seq_max = self.slots
         params.kv_unified = False  # one KV stream per slot (see the module docstring)
         params.n_batch = params.n_ubatch = self.step_tokens
-        params.n_threads = params.n_threads_batch = self.threads
+        params.n_threads = params.n_threads_batch = self._threads_applied = self.threads
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(), which answers alike
         return params
 
@@ -461,6 +462,14 @@ class LlamaEngine:
 
     async def close(self) -> None:
         await asyncio.to_thread(self.shutdown)
+
+    def set_threads(self, threads: int) -> None:
+        """Decode with ``threads`` threads from the next step on: models sharing a host's cores are given
+        a share each, since llama.cpp's threads spin while they wait and oversubscribed cores slow every
+        model several-fold. Applied by the scheduler thread, between decodes."""
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.threads = threads
 
     def shutdown(self) -> None:
         """Stop the scheduler (callers still waiting get an EngineError) and free llama.cpp memory."""
@@ -578,6 +587,7 @@ class LlamaEngine:
                 profile.mark("idle")
                 self._reap_cancelled()
                 self._admit()
+                self._apply_threads()
                 self._flush()  # "you have a slot" goes out now, not after this step's decode
                 profile.mark("admit")
                 if self._busy:
@@ -586,6 +596,12 @@ class LlamaEngine:
                 profile.mark("flush")
         finally:
             self._fail_everything(EngineError("the engine is shutting down"))
+
+    def _apply_threads(self) -> None:
+        threads = self.threads
+        if threads != self._threads_applied:
+            llama_cpp.llama_set_n_threads(self._llama.ctx.ctx, threads, threads)
+            self._threads_applied = threads
 
     def _wait_for_work(self) -> bool:
         with self._cond:

@@ -22,14 +22,15 @@ from aimichat.keys.service import Principal, last_use_is_stale
 from aimichat.store.db import Database
 
 from . import ledger, periods
-from .ledger import Cost, Refusal, Reservation
+from .ledger import Refusal, Reservation
+from .pricing import Cost
 
 log = logging.getLogger(__name__)
 
 
 class QuotaBackend(Protocol):
     def reserve(
-        self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
+        self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime, model: str | None = None
     ) -> Reservation | Refusal: ...
 
     def settle(
@@ -50,14 +51,18 @@ class SqlQuota:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    def reserve(self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime) -> Reservation | Refusal:
+    def reserve(
+        self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime, model: str | None = None
+    ) -> Reservation | Refusal:
         if not self.database.is_sqlite:  # PostgreSQL: the common case in one round trip
             with self.database.connect(single_statement=True) as conn:
-                reservation = ledger.reserve_in_one_statement(conn, principal, cost, request_id=request_id, now=now)
+                reservation = ledger.reserve_in_one_statement(
+                    conn, principal, cost, request_id=request_id, now=now, model=model
+                )
             if reservation is not None:
                 return reservation
         with self.database.connect() as conn:
-            return ledger.reserve(conn, principal, cost, request_id=request_id, now=now)
+            return ledger.reserve(conn, principal, cost, request_id=request_id, now=now, model=model)
 
     def settle(
         self,
@@ -133,7 +138,9 @@ class RedisQuota:
         tag = f"{self.prefix}:q:{{{account_id}}}"  # one hash slot per account (Redis Cluster)
         return f"{tag}:d:{now:%Y-%m-%d}", f"{tag}:m:{now:%Y-%m}"
 
-    def reserve(self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime) -> Reservation | Refusal:
+    def reserve(
+        self, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime, model: str | None = None
+    ) -> Reservation | Refusal:
         keys = self._keys(principal.account_id, now)
         monthly = -1 if principal.monthly_credits is None else principal.monthly_credits
         args = [cost.want, cost.minimum, principal.daily_credits, monthly]
@@ -150,7 +157,7 @@ class RedisQuota:
             # Usually the ledger row alone: one INSERT, in autocommit on PostgreSQL.
             with self.database.connect(single_statement=not last_use_is_stale(principal, now)) as conn:
                 reservation = ledger.record_reservation(
-                    conn, principal, granted, request_id=request_id, now=now, day_used=day_used
+                    conn, principal, granted, request_id=request_id, now=now, day_used=day_used, model=model
                 )
                 conn.commit()
         except BaseException:

@@ -14,7 +14,6 @@ several times the database round trips themselves.
 from __future__ import annotations
 
 import datetime as dt
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +39,7 @@ from aimichat.keys.service import LAST_USED_RESOLUTION, Principal, touch_last_us
 from aimichat.store.models import ApiKey, UsageCounter, UsageEvent
 
 from . import periods
+from .pricing import Cost
 
 _MAX_ATTEMPTS = 8
 
@@ -97,38 +97,6 @@ class Refusal:
         return RateLimit(self.daily_limit, remaining, self.daily_reset_at)
 
 
-@dataclass(frozen=True)
-class Cost:
-    """What to reserve: ``want`` if it fits, else as much as is left down to ``minimum``."""
-
-    want: int
-    minimum: int
-
-
-def request_cost(principal: Principal, prompt_tokens: int, max_tokens: int) -> Cost:
-    if principal.cost_rule == "per_token":
-        return Cost(
-            want=token_credits(principal, prompt_tokens + max_tokens),
-            minimum=token_credits(principal, prompt_tokens + 1),
-        )
-    return Cost(1, 1)
-
-
-def token_credits(principal: Principal, tokens: int) -> int:
-    return math.ceil(tokens * principal.credits_per_1k_tokens / 1000)
-
-
-def affordable_tokens(principal: Principal, credits: int) -> int:
-    """How many tokens (prompt + completion) ``credits`` pay for under the per-token rule."""
-    return credits * 1000 // principal.credits_per_1k_tokens
-
-
-def final_charge(principal: Principal, reservation: Reservation, prompt_tokens: int, completion_tokens: int) -> int:
-    if principal.cost_rule == "per_token":
-        return min(reservation.credits, token_credits(principal, prompt_tokens + completion_tokens))
-    return reservation.credits
-
-
 # -- reserve -------------------------------------------------------------------------------------
 
 
@@ -159,6 +127,7 @@ def _reserve_one_statement() -> Select[tuple[int, int]]:
     t = UsageEvent.__table__.c
     values = {  # typed: PostgreSQL cannot infer the type of a bare parameter in a SELECT list
         "request_id": bindparam("p_request", type_=t.request_id.type),
+        "model": bindparam("p_model", type_=t.model.type),
         "account_id": bindparam("p_account", type_=t.account_id.type),
         "api_key_id": bindparam("p_key", type_=t.api_key_id.type),
         "created_at": bindparam("p_now", type_=t.created_at.type),
@@ -195,12 +164,19 @@ _RESERVE_ONE = _reserve_one_statement()
 
 
 def reserve(
-    conn: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
+    conn: Connection,
+    principal: Principal,
+    cost: Cost,
+    *,
+    request_id: str,
+    now: dt.datetime,
+    model: str | None = None,
 ) -> Reservation | Refusal:
-    """Atomically take credits from the account's day (and month) allotment, or say why not."""
+    """Atomically take credits from the account's day (and month) allotment, or say why not.
+    ``model`` is the public name the request asked for, recorded in the ledger."""
     for _ in range(_MAX_ATTEMPTS):
         try:
-            outcome = _try_reserve(conn, principal, cost, request_id, now)
+            outcome = _try_reserve(conn, principal, cost, request_id, now, model)
         except BaseException:
             conn.rollback()
             raise
@@ -210,7 +186,13 @@ def reserve(
 
 
 def reserve_in_one_statement(
-    conn: Connection, principal: Principal, cost: Cost, *, request_id: str, now: dt.datetime
+    conn: Connection,
+    principal: Principal,
+    cost: Cost,
+    *,
+    request_id: str,
+    now: dt.datetime,
+    model: str | None = None,
 ) -> Reservation | None:
     """PostgreSQL's common case in one round trip, for a connection in autocommit: the whole cost fits
     the day's existing counter of a tier without a monthly limit. The conditional UPDATE, the ledger
@@ -223,6 +205,7 @@ def reserve_in_one_statement(
     params = {
         **_counter(principal.account_id, "day", day, p_amount=cost.want, p_limit=principal.daily_credits),
         "p_request": request_id,
+        "p_model": model,
         "p_key": principal.key_id,
         "p_now": now,
         "p_day": day,
@@ -235,7 +218,7 @@ def reserve_in_one_statement(
 
 
 def _try_reserve(
-    conn: Connection, principal: Principal, cost: Cost, request_id: str, now: dt.datetime
+    conn: Connection, principal: Principal, cost: Cost, request_id: str, now: dt.datetime, model: str | None
 ) -> Reservation | Refusal | None:
     """One attempt; None when another request took credits between our read and our update (try again)."""
     flexible = cost.minimum < cost.want
@@ -250,7 +233,9 @@ def _try_reserve(
     if day_used is None:
         conn.rollback()
         return None if flexible and amount else refusal(conn, principal, cost, now)
-    reservation = record_reservation(conn, principal, amount, request_id=request_id, now=now, day_used=day_used)
+    reservation = record_reservation(
+        conn, principal, amount, request_id=request_id, now=now, day_used=day_used, model=model
+    )
     conn.commit()
     return reservation
 
@@ -270,11 +255,19 @@ _RECORD = insert(UsageEvent).returning(UsageEvent.id)
 
 
 def record_reservation(
-    conn: Connection, principal: Principal, amount: int, *, request_id: str, now: dt.datetime, day_used: int
+    conn: Connection,
+    principal: Principal,
+    amount: int,
+    *,
+    request_id: str,
+    now: dt.datetime,
+    day_used: int,
+    model: str | None = None,
 ) -> Reservation:
     """Write the ledger row of a granted reservation (the caller commits)."""
     row = dict(
         request_id=request_id,
+        model=model,
         account_id=principal.account_id,
         api_key_id=principal.key_id,
         created_at=now,
@@ -466,6 +459,7 @@ class UsageSummary:
     monthly_limit: int | None
     month_reset: dt.datetime
     per_key_today: list[dict[str, Any]]
+    per_model_today: list[dict[str, Any]]
 
     @property
     def rate_limit(self) -> RateLimit:
@@ -485,7 +479,38 @@ def summary(session: Session, principal: Principal, now: dt.datetime) -> UsageSu
             {"id": use.id, "name": use.name, "prefix": use.prefix, "credits": use.credits, "requests": use.requests}
             for use in use_by_key(session, principal.account_id, day)
         ],
+        per_model_today=use_by_model(session, principal.account_id, day, day),
     )
+
+
+LEGACY_MODEL = "aimichat-1"  # ledger rows written before the registry existed name no model: it was this one
+
+
+def use_by_model(session: Session, account_id: int, first_day: dt.date, last_day: dt.date) -> list[dict[str, Any]]:
+    """Requests, credits and tokens of an account by model over a range of days, most credits first."""
+    model = func.coalesce(UsageEvent.model, LEGACY_MODEL)
+    rows = session.execute(
+        select(
+            model,
+            func.count(UsageEvent.id),
+            func.coalesce(func.sum(UsageEvent.credits), 0),
+            func.coalesce(func.sum(UsageEvent.prompt_tokens), 0),
+            func.coalesce(func.sum(UsageEvent.completion_tokens), 0),
+        )
+        .where(UsageEvent.account_id == account_id, UsageEvent.day >= first_day, UsageEvent.day <= last_day)
+        .group_by(model)
+    ).all()
+    result = [
+        {
+            "model": name,
+            "requests": int(requests),
+            "credits": int(credits),
+            "prompt_tokens": int(prompt),
+            "completion_tokens": int(completion),
+        }
+        for name, requests, credits, prompt, completion in rows
+    ]
+    return sorted(result, key=lambda item: (-item["credits"], item["model"]))
 
 
 def ledger_sum(session: Session, account_id: int, first_day: dt.date, last_day: dt.date) -> int:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Date,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -43,6 +45,8 @@ class Tier(Base):
     monthly_credits: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cost_rule: Mapped[str] = mapped_column(String(16), default="per_request")  # or "per_token"
     credits_per_1k_tokens: Mapped[int] = mapped_column(Integer, default=1)
+    # The public model names this tier may use; None: every model.
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True, default=None)
 
 
 class Account(Base):
@@ -109,6 +113,7 @@ class UsageEvent(Base):
     status: Mapped[str] = mapped_column(String(16))  # reserved | charged | released
     estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     settled_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the public name asked for
 
 
 class WebSession(Base):
@@ -138,3 +143,69 @@ class LoginAttempt(Base):
     email: Mapped[str] = mapped_column(String(320))
     address: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+# -- the model registry --------------------------------------------------------------------------
+# Every replica reads these tables (see registry/); each change bumps RegistryVersion, which replicas poll.
+
+
+class ModelRecord(Base):
+    """A model served under a public name: an embedded GGUF or an OpenAI-compatible upstream.
+
+    ``config`` holds the engine's settings (see ``registry.catalog``): for ``embedded`` the GGUF, slots,
+    context length, threads, system prompt, load-on-demand and idle unload; for ``upstream`` the base
+    URLs, the upstream's model name and the *name* of the environment variable holding its API key.
+    ``enabled`` False hides a model (how the built-in ``aimichat-1`` is taken off a fleet).
+    """
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    engine: Mapped[str] = mapped_column(String(16))  # "embedded" | "upstream"
+    config: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class ModelAlias(Base):
+    """Another name that resolves to a model (``gpt-4o-mini`` -> ``aimichat-1``)."""
+
+    __tablename__ = "model_aliases"
+
+    alias: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128))
+
+
+class ModelSource(Base):
+    """An upstream registered as a whole: every model its ``GET /v1/models`` lists is served, as ``prefix + id``."""
+
+    __tablename__ = "model_sources"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    urls: Mapped[list[str]] = mapped_column(JSON)
+    prefix: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_env: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class ModelPrice(Base):
+    """What one tier pays for one model: per request, or per 1M prompt and completion tokens."""
+
+    __tablename__ = "model_prices"
+
+    tier_id: Mapped[int] = mapped_column(ForeignKey("tiers.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    per_request: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    prompt_per_1m: Mapped[float | None] = mapped_column(Float, nullable=True)
+    completion_per_1m: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class RegistryVersion(Base):
+    """One row whose number grows with every change to models, aliases, sources, prices or tier access."""
+
+    __tablename__ = "registry_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -26,11 +26,13 @@ from starlette.concurrency import run_in_threadpool
 
 from aimichat.api.errors import APIError, engine_error
 from aimichat.api.metrics import Metrics
-from aimichat.engines.base import Engine, EngineError, Event, Finish, FinishReason, PreparedPrompt, SamplingParams
+from aimichat.engines.base import EngineError, Event, Finish, FinishReason, PreparedPrompt, SamplingParams
 from aimichat.keys.service import Principal
-from aimichat.quota import ledger
+from aimichat.quota import pricing
 from aimichat.quota.backends import QuotaBackend
 from aimichat.quota.ledger import RateLimit, Refusal, Reservation
+from aimichat.quota.pricing import Price
+from aimichat.registry.live import LiveModels, ModelLookupError, Served
 from aimichat.store.clock import Clock, iso_utc
 from aimichat.store.errors import STORE_UNAVAILABLE
 
@@ -75,7 +77,7 @@ class CallRecord:
 
 @dataclass
 class ChatService:
-    engine: Engine
+    models: LiveModels
     quota: QuotaBackend
     clock: Clock
     default_max_tokens: int = 1024
@@ -92,23 +94,29 @@ class ChatService:
         ``client_gone`` says, without waiting, whether the caller has hung up: a non-streaming answer then
         stops generating (a stream notices by itself, at its next write)."""
         self._check_request(request)
-        prompt = await self.engine.prepare(request.engine_messages())
+        served = await self._model(request.model, principal)
+        engine, model = served.engine, served.spec.name
+        assert engine is not None  # resolve() returns loaded models only
+        price = self.models.catalog.price(
+            principal.tier_name, model, pricing.tier_price(principal.cost_rule, principal.credits_per_1k_tokens)
+        )
+        prompt = await engine.prepare(request.engine_messages())
         max_tokens = min(request.requested_max_tokens() or self.default_max_tokens, prompt.max_completion_tokens)
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         # An engine that only estimates the prompt is reserved for at worst one token per UTF-8 byte,
         # so a prompt that counts higher than estimated is still paid for in full.
         prompt_bound = _prompt_upper_bound(prompt)
         with anyio.CancelScope(shield=True):  # once the database has granted it, we must know about it
-            granted = await self._reserve(principal, completion_id, prompt_bound, max_tokens)
+            granted = await self._reserve(principal, completion_id, price, prompt_bound, max_tokens, model)
         if isinstance(granted, Refusal):
             if self.metrics:
                 self.metrics.refusals.inc()
             return granted
-        if principal.cost_rule == "per_token":
-            # Never generate more than the reserved credits pay for.
-            max_tokens = min(max_tokens, ledger.affordable_tokens(principal, granted.credits) - prompt_bound)
-        call = OpenReservation(self, principal, granted, prompt, self.engine.model_id, record or CallRecord())
-        events = self.engine.generate(prompt, _sampling(request, max(1, max_tokens)))
+        affordable = pricing.affordable_completion(price, granted.credits, prompt_bound)
+        if affordable is not None:  # never generate more than the reserved credits pay for
+            max_tokens = min(max_tokens, affordable)
+        call = OpenReservation(self, principal, granted, prompt, price, model, record or CallRecord())
+        events = engine.generate(prompt, _sampling(request, max(1, max_tokens)))
         started = time.perf_counter()
         first = await call.first_event(events)  # errors before the first token become plain HTTP errors
         if self.metrics:
@@ -126,23 +134,25 @@ class ChatService:
                 code="mode_not_allowed",
                 param="mode",
             )
-        if request.model not in (None, self.engine.model_id):
-            raise APIError(
-                404,
-                f"The model '{request.model}' does not exist. This server serves '{self.engine.model_id}'.",
-                code="model_not_found",
-                param="model",
-            )
+
+    async def _model(self, name: str | None, principal: Principal) -> Served:
+        try:
+            return await self.models.resolve(name, principal.tier_name)
+        except ModelLookupError as exc:
+            retry_after = 5 if exc.status == 503 else None
+            raise APIError(exc.status, str(exc), code=exc.code, param="model", retry_after=retry_after) from exc
 
     async def _reserve(
-        self, principal: Principal, request_id: str, prompt_tokens: int, max_tokens: int
+        self, principal: Principal, request_id: str, price: Price, prompt_tokens: int, max_tokens: int, model: str
     ) -> Reservation | Refusal:
-        cost = ledger.request_cost(principal, prompt_tokens, max_tokens)
-        return await run_in_threadpool(self.quota.reserve, principal, cost, request_id=request_id, now=self.clock())
+        cost = pricing.request_cost(price, prompt_tokens, max_tokens)
+        return await run_in_threadpool(
+            lambda: self.quota.reserve(principal, cost, request_id=request_id, now=self.clock(), model=model)
+        )
 
     async def settle(
         self,
-        principal: Principal,
+        price: Price,
         reservation: Reservation,
         usage: Finish | None,
         delivered_tokens: int,
@@ -153,7 +163,7 @@ class ChatService:
             prompt_tokens, completion, estimated = prompt.prompt_tokens, delivered_tokens, prompt.estimated
         else:
             prompt_tokens, completion, estimated = usage.prompt_tokens, usage.completion_tokens, usage.estimated
-        credits = ledger.final_charge(principal, reservation, prompt_tokens, completion)
+        credits = pricing.final_charge(price, reservation.credits, prompt_tokens, completion)
         if self.metrics:
             self.metrics.observe_usage(prompt_tokens, completion, credits)
         await run_in_threadpool(
@@ -184,11 +194,13 @@ class OpenReservation:
         principal: Principal,
         reservation: Reservation,
         prompt: PreparedPrompt,
+        price: Price,
         model: str,
         record: CallRecord,
     ) -> None:
         self.service = service
         self.principal = principal
+        self.price = price
         self.reservation = reservation
         self.prompt = prompt
         self.id = reservation.request_id
@@ -227,7 +239,7 @@ class OpenReservation:
         with anyio.CancelScope(shield=True):  # a disconnect must not cancel the bookkeeping
             try:
                 credits = await self.service.settle(
-                    self.principal, self.reservation, usage, self.delivered_tokens, self.prompt
+                    self.price, self.reservation, usage, self.delivered_tokens, self.prompt
                 )
             except STORE_UNAVAILABLE:
                 # The row stays 'reserved' and counted: the caller keeps its answer, no charge is lost.

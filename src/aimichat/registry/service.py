@@ -1,0 +1,419 @@
+"""The registry's rules: plain functions over a SQLAlchemy session, shared by the CLI, the admin pages
+and the tests. Every change bumps :class:`~aimichat.store.models.RegistryVersion` in the same
+transaction, which is how every replica learns of it (``registry.live`` polls the number).
+
+Raises ``ValueError`` (with a message for people) for anything it refuses.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from aimichat.engines.configs import EmbeddedConfig, EngineConfig, UpstreamConfig
+from aimichat.quota.pricing import Price
+from aimichat.store.clock import utcnow
+from aimichat.store.models import ModelAlias, ModelPrice, ModelRecord, ModelSource, RegistryVersion, Tier
+
+from .catalog import DEFAULT_MODEL, check_name, config_from_record, make_price
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def bump(session: Session) -> None:
+    """Tell every replica the registry changed (the caller commits)."""
+    changed = session.execute(
+        update(RegistryVersion).where(RegistryVersion.id == 1).values(version=RegistryVersion.version + 1)
+    )
+    if not getattr(changed, "rowcount", 0):
+        session.add(RegistryVersion(id=1, version=1))
+    session.flush()
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def add_embedded(
+    session: Session,
+    name: str,
+    *,
+    gguf: Path | str | None = None,
+    parallel: int | None = None,
+    context_length: int | None = None,
+    threads: int | None = None,
+    system_prompt: str | None = None,
+    load_on_demand: bool = False,
+    idle_unload: float | None = None,
+) -> ModelRecord:
+    """Add (or redefine) a model run in-process from a GGUF file. The file is checked where it is
+    served: a replica without it reports the model unready."""
+    if parallel is not None and not 1 <= parallel <= 256:
+        raise ValueError("parallel must be between 1 and 256")
+    if context_length is not None and context_length < 256:
+        raise ValueError("context length must be at least 256 tokens")
+    if threads is not None and threads < 1:
+        raise ValueError("threads must be at least 1")
+    if idle_unload is not None and idle_unload <= 0:
+        raise ValueError("idle unload must be a positive number of seconds")
+    config = EmbeddedConfig(
+        gguf=Path(gguf).expanduser().resolve() if gguf else None,
+        parallel=parallel,
+        context_length=context_length,
+        threads=threads,
+        system_prompt=system_prompt,
+        load_on_demand=load_on_demand,
+        idle_unload=idle_unload,
+    )
+    return _put(session, name, config)
+
+
+def add_upstream(
+    session: Session,
+    name: str,
+    urls: str | Sequence[str],
+    *,
+    upstream_model: str = "",
+    api_key_env: str | None = None,
+    system_prompt: str | None = None,
+    context_length: int | None = None,
+) -> ModelRecord:
+    """Add (or redefine) a model served by OpenAI-compatible servers: the first URL first, the rest on failure."""
+    config = UpstreamConfig(
+        urls=tuple(_urls(urls)),
+        upstream_model=upstream_model,
+        api_key_env=_env_name(api_key_env),
+        system_prompt=system_prompt,
+        context_length=context_length,
+    )
+    return _put(session, name, config)
+
+
+def _urls(urls: str | Sequence[str]) -> list[str]:
+    from aimichat.engines.openai_upstream import parse_urls
+
+    return parse_urls(urls)
+
+
+def _env_name(name: str | None) -> str | None:
+    if name is None or name == "":
+        return None
+    if not ENV_NAME.match(name):
+        raise ValueError(
+            f"--api-key-env takes the NAME of an environment variable (e.g. OLLAMA_API_KEY), not a key: got {name[:4]}…"
+        )
+    return name
+
+
+def _put(session: Session, name: str, config: EngineConfig) -> ModelRecord:
+    check_name(name)
+    if session.get(ModelAlias, name) is not None:
+        raise ValueError(f"{name!r} is an alias; remove it first (aimichat models unalias {name})")
+    now = utcnow()
+    record = session.scalar(select(ModelRecord).where(ModelRecord.name == name))
+    if record is None:
+        record = ModelRecord(name=name, created_at=now)
+        session.add(record)
+    record.engine = config.kind
+    record.config = config.as_json()
+    record.enabled = True
+    record.updated_at = now
+    bump(session)
+    return record
+
+
+def remove_model(session: Session, name: str) -> None:
+    """Stop serving ``name`` everywhere; its aliases and prices go with it. The built-in ``aimichat-1``
+    and discovered models are hidden (a disabled row), since their definition lives elsewhere."""
+    record = session.scalar(select(ModelRecord).where(ModelRecord.name == name))
+    hideable = name == DEFAULT_MODEL or any(name.startswith(s.prefix) for s in _sources(session) if s.prefix)
+    if record is None and not hideable:
+        raise ValueError(f"no model named {name!r}")
+    if record is not None and not (hideable and record.enabled):
+        session.delete(record)
+    elif record is not None:
+        record.enabled, record.config, record.updated_at = False, {}, utcnow()
+    else:
+        now = utcnow()
+        session.add(ModelRecord(name=name, engine="hidden", config={}, enabled=False, created_at=now, updated_at=now))
+    session.execute(delete(ModelAlias).where(ModelAlias.model == name))
+    session.execute(delete(ModelPrice).where(ModelPrice.model == name))
+    bump(session)
+
+
+def restore_model(session: Session, name: str) -> None:
+    """Serve a hidden built-in or discovered model again."""
+    record = session.scalar(select(ModelRecord).where(ModelRecord.name == name, ModelRecord.enabled.is_(False)))
+    if record is None:
+        raise ValueError(f"{name!r} is not hidden")
+    session.delete(record)
+    bump(session)
+
+
+def add_alias(session: Session, name: str, alias: str) -> ModelAlias:
+    """Make ``alias`` another name of ``name`` (e.g. gpt-4o-mini for aimichat-1)."""
+    check_name(alias, "alias")
+    if alias == name:
+        raise ValueError("an alias must differ from the model's name")
+    if session.scalar(select(ModelRecord.id).where(ModelRecord.name == alias, ModelRecord.enabled)) is not None:
+        raise ValueError(f"{alias!r} is already a model's name")
+    if session.get(ModelAlias, name) is not None:
+        raise ValueError(f"{name!r} is itself an alias; point the alias at the model")
+    row = session.get(ModelAlias, alias) or ModelAlias(alias=alias)
+    row.model = name
+    session.add(row)
+    bump(session)
+    return row
+
+
+def remove_alias(session: Session, alias: str) -> None:
+    row = session.get(ModelAlias, alias)
+    if row is None:
+        raise ValueError(f"no alias named {alias!r}")
+    session.delete(row)
+    bump(session)
+
+
+# -- sources (discovery) -------------------------------------------------------------------------
+
+
+def add_source(
+    session: Session, urls: str | Sequence[str], *, prefix: str = "", api_key_env: str | None = None
+) -> ModelSource:
+    """Register an upstream as a whole: every model its /v1/models lists is served as ``prefix + id``.
+    One source per prefix; registering a prefix again replaces its URLs."""
+    if prefix and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$", prefix):
+        raise ValueError(f"invalid prefix {prefix!r}")
+    source = session.scalar(select(ModelSource).where(ModelSource.prefix == prefix))
+    if source is None:
+        source = ModelSource(prefix=prefix, created_at=utcnow())
+        session.add(source)
+    source.urls = _urls(urls)
+    source.api_key_env = _env_name(api_key_env)
+    bump(session)
+    return source
+
+
+def remove_source(session: Session, prefix: str) -> None:
+    source = session.scalar(select(ModelSource).where(ModelSource.prefix == prefix))
+    if source is None:
+        raise ValueError(f"no discovered upstream with prefix {prefix!r}")
+    session.delete(source)
+    bump(session)
+
+
+def _sources(session: Session) -> list[ModelSource]:
+    return list(session.scalars(select(ModelSource).order_by(ModelSource.id)))
+
+
+# -- tier access and prices ----------------------------------------------------------------------
+
+
+def set_tier_models(session: Session, tier: str, models: Iterable[str] | None) -> Tier:
+    """The models ``tier`` may use; None: every model (the default)."""
+    row = _tier(session, tier)
+    row.models = None if models is None else sorted({check_name(m.strip()) for m in models if m.strip()})
+    bump(session)
+    return row
+
+
+def _tier(session: Session, name: str) -> Tier:
+    tier = session.scalar(select(Tier).where(Tier.name == name))
+    if tier is None:
+        raise ValueError(f"unknown tier {name!r}")
+    return tier
+
+
+def set_price(
+    session: Session,
+    tier: str,
+    model: str,
+    *,
+    per_request: int | None = None,
+    prompt_per_1m: float | None = None,
+    completion_per_1m: float | None = None,
+) -> ModelPrice:
+    """What ``tier`` pays for ``model``: ``per_request`` credits, or prompt and completion prices per 1M tokens."""
+    by_tokens = prompt_per_1m is not None or completion_per_1m is not None
+    if (per_request is None) == (not by_tokens):
+        raise ValueError("give either a per-request price or prompt and completion prices per 1M tokens")
+    if per_request is not None and per_request < 0:
+        raise ValueError("prices cannot be negative")
+    if by_tokens and (prompt_per_1m is None or completion_per_1m is None):
+        raise ValueError("give both the prompt and the completion price per 1M tokens")
+    if by_tokens and ((prompt_per_1m or 0) < 0 or (completion_per_1m or 0) < 0):
+        raise ValueError("prices cannot be negative")
+    row_tier = _tier(session, tier)
+    check_name(model)
+    row = session.get(ModelPrice, (row_tier.id, model)) or ModelPrice(tier_id=row_tier.id, model=model)
+    row.per_request, row.prompt_per_1m, row.completion_per_1m = per_request, prompt_per_1m, completion_per_1m
+    session.add(row)
+    bump(session)
+    return row
+
+
+def remove_price(session: Session, tier: str, model: str) -> None:
+    row = session.get(ModelPrice, (_tier(session, tier).id, model))
+    if row is None:
+        raise ValueError(f"tier {tier!r} has no price for {model!r}")
+    session.delete(row)
+    bump(session)
+
+
+@dataclass(frozen=True)
+class PriceRow:
+    tier: str
+    model: str
+    price: Price
+
+    def as_json(self) -> dict[str, Any]:
+        return {"tier": self.tier, "model": self.model, **self.price.as_json()}
+
+
+def list_prices(session: Session, tier: str | None = None) -> list[PriceRow]:
+    query = select(Tier.name, ModelPrice).join(Tier, Tier.id == ModelPrice.tier_id).order_by(Tier.id, ModelPrice.model)
+    if tier is not None:
+        query = query.where(Tier.id == _tier(session, tier).id)
+    return [
+        PriceRow(name, row.model, make_price(row.per_request, row.prompt_per_1m, row.completion_per_1m))
+        for name, row in session.execute(query)
+    ]
+
+
+# -- the registry as a file ----------------------------------------------------------------------
+
+
+def export_registry(session: Session) -> dict[str, Any]:
+    """The whole registry as plain data (what ``models export`` writes as TOML)."""
+    aliases: dict[str, list[str]] = {}
+    for alias in session.scalars(select(ModelAlias).order_by(ModelAlias.alias)):
+        aliases.setdefault(alias.model, []).append(alias.alias)
+    models = []
+    for record in session.scalars(select(ModelRecord).order_by(ModelRecord.id)):
+        item: dict[str, Any] = {"name": record.name}
+        if record.enabled:
+            item["engine"] = record.engine
+            item |= config_from_record(record.engine, record.config or {}).as_json()
+        else:
+            item["hidden"] = True
+        models.append(item)
+    named = {m["name"] for m in models}
+    for target in aliases:  # aliases of models defined elsewhere (aimichat-1, discovered)
+        if target not in named:
+            models.append({"name": target})
+    for item in models:
+        if item["name"] in aliases:
+            item["aliases"] = aliases[item["name"]]
+    data: dict[str, Any] = {"models": models}
+    sources = [
+        {"urls": list(s.urls), "prefix": s.prefix, **({"api_key_env": s.api_key_env} if s.api_key_env else {})}
+        for s in _sources(session)
+    ]
+    if sources:
+        data["sources"] = sources
+    tiers = {
+        t.name: {"models": list(t.models)}
+        for t in session.scalars(select(Tier).order_by(Tier.id))
+        if t.models is not None
+    }
+    if tiers:
+        data["tiers"] = tiers
+    prices: dict[str, dict[str, Any]] = {}
+    for row in list_prices(session):
+        prices.setdefault(row.tier, {})[row.model] = row.price.as_json()
+    if prices:
+        data["prices"] = prices
+    return data
+
+
+def export_toml(session: Session) -> str:
+    header = "# AimiChat model registry: `aimichat models import` this file to make a database serve exactly this.\n"
+    return header + tomli_w.dumps(export_registry(session))
+
+
+def import_toml(session: Session, text: str) -> dict[str, int]:
+    """Make the registry exactly what the file says (models, aliases, sources, tier access, prices);
+    all or nothing. Tiers must exist; tiers the file does not mention may use every model."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not valid TOML: {exc}") from None
+    unknown = set(data) - {"models", "sources", "tiers", "prices"}
+    if unknown:
+        raise ValueError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    for table in (ModelAlias, ModelPrice, ModelSource, ModelRecord):
+        session.execute(delete(table))
+    session.execute(update(Tier).values(models=None))
+    session.flush()
+    counts = {"models": 0, "aliases": 0, "sources": 0, "prices": 0}
+    for item in _list(data, "models"):
+        name = _field(item, "name", str)
+        if item.get("hidden"):
+            remove_model(session, name)
+        elif "engine" in item:
+            _add_from_file(session, name, item)
+            counts["models"] += 1
+        for alias in item.get("aliases", []):
+            add_alias(session, name, alias)
+            counts["aliases"] += 1
+    for item in _list(data, "sources"):
+        add_source(session, item.get("urls", []), prefix=item.get("prefix", ""), api_key_env=item.get("api_key_env"))
+        counts["sources"] += 1
+    for tier, settings in dict(data.get("tiers", {})).items():
+        set_tier_models(session, tier, settings.get("models"))
+    for tier, by_model in dict(data.get("prices", {})).items():
+        for model, price in dict(by_model).items():
+            set_price(
+                session,
+                tier,
+                model,
+                per_request=price.get("per_request"),
+                prompt_per_1m=price.get("prompt_per_1m"),
+                completion_per_1m=price.get("completion_per_1m"),
+            )
+            counts["prices"] += 1
+    bump(session)
+    return counts
+
+
+_EMBEDDED_KEYS = {"gguf", "parallel", "context_length", "threads", "system_prompt", "load_on_demand", "idle_unload"}
+_UPSTREAM_KEYS = {"urls", "upstream_model", "api_key_env", "system_prompt", "context_length"}
+
+
+def _add_from_file(session: Session, name: str, item: dict[str, Any]) -> None:
+    engine = item["engine"]
+    settings = {k: v for k, v in item.items() if k not in ("name", "engine", "aliases")}
+    allowed = {"embedded": _EMBEDDED_KEYS, "upstream": _UPSTREAM_KEYS}.get(engine)
+    if allowed is None:
+        raise ValueError(f"model {name!r}: engine must be 'embedded' or 'upstream', got {engine!r}")
+    extra = set(settings) - allowed
+    if extra:
+        raise ValueError(f"model {name!r}: unknown key(s) for an {engine} model: {', '.join(sorted(extra))}")
+    try:
+        if engine == "embedded":
+            add_embedded(session, name, **settings)
+        else:
+            add_upstream(session, name, settings.pop("urls", []), **settings)
+    except TypeError as exc:
+        raise ValueError(f"model {name!r}: {exc}") from None
+
+
+def _list(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{key} must be an array of tables ([[{key}]])")
+    return value
+
+
+def _field(item: dict[str, Any], key: str, kind: type) -> Any:
+    value = item.get(key)
+    if not isinstance(value, kind):
+        raise ValueError(f"every entry needs a {key}")
+    return value
