@@ -46,6 +46,8 @@ from aimichat.app import create_app
 from aimichat.config import Settings
 from aimichat.engines.base import Engine
 from aimichat.keys import service as keys
+from aimichat.registry.catalog import ModelSpec
+from aimichat.registry.live import EngineFactory
 from aimichat.store.clock import Clock
 from aimichat.store.db import Database
 from aimichat.store.models import Base
@@ -252,10 +254,41 @@ def sse_text(events: list[dict[str, Any] | str]) -> str:
 # -- apps ----------------------------------------------------------------------------------------
 
 
-def build_app(engine: Engine, db: Database, tmp_path: Path, *, clock: Clock | None = None, **settings: Any) -> FastAPI:
-    """A fresh app over ``db`` and ``engine`` (which it starts, and leaves open for the next app)."""
+def build_app(
+    engine: Engine,
+    db: Database,
+    tmp_path: Path,
+    *,
+    clock: Clock | None = None,
+    engine_factory: EngineFactory | None = None,
+    **settings: Any,
+) -> FastAPI:
+    """A fresh app over ``db`` and ``engine`` (which it starts, and leaves open for the next app).
+    ``engine_factory`` builds the engines of the registry's models (default: a ScriptedEngine each)."""
     cfg = Settings(data_dir=tmp_path, database_url=db.url, **settings)
-    return create_app(cfg, engine=engine, database=db, close_engine=False, **({"clock": clock} if clock else {}))
+    return create_app(
+        cfg,
+        engine=engine,
+        database=db,
+        close_engine=False,
+        engine_factory=engine_factory or scripted_factory(),
+        **({"clock": clock} if clock else {}),
+    )
+
+
+def scripted_factory(**options: Any) -> EngineFactory:
+    """Builds a ScriptedEngine (with ``options``) named after each registry model, its system prompt
+    taken from the model's settings when it has one; ``.built`` maps model names to the engines made."""
+    built: dict[str, ScriptedEngine] = {}
+
+    def build(spec: ModelSpec, threads: int | None) -> Engine:
+        prompt = getattr(spec.config, "system_prompt", None)
+        engine = ScriptedEngine(model_id=spec.name, **({"system_prompt": prompt} if prompt else {}), **options)
+        built[spec.name] = engine
+        return engine
+
+    build.built = built  # type: ignore[attr-defined]
+    return build
 
 
 CLIENT_ADDRESS = ("127.0.0.1", 50000)  # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: so does AppClient
@@ -321,7 +354,8 @@ class AppClient(_Server):
 def app_client(
     engine: Engine, db: Database, tmp_path: Path, *, clock: Clock | None = None, **settings: Any
 ) -> AppClient:
-    """An AppClient for a fresh app over ``db`` and ``engine``; use it as a context manager."""
+    """An AppClient for a fresh app over ``db`` and ``engine``; use it as a context manager
+    (``engine_factory=`` as for :func:`build_app`)."""
     return AppClient(build_app(engine, db, tmp_path, clock=clock, **settings))
 
 

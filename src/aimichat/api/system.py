@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 async def list_models(request: Request, principal: Principal | None = Depends(optional_key)) -> dict[str, Any]:
     """The models the key's tier may use, with this tier's price of each; without a key, every model."""
     state = request.app.state
-    catalog = state.models.catalog
+    catalog = await state.models.current()
     tier = principal.tier_name if principal else None
     return {"object": "list", "data": [_model(state, spec, principal) for spec in catalog.visible(tier)]}
 
@@ -34,7 +34,7 @@ async def get_model(
     request: Request, model_id: str, principal: Principal | None = Depends(optional_key)
 ) -> dict[str, Any]:
     state = request.app.state
-    catalog = state.models.catalog
+    catalog = await state.models.current()
     spec = catalog.resolve(model_id)
     if spec is None or (principal is not None and not catalog.may_use(principal.tier_name, spec.name)):
         raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")

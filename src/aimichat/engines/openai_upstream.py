@@ -24,6 +24,7 @@ How it keeps the credits guarantee ("never charged for what an upstream failed t
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import logging
@@ -207,7 +208,9 @@ class _Relay:
         connection goes back to the pool (closing a half-read response closes the TCP connection,
         which is what we want when the caller has gone away, and a waste otherwise)."""
         if self.done:
-            with anyio.move_on_after(1):
+            # The answer is whole: a server that then drops the connection mid-chunk (llama-cpp-python's,
+            # under concurrent requests) costs us the connection, never the caller's answer.
+            with anyio.move_on_after(1), contextlib.suppress(httpx.HTTPError):
                 async for _ in self._lines:
                     pass
         await self.response.aclose()

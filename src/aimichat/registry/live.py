@@ -189,11 +189,15 @@ class LiveModels:
 
     # -- the request path ----------------------------------------------------------------------
 
-    async def resolve(self, name: str | None, tier: str) -> Served:
-        """The model a request names (or this tier's default), loaded; raises a ModelLookupError."""
+    async def current(self) -> Catalog:
+        """The newest catalog, re-read first when a local commit may have changed the registry."""
         if self._stale:
             await self.refresh()
-        catalog = self.catalog
+        return self.catalog
+
+    async def resolve(self, name: str | None, tier: str) -> Served:
+        """The model a request names (or this tier's default), loaded; raises a ModelLookupError."""
+        catalog = await self.current()
         spec = catalog.resolve(name) if name is not None else catalog.default_for(tier)
         if spec is None:
             raise UnknownModel(name or DEFAULT_MODEL)
