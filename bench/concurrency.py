@@ -11,6 +11,11 @@ token, then the servers' resident memory, and as the very last lines::
     vs_llama_server_8=<AimiChat total tok/s at 8 streams ÷ llama-server's>
     concurrency_ratio_8=<AimiChat total tok/s at 8 streams ÷ AimiChat at 1 stream>
 
+``--two-models``: AimiChat also serves two embedded models (the same GGUF registered twice, half the
+slots each, aimichat-1 hidden, the cores split between them as the registry does by default), half the
+streams going to each; it prints their aggregate and worst first token beside one model's, and
+``two_models_ratio_8=`` (the two models' aggregate tok/s ÷ one model's at the same streams).
+
 Every server gets the same GGUF, context per slot, llama.cpp threads and requests (AimiChat's default
 system prompt is sent explicitly, so every server reads the very same prompt tokens). Native
 ``llama-server`` (llama.cpp's own server, built as bench/README.md says) is the baseline to beat; it is
@@ -72,6 +77,7 @@ class Server:
     url: str
     key: str
     proc: subprocess.Popen
+    model: str | None = None  # sent as "model" when set
 
 
 @dataclass
@@ -105,17 +111,16 @@ def aimichat_env(data_dir: Path, **settings: str) -> dict[str, str]:
     return env
 
 
+def cli(data_dir: Path, *args: str) -> str:
+    argv = [PYTHON, "-m", "aimichat", *args]
+    return subprocess.run(argv, env=aimichat_env(data_dir), check=True, capture_output=True, text=True).stdout
+
+
 def make_key(data_dir: Path) -> str:
     """An account on a tier with plenty of credits, and an API key for it, through the aimichat CLI."""
-    env = aimichat_env(data_dir)
-
-    def cli(*args: str) -> str:
-        argv = [PYTHON, "-m", "aimichat", *args]
-        return subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
-
-    cli("tiers", "set", "bench", "--daily-credits", "1000000")
-    cli("accounts", "create", "bench@example.com", "--password", "a-long-bench-password", "--tier", "bench")
-    return cli("keys", "create", "bench@example.com", "--name", "bench").strip().splitlines()[-1]
+    cli(data_dir, "tiers", "set", "bench", "--daily-credits", "1000000")
+    cli(data_dir, "accounts", "create", "bench@example.com", "--password", "a-long-bench-password", "--tier", "bench")
+    return cli(data_dir, "keys", "create", "bench@example.com", "--name", "bench").strip().splitlines()[-1]
 
 
 def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 120) -> None:
@@ -161,6 +166,32 @@ def aimichat(data_dir: Path, key: str, parallel: int, threads: int, context_leng
     env = aimichat_env(data_dir, threads=str(threads), context_length=str(context_length), engine="embedded")
     label = f"aimichat parallel={parallel}" if parallel > 1 else "aimichat one-at-a-time"
     return running(label, argv, "/readyz", port, key, env)
+
+
+@contextmanager
+def aimichat_two_models(data_dir: Path, key: str, parallel: int, context_length: int) -> Iterator[list[Server]]:
+    """One AimiChat serving "left" and "right", two embedded models of ``parallel`` slots each, threads
+    left to the registry's default split; yields a Server per model (same process)."""
+    for name in ("left", "right"):
+        cli(
+            data_dir,
+            "models",
+            "add",
+            name,
+            "--embedded",
+            "--parallel",
+            str(parallel),
+            "--context-length",
+            str(context_length),
+        )
+    cli(data_dir, "models", "remove", "aimichat-1")
+    port = free_port()
+    argv = [PYTHON, "-m", "aimichat", "serve", "--port", str(port), "--log-level", "warning"]
+    with running("aimichat two models", argv, "/readyz", port, key, aimichat_env(data_dir)) as server:
+        yield [Server(f"aimichat model {n}", server.url, key, server.proc, n) for n in ("left", "right")]
+    cli(data_dir, "models", "restore", "aimichat-1")
+    for name in ("left", "right"):
+        cli(data_dir, "models", "remove", name)
 
 
 def llama_cpp_server(model: Path, threads: int, context_length: int):
@@ -259,6 +290,8 @@ async def one_stream(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if server.model:
+        body["model"] = server.model
     headers = {"Authorization": f"Bearer {server.key}"}
     first, chunks, usage, timings = None, 0, None, None
     async with client.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as response:
@@ -292,14 +325,18 @@ def prompts(streams: int, run: int, system_prompt: str) -> list[list[dict]]:
     ]
 
 
-async def measure(server: Server, chats: list[list[dict]], max_tokens: int) -> Run:
+async def measure(server: Server | list[Server], chats: list[list[dict]], max_tokens: int) -> Run:
+    """The chats at once; given several servers (models), they take the chats in turn."""
+    servers = server if isinstance(server, list) else [server]
     async with httpx.AsyncClient(timeout=600) as client:
         started = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, server, chat, max_tokens, started) for chat in chats))
+        results = await asyncio.gather(
+            *(one_stream(client, servers[i % len(servers)], chat, max_tokens, started) for i, chat in enumerate(chats))
+        )
         seconds = time.perf_counter() - started
     decode = [r.decode_ms for r in results if r.decode_ms is not None]
     return Run(
-        server.name,
+        " + ".join(s.name for s in servers),
         len(chats),
         sum(r.tokens for r in results),
         seconds,
@@ -308,7 +345,9 @@ async def measure(server: Server, chats: list[list[dict]], max_tokens: int) -> R
     )
 
 
-def bench(server: Server, stream_counts: list[int], max_tokens: int, repeat: int, system_prompt: str) -> list[Run]:
+def bench(
+    server: Server | list[Server], stream_counts: list[int], max_tokens: int, repeat: int, system_prompt: str
+) -> list[Run]:
     hello = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": "Say hello."}]]
     asyncio.run(measure(server, hello, 8))  # warm-up: first-request costs are not what we measure
     runs = []
@@ -339,6 +378,7 @@ def main() -> int:
     parser.add_argument("--no-llama-server", action="store_true", help="skip native llama-server even when found")
     parser.add_argument("--llama-server-args", default="", help='more llama-server options, e.g. "-fa off"')
     parser.add_argument("--no-single", action="store_true", help="skip AimiChat with one slot (one request at a time)")
+    parser.add_argument("--two-models", action="store_true", help="also two embedded models, half the streams each")
     args = parser.parse_args()
     stream_counts = sorted({int(s) for s in args.streams.split(",")})
     if 1 not in stream_counts:
@@ -372,6 +412,11 @@ def main() -> int:
             with llama_server(native, model, args.parallel, args.threads, args.context_length, extra) as server:
                 native_runs = bench(server, stream_counts, args.tokens, args.repeat, system_prompt)
                 memories.append(memory(server))
+        pair: list[Run] = []
+        if args.two_models:
+            with aimichat_two_models(data_dir, key, args.parallel // 2, args.context_length) as servers:
+                pair = bench(servers, [max(stream_counts)], args.tokens, args.repeat, system_prompt)
+                memories.append(memory(servers[0]))
         single = []
         if not args.no_single:
             with aimichat(data_dir, key, 1, args.threads, args.context_length) as server:
@@ -394,6 +439,13 @@ def main() -> int:
         print(f"vs_llama_server_{top}={by_streams[top].tok_s / theirs.tok_s:.2f}")
     else:
         print(f"vs_llama_server_{top}: skipped (no llama-server)")
+    if pair:
+        ours = by_streams[top]
+        print(
+            f"two_models_{top}: {pair[0].tok_s:.1f} tok/s in all, worst first token {pair[0].worst_ttft:.2f} s; "
+            f"one model: {ours.tok_s:.1f} tok/s, worst first token {ours.worst_ttft:.2f} s"
+        )
+        print(f"two_models_ratio_{top}={pair[0].tok_s / ours.tok_s:.2f}")
     print(f"concurrency_ratio_{top}={by_streams[top].tok_s / by_streams[1].tok_s:.2f}")
     return 0
 

@@ -3,6 +3,7 @@ upstream, through a bare proxy (bench/bare_proxy.py) and through AimiChat (key a
 settlement + proxying), in one run.
 
     .venv/bin/python bench/gateway.py [--requests 400] [--backends sqlite,postgresql,redis] [--py-spy DIR]
+                                      [--models 20]
 
 For each backend (SQLite; PostgreSQL; PostgreSQL ledger + Redis counters) it measures, non-streaming
 and streaming: sequential latency (p50/p99; the targets take turns request by request, in rotating
@@ -16,6 +17,10 @@ It prints a line per backend, mode and target, then a table with the ratios, the
 ``gateway_overhead_ratio=`` (AimiChat added p50 ÷ bare proxy added p50), ``gateway_throughput_ratio=``
 (AimiChat req/s ÷ bare proxy req/s at 32 clients) and, last, ``gateway_overhead_ms_p50=<value>``:
 all for PostgreSQL, non-streaming (sequential for the latencies).
+
+``--models N``: a second AimiChat (same backend) with N models in its registry (aimichat-1 and N-1
+upstream models, each with its own price on the tier) takes its turn beside the first, its requests
+naming the last model added; ``models_overhead_ratio=`` is its added p50 ÷ the one-model gateway's.
 
 ``--py-spy DIR``: after the timed passes of each backend, record AimiChat's server with py-spy
 (``pip install py-spy``) during an extra 32-client non-streaming pass, as DIR/<backend>.txt (``py-spy
@@ -59,6 +64,7 @@ BODY = {"messages": [{"role": "user", "content": "Hello, how are you?"}], "max_t
 CLIENTS = 32
 PACED_RATE = 200
 HEADLINE = ("postgresql", "plain")
+MANY = "AimiChat N models"
 
 
 @dataclass
@@ -123,8 +129,9 @@ def postgres_database():
 
 
 @contextmanager
-def gateway(backend: str, upstream: str, data_dir: str):
-    """AimiChat in front of the stub, with an account that will not run out of credits; yields (url, key, pid)."""
+def gateway(backend: str, upstream: str, data_dir: str, models: int = 1):
+    """AimiChat in front of the stub, with an account that will not run out of credits and ``models``
+    models in its registry (priced per request); yields (url, key, pid)."""
     with postgres_database() if backend != "sqlite" else _nothing() as pg_url:
         env = {
             **os.environ,
@@ -140,6 +147,9 @@ def gateway(backend: str, upstream: str, data_dir: str):
         run = lambda *a: subprocess.run([*cli, *a], env=env, check=True, capture_output=True, text=True).stdout  # noqa: E731
         run("tiers", "set", "bench", "--daily-credits", "100000000")
         run("accounts", "create", f"bench-{backend}@example.com", "--password", "bench-password", "--tier", "bench")
+        for i in range(1, models):
+            run("models", "add", f"bench-{i}", "--upstream", upstream)
+            run("prices", "set", "bench", f"bench-{i}", "--per-request", "1")
         key = run("keys", "create", f"bench-{backend}@example.com", "--name", "bench").strip().splitlines()[-1]
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -331,6 +341,7 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql,redis")
     parser.add_argument("--paced-seconds", type=float, default=5.0)
     parser.add_argument("--py-spy", type=Path, metavar="DIR", help="record AimiChat with py-spy into DIR/<backend>.txt")
+    parser.add_argument("--models", type=int, default=1, help="also measure a gateway with this many models")
     args = parser.parse_args()
     stub_port = free_port()
     stub = f"http://127.0.0.1:{stub_port}"
@@ -354,9 +365,19 @@ def main() -> None:
     ):
         baselines = [direct, bare] + ([litellm] if litellm else [])
         for backend in args.backends.split(","):
-            with tempfile.TemporaryDirectory() as data_dir, gateway(backend, stub, data_dir) as (url, key, pid):
+            with (
+                tempfile.TemporaryDirectory() as data_dir,
+                gateway(backend, stub, data_dir) as (url, key, pid),
+                tempfile.TemporaryDirectory() as many_dir,
+                gateway(backend, stub, many_dir, args.models) if args.models > 1 else _nothing() as many,
+            ):
                 aimichat = Target("AimiChat", f"{url}/v1/chat/completions", {"Authorization": f"Bearer {key}"})
                 targets = [*baselines, aimichat]
+                if many:
+                    many_url, many_key, _ = many
+                    headers = {"Authorization": f"Bearer {many_key}"}
+                    extra = {"model": f"bench-{args.models - 1}"}
+                    targets.append(Target(MANY, f"{many_url}/v1/chat/completions", headers, extra))
                 for stream in (False, True):
                     mode = "stream" if stream else "plain"
                     row = results[(backend, mode)] = measure(targets, args, stream)
@@ -407,6 +428,14 @@ def main() -> None:
         print(f"(no PostgreSQL run: the figures below are for {key[0]}, {key[1]})")
     print(f"gateway_overhead_ratio={ratio(a['p50'] - d['p50'], b['p50'] - d['p50']):.2f}")
     print(f"gateway_throughput_ratio={ratio(a['rps'], b['rps']):.2f}")
+    if MANY in results[key]:
+        m = results[key][MANY]
+        print(
+            f"with {args.models} models: added p50 {m['p50'] - d['p50']:.2f} ms vs {a['p50'] - d['p50']:.2f} ms "
+            f"with one; {m['rps']:.0f} vs {a['rps']:.0f} req/s"
+        )
+        print(f"models_overhead_ratio={ratio(m['p50'] - d['p50'], a['p50'] - d['p50']):.2f}")
+        print(f"models_throughput_ratio={ratio(m['rps'], a['rps']):.2f}")
     print(f"gateway_overhead_ms_p50={a['p50'] - d['p50']:.2f}")
 
 
