@@ -310,3 +310,19 @@ def test_a_discovered_upstream_serves_what_it_lists_and_only_its_models_go_unrea
             _wait_for("the upstream's models to go unready", lambda: not states()["ollama/llama3:8b"])
             assert states() == {"aimichat-1": True, "ollama/llama3:8b": False, "ollama/qwen2:0.5b": False}
             assert client.http.get("/readyz").status_code == 200
+
+
+def test_an_upstream_discovered_while_serving_is_served_within_5_seconds(database, tmp_path):
+    with (
+        LiveServer(_fake_upstream(["mistral:7b"])) as upstream,
+        app_client(ScriptedEngine(), database, tmp_path, registry_poll_seconds=0.5) as client,
+    ):
+        make_account(database)
+        key = make_key(database)
+        operator = Database(database.url)
+        change(operator, registry.add_source, upstream.url, prefix="far/")
+        took = _wait_for(
+            "the discovered model", lambda: client.chat({**HI, "model": "far/mistral:7b"}, key).status_code == 200
+        )
+        assert took < 5
+        operator.dispose()

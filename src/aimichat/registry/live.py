@@ -218,21 +218,24 @@ class LiveModels:
 
     # -- keeping up with the registry ----------------------------------------------------------
 
-    async def refresh(self, *, discover: bool = False) -> None:
-        """Bring this replica in line with the registry now (the poller does this on its own)."""
+    async def refresh(self, *, discover: bool = False, new_sources: bool = False) -> None:
+        """Bring this replica in line with the registry now (the poller does this on its own).
+
+        ``discover``: read every source's model list again; ``new_sources``: read those never read. The
+        request path does neither (a source that does not answer would hold the request for a connect
+        timeout); the poller does both, the first when due."""
         async with self._refreshing:
             self._stale = False
             version = await run_in_threadpool(self._version)
-            due = discover or self._discovery_due()
-            if version == self.catalog.version and not due:
+            if version == self.catalog.version and not discover:
                 return
-            await self._apply(await self._read(discover=due))
+            await self._apply(await self._read(discover=discover, new_sources=new_sources or discover))
 
     def _version(self) -> int:
         with self.database.connect() as conn:
             return read_version(conn)
 
-    async def _read(self, *, discover: bool = True) -> Catalog:
+    async def _read(self, *, discover: bool = True, new_sources: bool = True) -> Catalog:
         def sources() -> list[Source]:
             from .catalog import read_sources
 
@@ -245,7 +248,7 @@ class LiveModels:
             self._discovered.pop(gone, None)
             self._unreachable.pop(gone, None)
             self._discovered_at.pop(gone, None)
-        due = [s for s in listed if discover or s.id not in self._discovered_at]
+        due = [s for s in listed if discover or (new_sources and s.id not in self._discovered_at)]
         if due:
             await asyncio.gather(*(self._discover(s) for s in due))
 
@@ -256,8 +259,11 @@ class LiveModels:
         return await run_in_threadpool(read)
 
     def _discovery_due(self) -> bool:
+        """A source's list is older than the discovery interval, or a source was never read."""
         interval = self.settings.discovery_interval
-        return any(time.monotonic() - at >= interval for at in self._discovered_at.values())
+        if any(time.monotonic() - at >= interval for at in self._discovered_at.values()):
+            return True
+        return any(s.id not in self._discovered_at for s in self.catalog.sources)
 
     async def _discover(self, source: Source) -> None:
         """Read the source's model list; on failure keep the last one, its models then reported unready."""
@@ -286,7 +292,7 @@ class LiveModels:
         while True:
             await asyncio.sleep(self.settings.registry_poll_seconds)
             try:
-                await self.refresh()
+                await self.refresh(discover=self._discovery_due(), new_sources=True)
                 await self._unload_idle()
             except asyncio.CancelledError:
                 raise
@@ -331,7 +337,7 @@ class LiveModels:
 
     async def _build_and_start(self, item: Served) -> None:
         try:
-            engine = self.factory(item.spec, self._share_for(item, extra=1))
+            engine = self.factory(item.spec, self._share_for(item))
             await engine.start()
         except Exception as exc:
             item.error = str(exc) or type(exc).__name__
@@ -393,7 +399,7 @@ class LiveModels:
             if isinstance(s.spec.config, EmbeddedConfig) and (s.engine is not None or s.loading is not None)
         ]  # fmt: skip
 
-    def _share_for(self, item: Served, extra: int = 0) -> int | None:
+    def _share_for(self, item: Served) -> int | None:
         """The threads of an auto-threaded embedded model: what explicit ones leave, split evenly."""
         if not item.auto_threads:
             return None
