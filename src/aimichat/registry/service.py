@@ -7,6 +7,7 @@ Raises ``ValueError`` (with a message for people) for anything it refuses.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from aimichat.store.models import ModelAlias, ModelPrice, ModelRecord, ModelSour
 from .catalog import DEFAULT_MODEL, check_name, config_from_record, make_price
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+MAX_PER_REQUEST = 2**31 - 1  # the column is a 32-bit integer on PostgreSQL
 
 
 def bump(session: Session) -> None:
@@ -86,6 +88,8 @@ def add_upstream(
     context_length: int | None = None,
 ) -> ModelRecord:
     """Add (or redefine) a model served by OpenAI-compatible servers: the first URL first, the rest on failure."""
+    if context_length is not None and context_length < 1:
+        raise ValueError("context length must be a positive number of tokens")
     config = UpstreamConfig(
         urls=tuple(_urls(urls)),
         upstream_model=upstream_model,
@@ -129,13 +133,20 @@ def _put(session: Session, name: str, config: EngineConfig) -> ModelRecord:
     return record
 
 
-def remove_model(session: Session, name: str) -> None:
+def remove_model(session: Session, name: str) -> bool:
     """Stop serving ``name`` everywhere; its aliases and prices go with it. The built-in ``aimichat-1``
-    and discovered models are hidden (a disabled row), since their definition lives elsewhere."""
+    and discovered models are hidden (a disabled row), since their definition lives elsewhere: True
+    when ``name`` was hidden (``restore_model`` brings it back) rather than deleted."""
     record = session.scalar(select(ModelRecord).where(ModelRecord.name == name))
-    hideable = name == DEFAULT_MODEL or any(name.startswith(s.prefix) for s in _sources(session) if s.prefix)
+    # A source without a prefix may list any name, so any name may be one of its models.
+    hideable = name == DEFAULT_MODEL or any(name.startswith(s.prefix) for s in _sources(session))
+    if record is None and session.get(ModelAlias, name) is not None:
+        raise ValueError(f"{name!r} is an alias; remove it with: aimichat models unalias {name}")
     if record is None and not hideable:
         raise ValueError(f"no model named {name!r}")
+    if record is not None and hideable and not record.enabled:  # deleting the row would serve it again
+        raise ValueError(f"{name!r} is already removed (aimichat models restore {name} serves it again)")
+    hidden = hideable
     if record is not None and not (hideable and record.enabled):
         session.delete(record)
     elif record is not None:
@@ -146,6 +157,7 @@ def remove_model(session: Session, name: str) -> None:
     session.execute(delete(ModelAlias).where(ModelAlias.model == name))
     session.execute(delete(ModelPrice).where(ModelPrice.model == name))
     bump(session)
+    return hidden
 
 
 def restore_model(session: Session, name: str) -> None:
@@ -158,7 +170,33 @@ def restore_model(session: Session, name: str) -> None:
 
 
 def add_alias(session: Session, name: str, alias: str) -> ModelAlias:
-    """Make ``alias`` another name of ``name`` (e.g. gpt-4o-mini for aimichat-1)."""
+    """Make ``alias`` another name of ``name`` (e.g. gpt-4o-mini for aimichat-1). ``name`` must be a model
+    (or a name a source may list): an alias of a typo would be accepted and never work."""
+    if alias == DEFAULT_MODEL and not _hidden(session, DEFAULT_MODEL):
+        raise ValueError(f"{alias!r} is already a model's name")
+    if session.get(ModelAlias, name) is None and not _may_be_model(session, name):
+        raise ValueError(f"no model named {name!r}")
+    return _set_alias(session, name, alias)
+
+
+def _hidden(session: Session, name: str) -> bool:
+    return (
+        session.scalar(select(ModelRecord.id).where(ModelRecord.name == name, ModelRecord.enabled.is_(False)))
+        is not None
+    )
+
+
+def _may_be_model(session: Session, name: str) -> bool:
+    """Whether ``name`` is served, or may be: a source's listing is not known here."""
+    if session.scalar(select(ModelRecord.id).where(ModelRecord.name == name, ModelRecord.enabled)) is not None:
+        return True
+    if _hidden(session, name):
+        return False
+    return name == DEFAULT_MODEL or any(name.startswith(s.prefix) for s in _sources(session))
+
+
+def _set_alias(session: Session, name: str, alias: str) -> ModelAlias:
+    """The alias rules a file imported as a whole must keep too."""
     check_name(alias, "alias")
     if alias == name:
         raise ValueError("an alias must differ from the model's name")
@@ -244,8 +282,10 @@ def set_price(
     by_tokens = prompt_per_1m is not None or completion_per_1m is not None
     if (per_request is None) == (not by_tokens):
         raise ValueError("give either a per-request price or prompt and completion prices per 1M tokens")
-    if per_request is not None and per_request < 0:
-        raise ValueError("prices cannot be negative")
+    if per_request is not None and not 0 <= per_request <= MAX_PER_REQUEST:
+        raise ValueError(f"a per-request price must be between 0 and {MAX_PER_REQUEST} credits")
+    if any(p is not None and not math.isfinite(p) for p in (prompt_per_1m, completion_per_1m)):
+        raise ValueError("prices must be finite numbers")  # a NaN stored would break every replica's catalog
     if by_tokens and (prompt_per_1m is None or completion_per_1m is None):
         raise ValueError("give both the prompt and the completion price per 1M tokens")
     if by_tokens and ((prompt_per_1m or 0) < 0 or (completion_per_1m or 0) < 0):
@@ -352,24 +392,40 @@ def import_toml(session: Session, text: str) -> dict[str, int]:
         session.execute(delete(table))
     session.execute(update(Tier).values(models=None))
     session.flush()
+    try:
+        counts = _import(session, data)
+    except (TypeError, AttributeError) as exc:  # a value of the wrong kind (a string where a table belongs…)
+        raise ValueError(f"not a registry file: {exc}") from None
+    bump(session)
+    return counts
+
+
+def _import(session: Session, data: dict[str, Any]) -> dict[str, int]:
+    """Sources first (hiding a discovered model needs its source), every model before any alias (a hidden
+    aimichat-1's name may be another model's alias)."""
     counts = {"models": 0, "aliases": 0, "sources": 0, "prices": 0}
-    for item in _list(data, "models"):
+    for item in _list(data, "sources"):
+        add_source(session, item.get("urls", []), prefix=item.get("prefix", ""), api_key_env=item.get("api_key_env"))
+        counts["sources"] += 1
+    models = _list(data, "models")
+    for item in models:
         name = _field(item, "name", str)
         if item.get("hidden"):
             remove_model(session, name)
         elif "engine" in item:
             _add_from_file(session, name, item)
             counts["models"] += 1
-        for alias in item.get("aliases", []):
-            add_alias(session, name, alias)
+    for item in models:
+        name = item["name"]
+        for alias in _strings(item.get("aliases", []), f"the aliases of {name!r}"):
+            _set_alias(session, name, alias)
             counts["aliases"] += 1
-    for item in _list(data, "sources"):
-        add_source(session, item.get("urls", []), prefix=item.get("prefix", ""), api_key_env=item.get("api_key_env"))
-        counts["sources"] += 1
-    for tier, settings in dict(data.get("tiers", {})).items():
-        set_tier_models(session, tier, settings.get("models"))
-    for tier, by_model in dict(data.get("prices", {})).items():
-        for model, price in dict(by_model).items():
+    for tier, settings in _table(data.get("tiers", {}), "tiers").items():
+        allowed = _table(settings, f"tiers.{tier}").get("models")
+        set_tier_models(session, tier, None if allowed is None else _strings(allowed, f"tiers.{tier}.models"))
+    for tier, by_model in _table(data.get("prices", {}), "prices").items():
+        for model, price in _table(by_model, f"prices.{tier}").items():
+            price = _table(price, f"prices.{tier}.{model}")
             set_price(
                 session,
                 tier,
@@ -379,8 +435,19 @@ def import_toml(session: Session, text: str) -> dict[str, int]:
                 completion_per_1m=price.get("completion_per_1m"),
             )
             counts["prices"] += 1
-    bump(session)
     return counts
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a table")
+    return value
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of strings")
+    return value
 
 
 _EMBEDDED_KEYS = {"gguf", "parallel", "context_length", "threads", "system_prompt", "load_on_demand", "idle_unload"}
