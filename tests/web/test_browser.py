@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
+from sqlalchemy import select
 from web_helpers import PASSWORD, chat
 
 from aimichat.accounts import service as accounts
+from aimichat.registry import service as registry
 from aimichat.store.db import Database
+from aimichat.store.models import UsageEvent
 from conftest import OUTPUT, make_account, serve_app, tool_missing
 from scripted_engine import ScriptedEngine
 
@@ -195,6 +198,42 @@ def test_playground_streams_and_shows_remaining_credits(page, server):
     shot(page, "playground")
 
 
+def test_playground_answers_with_the_model_picked(browser, tmp_path):
+    """A second model in the registry: picked in the playground, it answers, and the reply names it."""
+    if not CHROMIUM.exists():
+        tool_missing("Debian's chromium is not installed (make browser)")
+
+    def factory(spec, threads):
+        return ScriptedEngine(f"This is {spec.name} speaking.", model_id=spec.name, token_delay=0.01)
+
+    db = Database(f"sqlite:///{tmp_path / 'models.db'}")
+    with serve_app(ScriptedEngine(token_delay=0.01), db, tmp_path, engine_factory=factory) as live:
+        make_account(db, "picker@example.com", password=PASSWORD)
+        with db.session() as s:
+            registry.add_embedded(s, "second")
+            s.commit()
+        ctx = browser.new_context(base_url=live.url, viewport={"width": 1200, "height": 900})
+        watched = Watched(ctx.new_page())
+        page = watched.page
+        log_in(page, "picker@example.com")
+        page.goto("/playground")
+        picker = page.get_by_label("Model")
+        assert picker.input_value() == "aimichat-1", "the default model comes first"
+        picker.select_option("second")
+        page.get_by_label("Message").fill("Who are you?")
+        page.get_by_label("Message").press("Enter")
+        reply = page.locator(".msg.assistant")
+        expect(reply.locator(".text")).to_have_text("This is second speaking.", timeout=60_000)
+        expect(reply.locator(".who")).to_have_text("second")
+        expect(page.locator("#remaining")).to_have_text("99")
+        shot(page, "playground-models")
+        ctx.close()
+        with db.session() as s:
+            assert s.scalars(select(UsageEvent.model)).all() == ["second"]
+    db.dispose()
+    assert watched.errors == [], "no console errors or CSP violations"
+
+
 def test_docs_page(page, server):
     page.goto("/docs")
     assert page.get_by_role("heading", name="API documentation").is_visible()
@@ -253,11 +292,11 @@ def test_pages_fit_a_360px_screen(browser, server):
     log_in(page, "narrow@example.com")
     page.get_by_label("Key name").fill("phone")
     page.get_by_role("button", name="Generate key").click()
-    for path in ["/keys?fresh", *PAGES, "/admin"]:
+    for path in ["/keys?fresh", *PAGES, "/admin", "/admin/models"]:
         page.goto(path)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 360, f"{path} scrolls sideways ({width}px)"
-        shot(page, "360-" + path.strip("/").replace("?", "-"))
+        shot(page, "360-" + path.strip("/").replace("?", "-").replace("/", "-"))
     ctx.close()
     assert watched.errors == []
 

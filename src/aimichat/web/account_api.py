@@ -99,4 +99,6 @@ def usage(request: Request, session: RequestSession, visitor: ApiUser, days: int
     body = usage_body(principal, ledger.summary(session, principal, now))
     series = usage_data.daily_credits(session, visitor.user.id, periods.day_start(now), days)
     body["days"] = [{"date": day.isoformat(), "credits": credits} for day, credits in series]
+    # The same days by model (models_today, from usage_body, is today's alone), as on the usage page.
+    body["models"] = usage_data.models_over(session, visitor.user.id, periods.day_start(now), days)
     return body

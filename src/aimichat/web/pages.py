@@ -1,8 +1,10 @@
-"""Sign-up, log-in, log-out, the account page (password change) and the plan."""
+"""Sign-up, log-in, log-out, the account page (password change) and the plan (its credits, and the models it
+includes with what each costs)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Form, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from . import auth, sessions
@@ -17,6 +19,7 @@ from .deps import (
     client_address,
     set_session_cookie,
 )
+from .models_view import current_catalog, offers
 from .render import WebRoute, base_url, page, redirect, safe_next
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
@@ -154,5 +157,21 @@ def change_password(
 
 
 @router.get("/plan")
-def plan(request: Request, visitor: User) -> Response:
-    return page(request, visitor, "plan.html", title="Plan", tier=visitor.user.tier)
+async def plan(request: Request, visitor: User) -> Response:
+    catalog = await current_catalog(request)
+
+    def render() -> Response:  # in the thread pool: the account's tier may be read from the database
+        tier = visitor.user.tier
+        models = offers(catalog, request.app.state.settings, tier)
+        default = catalog.default_for(tier.name)
+        return page(
+            request,
+            visitor,
+            "plan.html",
+            title="Plan",
+            tier=tier,
+            models=models,
+            default_model=default.name if default is not None else "",
+        )
+
+    return await run_in_threadpool(render)

@@ -7,14 +7,14 @@ from urllib.parse import quote
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from . import account_api, admin, docs_page, keys_pages, pages, playground, usage_pages
+from . import account_api, admin, admin_models, docs_page, keys_pages, pages, playground, usage_pages
 from .deps import CsrfFailed, LoginRequired, Visitor, WebError, is_secure
 from .render import STATIC, CachedStaticFiles, page, redirect
 
 
 def install(app: FastAPI) -> None:
     """Add the pages, the account API, the static files and the pages' error handlers to ``app``."""
-    for module in (pages, docs_page, keys_pages, usage_pages, playground, admin, account_api):
+    for module in (pages, docs_page, keys_pages, usage_pages, playground, admin, admin_models, account_api):
         app.include_router(module.router)
     app.mount("/static", CachedStaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(LoginRequired, _login_required)

@@ -1,5 +1,6 @@
-"""What the usage page and the account API show: per-day totals, per-key use today, the ledger as CSV,
-and the geometry of the 30-day bar chart (drawn as SVG on the server, so it needs no script)."""
+"""What the usage page and the account API show: per-day totals, per-key use today, per-model use over a
+range of days, the ledger as CSV, and the geometry of the 30-day bar chart (drawn as SVG on the server, so
+it needs no script)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import csv
 import datetime as dt
 import io
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from aimichat.keys.service import KeyUse, use_by_key
+from aimichat.quota.ledger import LEGACY_MODEL, use_by_model
 from aimichat.store.models import ApiKey, UsageEvent
 
 MAX_RANGE_DAYS = 366
@@ -78,6 +81,15 @@ def nice_ceiling(value: int) -> int:
         step *= 10
 
 
+# -- per model -----------------------------------------------------------------------------------
+
+
+def models_over(session: Session, account_id: int, last_day: dt.date, days: int) -> list[dict[str, Any]]:
+    """Requests, credits and tokens by model over ``days`` days ending with ``last_day`` (the chart's
+    days), most credits first; rows from before the registry count as ``aimichat-1``."""
+    return use_by_model(session, account_id, last_day - dt.timedelta(days=days - 1), last_day)
+
+
 # -- per key today -------------------------------------------------------------------------------
 
 
@@ -122,6 +134,7 @@ CSV_COLUMNS = [
     "credits",
     "prompt_tokens",
     "completion_tokens",
+    "model",  # last, so programs reading the columns by position before it existed still work
 ]
 
 
@@ -149,6 +162,7 @@ def ledger_csv(session: Session, account_id: int, first: dt.date, last: dt.date)
                 event.credits,
                 event.prompt_tokens,
                 event.completion_tokens,
+                spreadsheet_safe(event.model or LEGACY_MODEL),
             ]
         )
     return out.getvalue()

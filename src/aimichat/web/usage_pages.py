@@ -1,4 +1,4 @@
-"""The usage page (meter, reset times, per-key use, 30-day chart) and the ledger as CSV."""
+"""The usage page (meter, reset times, per-key and per-model use, 30-day chart) and the ledger as CSV."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def usage(request: Request, session: RequestSession, visitor: User) -> Response:
         s=summary,
         per_key=per_key,
         chart=usage_data.bar_chart(series),
+        per_model_days=usage_data.models_over(session, account.id, today, CHART_DAYS),
         today=today,
         month_start=periods.month_start(now),
         now=now,

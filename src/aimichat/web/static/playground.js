@@ -10,6 +10,7 @@
   var send = document.getElementById("send");
   var remaining = document.getElementById("remaining");
   var errorBox = document.getElementById("chat-error");
+  var picker = document.getElementById("model"); // absent when the plan includes no model
   var csrf = document.querySelector("meta[name=csrf-token]").content;
 
   function history() {
@@ -18,13 +19,13 @@
     });
   }
 
-  function bubble(role, text) {
+  function bubble(role, text, model) {
     var li = document.createElement("li");
     li.className = "msg " + role;
     li.setAttribute("data-role", role);
     var who = document.createElement("span");
     who.className = "who";
-    who.textContent = role === "user" ? "You" : "AimiChat";
+    who.textContent = role === "user" ? "You" : model || "AimiChat";
     var body = document.createElement("div");
     body.className = "text";
     body.textContent = text; // textContent, never innerHTML: model output is text
@@ -68,16 +69,18 @@
     var messages = history().concat([{ role: "user", content: text }]);
     bubble("user", text);
     input.value = "";
-    var reply = bubble("assistant", "");
+    var model = picker ? picker.value : "";
+    var reply = bubble("assistant", "", model);
     reply.classList.add("pending");
     var out = reply.querySelector(".text");
+    var who = reply.querySelector(".who");
     send.disabled = true;
     log.setAttribute("aria-busy", "true");
     try {
       var response = await fetch("/playground/stream", {
         method: "POST",
         headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
-        body: JSON.stringify({ messages: messages }),
+        body: JSON.stringify(model ? { messages: messages, model: model } : { messages: messages }),
         credentials: "same-origin"
       });
       if (!response.ok) {
@@ -86,6 +89,10 @@
       }
       await readEvents(response, function (event) {
         if (event.error) throw new Error(event.error.message);
+        if (event.model && reply.getAttribute("data-model") !== event.model) {
+          reply.setAttribute("data-model", event.model); // the model that answered (an alias's model)
+          who.textContent = event.model;
+        }
         var choice = event.choices && event.choices[0];
         if (choice && choice.delta && choice.delta.content) out.textContent += choice.delta.content;
         if (event.x_ratelimit) remaining.textContent = event.x_ratelimit.remaining.toLocaleString("en-US");
