@@ -65,8 +65,12 @@ def add_embedded(
         raise ValueError("threads must be at least 1")
     if idle_unload is not None and idle_unload <= 0:
         raise ValueError("idle unload must be a positive number of seconds")
+    try:
+        path = Path(gguf).expanduser().resolve() if gguf else None
+    except RuntimeError as exc:  # "~nosuchuser/x": pathlib cannot expand it
+        raise ValueError(f"not a usable path: {gguf} ({exc})") from None
     config = EmbeddedConfig(
-        gguf=Path(gguf).expanduser().resolve() if gguf else None,
+        gguf=path,
         parallel=parallel,
         context_length=context_length,
         threads=threads,
