@@ -76,7 +76,10 @@ def test_a_fresh_database_has_the_free_tier(run):
             "monthly_credits": None,
             "cost_rule": "per_request",
             "credits_per_1k_tokens": 1,
-        "models": None,
+            "models": None,
+            "rpm": None,
+            "tpm": None,
+            "max_keys": None,
         }
     ]
 
@@ -143,3 +146,59 @@ def test_a_duplicate_account_is_refused_and_nothing_is_half_written(run):
     result = run("accounts", "create", "BO@example.com", "--password", "other password", ok=False)
     assert "already exists" in result.stderr
     assert len(json.loads(run("accounts", "list", "--json").output)) == 1
+
+
+def test_keys_carry_limits_set_them_and_rotate(run):
+    run("tiers", "set", "team", "--daily-credits", "500")
+    run("tiers", "set", "team", "--rpm", "60", "--tpm", "90000", "--max-keys", "3")  # an update keeps the rest
+    [team] = [t for t in json.loads(run("tiers", "list", "--json").output) if t["name"] == "team"]
+    assert (team["daily_credits"], team["rpm"], team["tpm"], team["max_keys"]) == (500, 60, 90000, 3)
+    run("accounts", "create", "cy@example.com", "--password", "long enough", "--tier", "team")
+    created = run(
+        "keys", "create", "cy@example.com", "--name", "ci", "--daily-cap", "50", "--rpm", "10",
+        "--expires", "2030-01-31T12:00:00+01:00", "--models", "aimichat-1", "--ips", "10.1.2.3/8,::1",
+    )  # fmt: skip
+    key = created.stdout.strip().splitlines()[-1]
+    [listed] = json.loads(run("keys", "list", "cy@example.com", "--json").output)
+    assert {k: listed[k] for k in ("daily_cap", "monthly_cap", "rpm", "tpm", "models", "ips")} == {
+        "daily_cap": 50,
+        "monthly_cap": None,
+        "rpm": 10,
+        "tpm": None,
+        "models": ["aimichat-1"],
+        "ips": ["10.0.0.0/8", "::1/128"],
+    }
+    assert listed["expires_at"] == "2030-01-31T11:00:00Z"
+    run("keys", "set", str(listed["id"]), "--daily-cap", "", "--tpm", "500", "--expires-in", "30d")
+    [changed] = json.loads(run("keys", "list", "cy@example.com", "--json").output)
+    assert (changed["daily_cap"], changed["rpm"], changed["tpm"]) == (None, 10, 500)
+    assert changed["expires_at"] is not None
+    rotated = run("keys", "rotate", str(listed["id"]), "--grace", "1h")
+    new_key = rotated.stdout.strip().splitlines()[-1]
+    assert tokens.is_well_formed(new_key) and new_key != key and "works until" in rotated.stderr
+    [after] = json.loads(run("keys", "list", "cy@example.com", "--json").output)
+    assert after["id"] == listed["id"] and after["prefix"] == new_key[:13] and after["previous_valid_until"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("keys", "create", "dee@example.com", "--name", "k", "--rpm", "0"), "at least 1"),
+        (("keys", "create", "dee@example.com", "--name", "k", "--daily-cap", "-1"), "cannot be negative"),
+        (("keys", "create", "dee@example.com", "--name", "k", "--ips", "10.0.0.300/8"), "not an IP range"),
+    ],
+)
+def test_bad_key_limits_are_one_line_and_exit_1(run, args, message):
+    run("accounts", "create", "dee@example.com", "--password", "long enough")
+    result = run(*args, ok=False)
+    assert result.exit_code == 1 and message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_bad_durations_and_times_are_usage_errors(run):
+    run("accounts", "create", "ed@example.com", "--password", "long enough")
+    result = run("keys", "create", "ed@example.com", "--name", "k", "--expires-in", "30 days", ok=False)
+    assert result.exit_code == 2 and "use a number and m, h, d or w" in result.output
+    result = run("keys", "create", "ed@example.com", "--name", "k", "--expires", "tomorrow", ok=False)
+    assert result.exit_code == 2 and "ISO-8601" in result.output
+    assert json.loads(run("keys", "list", "ed@example.com", "--json").output) == []

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 
 from aimichat.accounts import service as accounts
-from aimichat.api import handlers, system, usage
+from aimichat.api import handlers, key, system, usage
 from aimichat.api.chat import api_router as chat_router
 from aimichat.api.chat.serving import ChatService
 from aimichat.api.metrics import Metrics
@@ -117,6 +117,7 @@ def create_app(
     handlers.install(app)
     app.include_router(chat_router.router)
     app.include_router(usage.router)
+    app.include_router(key.router)
     app.include_router(system.router)
     app.include_router(metrics_router)
     install_web(app)  # account pages, account API and their static files

@@ -5,6 +5,7 @@ Every command is a thin wrapper over the same plain functions the API uses.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -218,6 +219,8 @@ def serve(log_level: str, workers: int, **options: Any) -> None:
         access_log=False,
         log_level=log_level,
         timeout_graceful_shutdown=settings.drain_timeout,
+        forwarded_allow_ips=settings.trusted_proxies,
+        proxy_headers=bool(settings.trusted_proxies),
     )
     if workers > 1:
         if "threads" not in settings.model_fields_set:
@@ -306,7 +309,20 @@ def _tier_dict(tier: Tier) -> dict[str, Any]:
         "cost_rule": tier.cost_rule,
         "credits_per_1k_tokens": tier.credits_per_1k_tokens,
         "models": tier.models,
+        "rpm": tier.rpm,
+        "tpm": tier.tpm,
+        "max_keys": tier.max_keys,
     }
+
+
+def _optional_int(value: str, name: str) -> int | None:
+    """A number option where an empty value means "none"."""
+    if value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number", param_hint=f"--{name.replace('_', '-')}") from None
 
 
 def _access(models: list[str] | None) -> str:
@@ -317,10 +333,13 @@ def _access(models: list[str] | None) -> str:
 
 @tiers.command("set")
 @click.argument("name")
-@click.option("--daily-credits", type=int, required=True)
+@click.option("--daily-credits", type=int, help="Required for a new tier; an existing one keeps its own.")
 @click.option("--monthly-credits", type=int, default=None)
 @click.option("--cost", "cost_rule", type=click.Choice(accounts.COST_RULES), default="per_request", show_default=True)
 @click.option("--credits-per-1k-tokens", type=int, default=1, show_default=True)
+@click.option("--rpm", metavar="N", help="Default requests per minute of each key ('' removes).")
+@click.option("--tpm", metavar="N", help="Default tokens per minute of each key ('' removes).")
+@click.option("--max-keys", metavar="N", help="Most active keys an account may have ('' removes).")
 @click.option(
     "--models",
     metavar="A,B,...",
@@ -329,25 +348,43 @@ def _access(models: list[str] | None) -> str:
 @click.option("--all-models", is_flag=True, help="Let this tier use every model again (what a new tier may).")
 def tiers_set(
     name: str,
-    daily_credits: int,
+    daily_credits: int | None,
     monthly_credits: int | None,
     cost_rule: str,
     credits_per_1k_tokens: int,
     models: str | None,
     all_models: bool,
+    rpm: str | None,
+    tpm: str | None,
+    max_keys: str | None,
 ) -> None:
-    """Create or update a tier; --models or --all-models also set the models it may use."""
+    """Create or update a tier; --models or --all-models also set the models it may use. Updating an
+    existing tier changes only what is given."""
     if models is not None and all_models:
         raise click.UsageError("give --models or --all-models, not both")
+    given = _given(
+        {"monthly_credits": monthly_credits, "cost_rule": cost_rule, "credits_per_1k_tokens": credits_per_1k_tokens}
+    )
     with _session() as session:
+        existing = next((t for t in accounts.list_tiers(session) if t.name == name), None)
+        if existing is None and daily_credits is None:
+            raise click.UsageError("a new tier needs --daily-credits")
+        current = _tier_dict(existing) if existing is not None else {}
         tier = accounts.set_tier(
             session,
             name,
-            daily_credits=daily_credits,
-            monthly_credits=monthly_credits,
-            cost_rule=cost_rule,
-            credits_per_1k_tokens=credits_per_1k_tokens,
+            daily_credits=daily_credits if daily_credits is not None else current["daily_credits"],
+            monthly_credits=given.get("monthly_credits", current.get("monthly_credits")),
+            cost_rule=given.get("cost_rule", current.get("cost_rule", cost_rule)),
+            credits_per_1k_tokens=given.get(
+                "credits_per_1k_tokens", current.get("credits_per_1k_tokens", credits_per_1k_tokens)
+            ),
         )
+        limits = {
+            k: _optional_int(v, k) for k, v in (("rpm", rpm), ("tpm", tpm), ("max_keys", max_keys)) if v is not None
+        }
+        if limits:
+            accounts.set_tier_limits(session, name, **limits)
         if models is not None or all_models:
             registry.set_tier_models(session, name, None if all_models else (models or "").split(","))
         click.echo(f"tier {tier.name}: {tier.daily_credits} daily credits, {tier.cost_rule}; {_access(tier.models)}")
@@ -461,6 +498,7 @@ def keys_group() -> None:
 
 
 def _key_dict(key: ApiKey) -> dict[str, Any]:
+    limits = keys.key_limits(key).as_json()
     return {
         "id": key.id,
         "name": key.name,
@@ -468,17 +506,114 @@ def _key_dict(key: ApiKey) -> dict[str, Any]:
         "created": key.created_at.isoformat(),
         "last_used": key.last_used_at.isoformat() if key.last_used_at else None,
         "status": keys.key_status(key),
+        **limits,
+        "previous_valid_until": key.previous_valid_until.isoformat() if key.previous_valid_until else None,
     }
+
+
+_DURATION = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, option: str) -> dt.timedelta:
+    """``30d``, ``12h``, ``90m``, ``1w`` (or ``none``/``0``: no time at all)."""
+    value = text.strip().lower()
+    if value in ("none", "0", ""):
+        return dt.timedelta(0)
+    unit = value[-1:]
+    if unit not in _DURATION or not value[:-1].isdigit():
+        raise click.BadParameter(f"{text!r}: use a number and m, h, d or w (e.g. 30d, 24h)", param_hint=option)
+    return dt.timedelta(seconds=int(value[:-1]) * _DURATION[unit])
+
+
+def parse_moment(text: str, option: str) -> dt.datetime:
+    """An ISO-8601 time, read as UTC when it names no zone; stored naive UTC like every time here."""
+    try:
+        moment = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not an ISO-8601 time (2027-01-31T12:00:00Z)", param_hint=option
+        ) from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
+    return moment
+
+
+def key_limit_options(command: Command) -> Command:
+    """The limits a key may carry, for ``keys create`` and ``keys set`` (an empty value removes one)."""
+    options = [
+        click.option("--daily-cap", metavar="N", help="Credits this key may use a UTC day, inside the account's."),
+        click.option("--monthly-cap", metavar="N", help="Credits this key may use a UTC month."),
+        click.option("--rpm", metavar="N", help="Requests per minute (default: the tier's)."),
+        click.option("--tpm", metavar="N", help="Prompt + completion tokens per minute (default: the tier's)."),
+        click.option("--expires", metavar="ISO-8601", help="When the key stops working (UTC unless a zone is given)."),
+        click.option("--expires-in", metavar="DURATION", help="Or how long from now: 30d, 12h, 1w."),
+        click.option("--models", metavar="A,B", help="The only models this key may use."),
+        click.option("--ips", metavar="CIDR,CIDR", help="The only client addresses this key may be used from."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _limit_changes(options: dict[str, str | None]) -> dict[str, Any]:
+    """The limits given on the command line, parsed; an empty value is None (no such limit)."""
+    changes: dict[str, Any] = {}
+    for name in ("daily_cap", "monthly_cap", "rpm", "tpm"):
+        if options.get(name) is not None:
+            changes[name] = _optional_int(options[name] or "", name)
+    expires, expires_in = options.get("expires"), options.get("expires_in")
+    if expires is not None and expires_in is not None:
+        raise click.UsageError("give --expires or --expires-in, not both")
+    if expires is not None:
+        changes["expires_at"] = parse_moment(expires, "--expires") if expires.strip() else None
+    if expires_in is not None:
+        span = parse_duration(expires_in, "--expires-in")
+        changes["expires_at"] = utcnow() + span if span else None
+    for name in ("models", "ips"):
+        value = options.get(name)
+        if value is not None:
+            changes[name] = tuple(v.strip() for v in value.split(",") if v.strip()) if value.strip() else None
+    return changes
 
 
 @keys_group.command("create")
 @click.argument("email")
 @click.option("--name", required=True)
-def keys_create(email: str, name: str) -> None:
+@key_limit_options
+def keys_create(email: str, name: str, **options: str | None) -> None:
     """Create a key; the key alone is the last line of output."""
+    limits = keys.KeyLimits(**_limit_changes(options))
     with _session() as session:
-        created = keys.create_key(session, accounts.get_account(session, email), name)
+        created = keys.create_key(session, accounts.get_account(session, email), name, limits)
     click.echo(f"created key {created.key.id} ({created.key.name}) for {email}; it will not be shown again:", err=True)
+    click.echo(created.secret)
+
+
+@keys_group.command("set")
+@click.argument("key_id", type=int)
+@key_limit_options
+def keys_set(key_id: int, **options: str | None) -> None:
+    """Change a key's limits; those not given stay, an empty value ('') removes one."""
+    changes = _limit_changes(options)
+    if not changes:
+        raise click.UsageError("give at least one limit to change (see --help)")
+    with _session() as session:
+        key = keys.set_limits(session, key_id, **changes)
+        shown = {k: v for k, v in keys.key_limits(key).as_json().items() if v is not None}
+        click.echo(f"key {key.id} ({key.name}): " + (", ".join(f"{k}={v}" for k, v in shown.items()) or "no limits"))
+
+
+@keys_group.command("rotate")
+@click.argument("key_id", type=int)
+@click.option("--grace", default="none", show_default=True, help="How long the old secret keeps working: 1h, 24h, 7d.")
+def keys_rotate(key_id: int, grace: str) -> None:
+    """A new secret for a key, which keeps its name, limits and usage; the new key alone is the last line."""
+    span = parse_duration(grace, "--grace")
+    with _session() as session:
+        created = keys.rotate_key(session, key_id, grace=span or None)
+        until = created.key.previous_valid_until
+    note = f"the old one works until {until.isoformat()}Z" if until else "the old one has stopped working"
+    click.echo(f"rotated key {key_id} ({created.key.name}); {note}. The new key will not be shown again:", err=True)
     click.echo(created.secret)
 
 
@@ -486,16 +621,18 @@ def keys_create(email: str, name: str) -> None:
 @click.argument("email")
 @click.option("--json", "as_json", is_flag=True)
 def keys_list(email: str, as_json: bool) -> None:
-    """List an account's keys (never the keys themselves)."""
+    """List an account's keys (never the keys themselves) and their limits."""
     with _session() as session:
         rows = [_key_dict(k) for k in keys.list_keys(session, accounts.get_account(session, email).id)]
     if as_json:
         return _echo_json(rows)
     for r in rows:
         last_used = (r["last_used"] or "-")[:19]
+        limits = [f"{k}={r[k]}" for k in ("daily_cap", "monthly_cap", "rpm", "tpm", "expires_at") if r[k] is not None]
+        limits += [f"{k}={','.join(r[k])}" for k in ("models", "ips") if r[k] is not None]
         click.echo(
             f"{r['id']:<5} {r['name']:<24} {r['prefix']}…  created {r['created'][:19]}  "
-            f"last used {last_used}  {r['status']}"
+            f"last used {last_used}  {r['status']}" + ("  " + " ".join(limits) if limits else "")
         )
 
 

@@ -95,6 +95,11 @@ class Settings(BaseSettings):
 
     drain_timeout: int = Field(30, ge=0, description="Seconds running streams may take to finish after SIGTERM.")
     max_body_bytes: int = Field(1024 * 1024, description="Largest accepted request body.")
+    trusted_proxies: str = Field(
+        "127.0.0.1",
+        description="Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client "
+        "(key IP scopes, log-in throttling); '*' trusts any, '' none.",
+    )
     allow_query_key: bool = Field(True, description="Accept ?api_key= (it is always redacted from logs).")
     key_cache_seconds: float = Field(
         0.5,

@@ -52,6 +52,20 @@ def set_tier(
     return tier
 
 
+def set_tier_limits(session: Session, name: str, **limits: int | None) -> Tier:
+    """Set a tier's key defaults (``rpm``, ``tpm``: per key and minute) and its ``max_keys`` active keys
+    per account; a None removes one, a name left out keeps it."""
+    tier = get_tier(session, name)
+    for field, value in limits.items():
+        if field not in ("rpm", "tpm", "max_keys"):
+            raise AccountError(f"unknown tier limit {field!r}")
+        if value is not None and value < (0 if field == "max_keys" else 1):
+            raise AccountError(f"{field} must be at least {0 if field == 'max_keys' else 1}")
+        setattr(tier, field, value)
+    session.flush()
+    return tier
+
+
 def get_tier(session: Session, name: str) -> Tier:
     """The tier called ``name``; AccountError if there is none."""
     tier = session.scalar(select(Tier).where(Tier.name == name))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from aimichat.keys import service as keys
 from aimichat.keys import tokens
 from aimichat.keys.service import Principal
+from aimichat.store.clock import iso_utc
 from aimichat.store.db import Database
 
 from .errors import APIError, invalid_api_key
@@ -36,22 +39,35 @@ async def require_key(request: Request) -> Principal:
         raise invalid_api_key()
 
     digest = tokens.hash_key(key)
+    now = state.clock()
     principal: Principal | None = state.principals.get(digest)
     if principal is None:
         generation = state.principals.generation  # a revocation committed during the lookup wins
-        principal = await run_in_threadpool(_lookup, state.database, key)
+        principal = await run_in_threadpool(_lookup, state.database, key, now)
         if principal is None:
             raise invalid_api_key()
         state.principals.put(digest, principal, generation)
+    if principal.grace_until is not None and now >= principal.grace_until:
+        raise invalid_api_key()  # a rotated-out secret whose grace ended while it was cached
     if principal.account_disabled:
         raise APIError(403, "This account is disabled. Contact the operator of this server.", code="account_disabled")
+    if keys.expired(principal, now):
+        expired_at = iso_utc(principal.limits.expires_at) if principal.limits.expires_at else ""
+        raise APIError(401, f"This API key expired at {expired_at}. Create a new one.", code="invalid_api_key")
+    address = request.client.host if request.client else None
+    if not keys.address_allowed(principal, address):
+        raise APIError(
+            403,
+            f"This API key may not be used from {address}: it is limited to some networks.",
+            code="key_scope_denied",
+        )
     request.state.principal = principal
     return principal
 
 
-def _lookup(database: Database, key: str) -> Principal | None:
+def _lookup(database: Database, key: str, now: dt.datetime) -> Principal | None:
     with database.connect(single_statement=True) as conn:
-        return keys.authenticate(conn, key)
+        return keys.authenticate(conn, key, now)
 
 
 async def optional_key(request: Request) -> Principal | None:

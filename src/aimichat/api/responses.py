@@ -21,11 +21,20 @@ def error_body(message: str, *, type: str, code: str | None = None, param: str |
 
 
 def rate_limit_headers(rate_limit: RateLimit) -> dict[str, str]:
-    return {
+    """``X-RateLimit-*`` (the allotment that will refuse first; ``X-RateLimit-Scope`` says whose), and
+    OpenAI's ``x-ratelimit-*-requests`` / ``-tokens`` for a key with per-minute limits."""
+    headers = {
         "X-RateLimit-Limit": str(rate_limit.limit),
         "X-RateLimit-Remaining": str(rate_limit.remaining),
         "X-RateLimit-Reset": iso_utc(rate_limit.reset_at),
+        "X-RateLimit-Scope": rate_limit.scope,
     }
+    for name, window in (("requests", rate_limit.requests), ("tokens", rate_limit.tokens)):
+        if window is not None:
+            headers[f"x-ratelimit-limit-{name}"] = str(window.limit)
+            headers[f"x-ratelimit-remaining-{name}"] = str(window.remaining)
+            headers[f"x-ratelimit-reset-{name}"] = f"{window.reset_seconds}s"
+    return headers
 
 
 def error_response(

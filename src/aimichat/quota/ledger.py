@@ -38,21 +38,56 @@ from sqlalchemy.orm import Session
 from aimichat.keys.service import LAST_USED_RESOLUTION, Principal, touch_last_used, use_by_key
 from aimichat.store.models import ApiKey, UsageCounter, UsageEvent
 
-from . import periods
+from . import key_windows, periods
 from .pricing import Cost
 
 _MAX_ATTEMPTS = 8
 
-Period = Literal["day", "month"]
+Period = Literal["day", "month", "key_day", "key_month", "rpm", "tpm"]
+Scope = Literal["account", "key"]
 
 
 @dataclass(frozen=True)
-class RateLimit:
-    """The figures of the ``X-RateLimit-*`` headers: the daily allotment, what is left of it, when it resets."""
+class Window:
+    """A per-minute rate limit's figures (OpenAI's ``x-ratelimit-*-requests`` / ``-tokens`` headers)."""
 
     limit: int
     remaining: int
     reset_at: dt.datetime
+    reset_seconds: int  # from the moment the figures were read (OpenAI sends "17s")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The figures of the ``X-RateLimit-*`` headers: the allotment that will refuse first (the account's
+    day, or the key's cap when that is tighter: ``scope``), what is left of it, when it resets; and the
+    key's per-minute windows, when it has rate limits."""
+
+    limit: int
+    remaining: int
+    reset_at: dt.datetime
+    scope: Scope = "account"
+    requests: Window | None = None
+    tokens: Window | None = None
+
+
+@dataclass(frozen=True)
+class KeyFigures:
+    """Where a key's own counters stand after a reservation (None: it has no such limit)."""
+
+    day_used: int | None = None
+    daily_cap: int | None = None
+    month_used: int | None = None
+    monthly_cap: int | None = None
+    minute: dt.datetime | None = None  # the window of the per-minute counters below
+    at: dt.datetime | None = None  # when they were read
+    requests_used: int | None = None
+    rpm: int | None = None
+    tokens_used: int | None = None
+    tpm: int | None = None
+
+
+NO_KEY_FIGURES = KeyFigures()
 
 
 @dataclass(frozen=True)
@@ -66,21 +101,64 @@ class Reservation:
     day_used: int  # after this reservation
     daily_limit: int
     reset_at: dt.datetime
+    key_id: int | None = None
+    key: KeyFigures = NO_KEY_FIGURES
+    tokens: int = 0  # counted against the key's tokens-per-minute window (0 when it has none)
 
     @property
     def remaining(self) -> int:
         return max(0, self.daily_limit - self.day_used)
 
-    def rate_limit(self, refunded: int = 0) -> RateLimit:
-        """Where the day stands with this reservation taken, less ``refunded`` given back at settlement."""
-        return RateLimit(self.daily_limit, self.remaining + refunded, self.reset_at)
+    def rate_limit(self, refunded: int = 0, tokens_refunded: int = 0) -> RateLimit:
+        """Where things stand with this reservation taken, less what settlement gave back."""
+        return _rate_limit(
+            self.daily_limit, self.remaining + refunded, self.reset_at, self.key, self.day, refunded, tokens_refunded
+        )
+
+
+def _rate_limit(
+    daily_limit: int,
+    remaining: int,
+    reset_at: dt.datetime,
+    key: KeyFigures,
+    day: dt.date,
+    refunded: int = 0,
+    tokens_refunded: int = 0,
+) -> RateLimit:
+    limit = daily_limit
+    scope: Scope = "account"
+    caps = [
+        (key.daily_cap, key.day_used, reset_at),
+        (key.monthly_cap, key.month_used, periods.next_month_reset(periods.as_datetime(day))),
+    ]
+    for cap, used, resets in caps:
+        if cap is not None and used is not None and cap - used + refunded < remaining:
+            limit, remaining, reset_at, scope = cap, max(0, cap - used + refunded), resets, "key"
+    requests = tokens = None
+    if key.minute is not None:
+        resets = key.minute + dt.timedelta(minutes=1)
+        seconds = periods.seconds_until(resets, key.at or key.minute)
+        if key.rpm is not None and key.requests_used is not None:
+            requests = Window(key.rpm, max(0, key.rpm - key.requests_used), resets, seconds)
+        if key.tpm is not None and key.tokens_used is not None:
+            tokens = Window(key.tpm, max(0, key.tpm - key.tokens_used + tokens_refunded), resets, seconds)
+    return RateLimit(limit, remaining, reset_at, scope, requests, tokens)
+
+
+_MESSAGES: dict[str, str] = {
+    "day": "Daily credit limit reached",
+    "month": "Monthly credit limit reached",
+    "key_day": "Key daily credit limit reached",
+    "key_month": "Key monthly credit limit reached",
+}
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """Credits are spent: everything the spec's 429 body and ``Retry-After`` need."""
+    """Credits are spent (the account's or the key's cap) or the key's rate limit is reached: everything
+    the spec's 429 body and ``Retry-After`` need."""
 
-    period: Period  # the allotment that is spent (the day's when both are)
+    period: Period  # what refused (the account's day when several would)
     message: str
     limit: int
     used: int
@@ -91,10 +169,21 @@ class Refusal:
     daily_reset_at: dt.datetime
 
     @property
+    def scope(self) -> Scope:
+        return "account" if self.period in ("day", "month") else "key"
+
+    @property
     def rate_limit(self) -> RateLimit:
-        """The day's figures: none left when the day is spent; what the day has left when the month is."""
+        """The figures of what refused when it is a daily allotment or a key's cap; the account's day otherwise."""
+        if self.period in ("key_day", "key_month"):
+            return RateLimit(self.limit, max(0, self.limit - self.used), self.reset_at, "key")
         remaining = 0 if self.period == "day" else max(0, self.daily_limit - self.day_used)
-        return RateLimit(self.daily_limit, remaining, self.daily_reset_at)
+        requests = tokens = None
+        if self.period == "rpm":
+            requests = Window(self.limit, 0, self.reset_at, self.retry_after)
+        elif self.period == "tpm":
+            tokens = Window(self.limit, max(0, self.limit - self.used), self.reset_at, self.retry_after)
+        return RateLimit(self.daily_limit, remaining, self.daily_reset_at, "account", requests, tokens)
 
 
 # -- reserve -------------------------------------------------------------------------------------
@@ -171,18 +260,24 @@ def reserve(
     request_id: str,
     now: dt.datetime,
     model: str | None = None,
+    tokens: int = 0,
 ) -> Reservation | Refusal:
-    """Atomically take credits from the account's day (and month) allotment, or say why not.
-    ``model`` is the public name the request asked for, recorded in the ledger."""
+    """Atomically take credits from the account's day (and month) allotment and from the key's own caps
+    and per-minute windows, all or none, or say what refused. ``model`` is the public name the request
+    asked for, recorded in the ledger; ``tokens`` (prompt + max_tokens) count against the key's TPM."""
+    refused: Period | None = None
     for _ in range(_MAX_ATTEMPTS):
         try:
-            outcome = _try_reserve(conn, principal, cost, request_id, now, model)
+            outcome = _try_reserve(conn, principal, cost, request_id, now, model, tokens)
         except BaseException:
             conn.rollback()
             raise
-        if outcome is not None:
+        if not isinstance(outcome, str):
             return outcome
-    return refusal(conn, principal, cost, now)
+        refused = outcome
+        if refused in ("rpm", "tpm") or cost.minimum >= cost.want:
+            break
+    return refusal(conn, principal, cost, now, refused or "day", tokens)
 
 
 def reserve_in_one_statement(
@@ -195,11 +290,12 @@ def reserve_in_one_statement(
     model: str | None = None,
 ) -> Reservation | None:
     """PostgreSQL's common case in one round trip, for a connection in autocommit: the whole cost fits
-    the day's existing counter of a tier without a monthly limit. The conditional UPDATE, the ledger
-    row and the key's last use are one statement, so one atomic transaction. None when that case does
-    not apply (no counter yet, not enough left, a race): :func:`reserve` then decides, in full.
+    the day's existing counter of a tier without a monthly limit, for a key without limits of its own.
+    The conditional UPDATE, the ledger row and the key's last use are one statement, so one atomic
+    transaction. None when that case does not apply (no counter yet, not enough left, a race, a key
+    with limits): :func:`reserve` then decides, in full.
     """
-    if conn.dialect.name != "postgresql" or principal.monthly_credits is not None:
+    if conn.dialect.name != "postgresql" or principal.monthly_credits is not None or principal.has_key_limits:
         return None
     day = periods.day_start(now)
     params = {
@@ -218,37 +314,94 @@ def reserve_in_one_statement(
 
 
 def _try_reserve(
-    conn: Connection, principal: Principal, cost: Cost, request_id: str, now: dt.datetime, model: str | None
-) -> Reservation | Refusal | None:
-    """One attempt; None when another request took credits between our read and our update (try again)."""
+    conn: Connection,
+    principal: Principal,
+    cost: Cost,
+    request_id: str,
+    now: dt.datetime,
+    model: str | None,
+    tokens: int,
+) -> Reservation | Period:
+    """One attempt: the reservation, or what refused (after a race on a flexible cost: try again)."""
     flexible = cost.minimum < cost.want
     # The common case is one statement per counter: the whole cost fits.
     amount = cost.want
-    day_used = _take_all(conn, principal, now, amount)
-    if day_used is None and flexible:
-        conn.rollback()  # undo a day counter that took it when the month would not
-        amount = _affordable(conn, principal, periods.day_start(now), periods.month_start(now), cost)
-        if amount:
-            day_used = _take_all(conn, principal, now, amount)
-    if day_used is None:
+    taken = _take_all(conn, principal, now, amount, tokens)
+    if isinstance(taken, str) and flexible and taken not in ("rpm", "tpm"):
+        conn.rollback()  # undo counters that took it when a later one would not
+        amount = _affordable(conn, principal, now, cost)
+        if not amount:
+            return taken
+        taken = _take_all(conn, principal, now, amount, tokens)
+    if isinstance(taken, str):
         conn.rollback()
-        return None if flexible and amount else refusal(conn, principal, cost, now)
+        return taken
+    day_used, key = taken
     reservation = record_reservation(
-        conn, principal, amount, request_id=request_id, now=now, day_used=day_used, model=model
+        conn, principal, amount, request_id=request_id, now=now, day_used=day_used, model=model, key=key, tokens=tokens
     )
     conn.commit()
     return reservation
 
 
-def _take_all(conn: Connection, principal: Principal, now: dt.datetime, amount: int) -> int | None:
-    """Take ``amount`` from the day and, if the tier has one, the month; the day's new total, or None
-    if either does not fit (the caller rolls back)."""
+def _take_all(
+    conn: Connection, principal: Principal, now: dt.datetime, amount: int, tokens: int
+) -> tuple[int, KeyFigures] | Period:
+    """Take ``amount`` credits from the account's day and month and the key's caps, one request and
+    ``tokens`` from the key's minute; the day's new total and the key's figures, or what did not fit
+    (the caller rolls back)."""
+    limits = principal.limits
+    key_id = principal.key_id if principal.has_key_limits else None
+    minute = periods.minute_start(now)
+    requests_used = tokens_used = None
+    if key_id is not None and limits.rpm is not None:
+        requests_used = key_windows.take(conn, key_id, "rpm", minute, 1, limits.rpm)
+        if requests_used is None:
+            return "rpm"
+    if key_id is not None and limits.tpm is not None:
+        tokens_used = key_windows.take(conn, key_id, "tpm", minute, tokens, limits.tpm)
+        if tokens_used is None:
+            return "tpm"
+    # The key's own caps before the account's allotments: a key at its cap hears that, not the account's.
+    key_day_used = key_month_used = None
+    if key_id is not None and limits.daily_cap is not None:
+        key_day_used = key_windows.take(conn, key_id, "day", _day(now), amount, limits.daily_cap)
+        if key_day_used is None:
+            return "key_day"
+    if key_id is not None and limits.monthly_cap is not None:
+        key_month_used = key_windows.take(conn, key_id, "month", _month(now), amount, limits.monthly_cap)
+        if key_month_used is None:
+            return "key_month"
     day_used = _take(conn, principal.account_id, "day", periods.day_start(now), amount, principal.daily_credits)
-    if day_used is None or principal.monthly_credits is None:
-        return day_used
-    if _take(conn, principal.account_id, "month", periods.month_start(now), amount, principal.monthly_credits) is None:
-        return None
-    return day_used
+    if day_used is None:
+        return "day"
+    if principal.monthly_credits is not None:
+        month = periods.month_start(now)
+        if _take(conn, principal.account_id, "month", month, amount, principal.monthly_credits) is None:
+            return "month"
+    if key_id is None:
+        return day_used, NO_KEY_FIGURES
+    figures = KeyFigures(
+        day_used=key_day_used,
+        daily_cap=limits.daily_cap,
+        month_used=key_month_used,
+        monthly_cap=limits.monthly_cap,
+        minute=minute,
+        at=now,
+        requests_used=requests_used,
+        rpm=limits.rpm,
+        tokens_used=tokens_used,
+        tpm=limits.tpm,
+    )
+    return day_used, figures
+
+
+def _day(now: dt.datetime) -> dt.datetime:
+    return periods.as_datetime(periods.day_start(now))
+
+
+def _month(now: dt.datetime) -> dt.datetime:
+    return periods.as_datetime(periods.month_start(now))
 
 
 _RECORD = insert(UsageEvent).returning(UsageEvent.id)
@@ -263,8 +416,11 @@ def record_reservation(
     now: dt.datetime,
     day_used: int,
     model: str | None = None,
+    key: KeyFigures = NO_KEY_FIGURES,
+    tokens: int = 0,
 ) -> Reservation:
     """Write the ledger row of a granted reservation (the caller commits)."""
+    counted_tokens = tokens if key.tpm is not None else 0
     row = dict(
         request_id=request_id,
         model=model,
@@ -279,14 +435,25 @@ def record_reservation(
         status="reserved",
         estimated=False,
         settled_at=None,
+        tokens_reserved=counted_tokens,
     )
     ledger_id = conn.execute(_RECORD, row).scalar_one()
     touch_last_used(conn, principal, now)
-    return _reservation(principal, ledger_id, amount, request_id, now, day_used=day_used)
+    return _reservation(
+        principal, ledger_id, amount, request_id, now, day_used=day_used, key=key, tokens=counted_tokens
+    )
 
 
 def _reservation(
-    principal: Principal, ledger_id: int, amount: int, request_id: str, now: dt.datetime, *, day_used: int
+    principal: Principal,
+    ledger_id: int,
+    amount: int,
+    request_id: str,
+    now: dt.datetime,
+    *,
+    day_used: int,
+    key: KeyFigures = NO_KEY_FIGURES,
+    tokens: int = 0,
 ) -> Reservation:
     return Reservation(
         ledger_id=ledger_id,
@@ -298,6 +465,9 @@ def _reservation(
         day_used=day_used,
         daily_limit=principal.daily_credits,
         reset_at=periods.next_day_reset(now),
+        key_id=principal.key_id if principal.has_key_limits else None,
+        key=key,
+        tokens=tokens,
     )
 
 
@@ -326,10 +496,17 @@ def _create_counter(conn: Connection, account_id: int, period: str, start: dt.da
     )
 
 
-def _affordable(conn: Connection, principal: Principal, day: dt.date, month: dt.date, cost: Cost) -> int:
-    left = principal.daily_credits - _used(conn, principal.account_id, "day", day)
+def _affordable(conn: Connection, principal: Principal, now: dt.datetime, cost: Cost) -> int:
+    """What is left across the account's allotments and the key's caps, if at least ``cost.minimum``."""
+    left = principal.daily_credits - _used(conn, principal.account_id, "day", periods.day_start(now))
     if principal.monthly_credits is not None:
+        month = periods.month_start(now)
         left = min(left, principal.monthly_credits - _used(conn, principal.account_id, "month", month))
+    limits, key_id = principal.limits, principal.key_id
+    if key_id is not None and limits.daily_cap is not None:
+        left = min(left, limits.daily_cap - key_windows.used(conn, key_id, "day", _day(now)))
+    if key_id is not None and limits.monthly_cap is not None:
+        left = min(left, limits.monthly_cap - key_windows.used(conn, key_id, "month", _month(now)))
     return min(cost.want, left) if left >= cost.minimum else 0
 
 
@@ -337,14 +514,49 @@ def _used(conn: Connection, account_id: int, period: str, start: dt.date) -> int
     return conn.execute(_USED, _counter(account_id, period, start)).scalar() or 0
 
 
-def refusal(conn: Connection, principal: Principal, cost: Cost, now: dt.datetime) -> Refusal:
-    """Read the counters and say which allotment is spent."""
+def refusal(
+    conn: Connection, principal: Principal, cost: Cost, now: dt.datetime, refused: Period = "day", tokens: int = 0
+) -> Refusal:
+    """Read the counters and say what refused, with its figures."""
     try:
         day_used = _used(conn, principal.account_id, "day", periods.day_start(now))
         month_used = _used(conn, principal.account_id, "month", periods.month_start(now))
+        key_used = 0
+        if principal.key_id is not None and refused not in ("day", "month"):
+            window = {"key_day": _day(now), "key_month": _month(now)}.get(refused, periods.minute_start(now))
+            kind = {"key_day": "day", "key_month": "month"}.get(refused, refused)
+            key_used = key_windows.used(conn, principal.key_id, kind, window)
     finally:
         conn.rollback()
-    return refusal_from(principal, cost, now, day_used, month_used)
+    if refused in ("day", "month"):
+        return refusal_from(principal, cost, now, day_used, month_used)
+    return key_refusal(principal, refused, key_used, now, day_used)
+
+
+def key_refusal(principal: Principal, refused: Period, used: int, now: dt.datetime, day_used: int) -> Refusal:
+    """The key's cap or rate limit refused: its figures (any counter backend)."""
+    limits = principal.limits
+    if refused == "rpm":
+        limit, reset = limits.rpm or 0, periods.next_minute(now)
+        message = f"Rate limit reached: {limit} requests per minute"
+    elif refused == "tpm":
+        limit, reset = limits.tpm or 0, periods.next_minute(now)
+        message = f"Rate limit reached: {limit} tokens per minute"
+    elif refused == "key_month":
+        limit, reset, message = limits.monthly_cap or 0, periods.next_month_reset(now), _MESSAGES[refused]
+    else:
+        limit, reset, message = limits.daily_cap or 0, periods.next_day_reset(now), _MESSAGES["key_day"]
+    return Refusal(
+        period=refused,
+        message=message,
+        limit=limit,
+        used=used,
+        reset_at=reset,
+        retry_after=periods.seconds_until(reset, now),
+        daily_limit=principal.daily_credits,
+        day_used=day_used,
+        daily_reset_at=periods.next_day_reset(now),
+    )
 
 
 def refusal_from(principal: Principal, cost: Cost, now: dt.datetime, day_used: int, month_used: int) -> Refusal:
@@ -354,10 +566,10 @@ def refusal_from(principal: Principal, cost: Cost, now: dt.datetime, day_used: i
     period: Period
     if principal.monthly_credits is not None and not day_full:
         period, reset = "month", periods.next_month_reset(now)
-        message, limit, used = "Monthly credit limit reached", principal.monthly_credits, month_used
+        message, limit, used = _MESSAGES["month"], principal.monthly_credits, month_used
     else:
         period, reset = "day", day_reset
-        message, limit, used = "Daily credit limit reached", principal.daily_credits, day_used
+        message, limit, used = _MESSAGES["day"], principal.daily_credits, day_used
     return Refusal(
         period=period,
         message=message,
@@ -401,10 +613,10 @@ def settle(
     status: str = "charged",
     refund_counters: bool = True,
 ) -> bool:
-    """Fix the final charge (never above the reservation) and refund the rest. Idempotent.
-
-    ``refund_counters=False`` leaves the SQL counters alone, for a backend that keeps them elsewhere.
-    """
+    """Fix the final charge (never above the reservation) and refund the rest, to the account's and
+    the key's counters (the key's tokens-per-minute too: what was reserved beyond the tokens used).
+    Idempotent. ``refund_counters=False`` leaves the SQL counters alone, for a backend that keeps them
+    elsewhere."""
     credits = max(0, min(credits, reservation.credits))
     params = dict(
         p_id=reservation.ledger_id,
@@ -422,6 +634,8 @@ def settle(
             _refund(conn, reservation.account_id, "day", reservation.day, refund)
             if reservation.month is not None:
                 _refund(conn, reservation.account_id, "month", reservation.month, refund)
+        if changed and refund_counters and reservation.key_id is not None:
+            refund_key(conn, reservation, refund, unused_tokens(reservation, prompt_tokens + completion_tokens))
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -445,6 +659,25 @@ def release(conn: Connection, reservation: Reservation, *, now: dt.datetime, ref
 
 def _refund(conn: Connection, account_id: int, period: str, start: dt.date, amount: int) -> None:
     conn.execute(_SUBTRACT, _counter(account_id, period, start, p_amount=amount))
+
+
+def unused_tokens(reservation: Reservation, used: int) -> int:
+    """Tokens counted against the key's minute beyond what the request used (0 without a TPM limit)."""
+    return max(0, reservation.tokens - used) if reservation.tokens else 0
+
+
+def refund_key(conn: Connection, reservation: Reservation, credits: int, tokens: int) -> None:
+    """Give back to the key's own counters (in the windows the reservation was made in)."""
+    key, key_id = reservation.key, reservation.key_id
+    if key_id is None:
+        return
+    day = periods.as_datetime(reservation.day)
+    if credits and key.daily_cap is not None:
+        key_windows.give_back(conn, key_id, "day", day, credits)
+    if credits and key.monthly_cap is not None:
+        key_windows.give_back(conn, key_id, "month", day.replace(day=1), credits)
+    if tokens and key.minute is not None:
+        key_windows.give_back(conn, key_id, "tpm", key.minute, tokens)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -511,6 +744,16 @@ def use_by_model(session: Session, account_id: int, first_day: dt.date, last_day
         for name, requests, credits, prompt, completion in rows
     ]
     return sorted(result, key=lambda item: (-item["credits"], item["model"]))
+
+
+def key_ledger_sum(session: Session, key_id: int, first_day: dt.date, last_day: dt.date) -> int:
+    """Credits counted in the ledger for one key over a range of days (what its caps are checked against)."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(UsageEvent.credits), 0)).where(
+            UsageEvent.api_key_id == key_id, UsageEvent.day >= first_day, UsageEvent.day <= last_day
+        )
+    )
+    return int(total or 0)
 
 
 def ledger_sum(session: Session, account_id: int, first_day: dt.date, last_day: dt.date) -> int:

@@ -26,3 +26,16 @@ def next_month_reset(now: dt.datetime) -> dt.datetime:
 
 def seconds_until(moment: dt.datetime, now: dt.datetime) -> int:
     return max(1, int((moment - now).total_seconds() + 0.999))
+
+
+def minute_start(now: dt.datetime) -> dt.datetime:
+    """The fixed one-minute window of the rate limits."""
+    return now.replace(second=0, microsecond=0)
+
+
+def next_minute(now: dt.datetime) -> dt.datetime:
+    return minute_start(now) + dt.timedelta(minutes=1)
+
+
+def as_datetime(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time())

@@ -47,6 +47,10 @@ class Tier(Base):
     credits_per_1k_tokens: Mapped[int] = mapped_column(Integer, default=1)
     # The public model names this tier may use; None: every model.
     models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True, default=None)
+    # Defaults for each key of the tier's accounts (a key's own limits win), and the most active keys.
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    max_keys: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
 
 
 class Account(Base):
@@ -76,6 +80,17 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # Limits inside the account's pool (None: none of its own). See quota/ledger.py and docs/quota.md.
+    daily_cap: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    monthly_cap: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, default=None)
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True, default=None)
+    ips: Mapped[list[str] | None] = mapped_column(JSON, nullable=True, default=None)  # CIDR ranges
+    # Rotation with a grace period: the secret it replaced keeps working until then (same key, same usage).
+    previous_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None, index=True)
+    previous_valid_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True, default=None)
 
     account: Mapped[Account] = relationship(lazy="joined")
 
@@ -88,6 +103,19 @@ class UsageCounter(Base):
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
     period: Mapped[str] = mapped_column(String(8), primary_key=True)  # "day" | "month"
     period_start: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class KeyCounter(Base):
+    """What one key used in its current window of one kind: its day, its month, its minute's requests
+    and its minute's tokens. One row per (key, kind), moved to the new window by the update that first
+    lands in it (see ``quota.ledger``), so the table never grows."""
+
+    __tablename__ = "key_counters"
+
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # "day" | "month" | "rpm" | "tpm"
+    window_start: Mapped[dt.datetime] = mapped_column(DateTime)
     used: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
@@ -114,6 +142,7 @@ class UsageEvent(Base):
     estimated: Mapped[bool] = mapped_column(Boolean, default=False)
     settled_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     model: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the public name asked for
+    tokens_reserved: Mapped[int] = mapped_column(Integer, default=0)  # counted against the key's TPM window
 
 
 class WebSession(Base):

@@ -27,8 +27,9 @@ from starlette.concurrency import run_in_threadpool
 from aimichat.api.errors import APIError, engine_error
 from aimichat.api.metrics import Metrics
 from aimichat.engines.base import EngineError, Event, Finish, FinishReason, PreparedPrompt, SamplingParams
+from aimichat.keys import service as keys
 from aimichat.keys.service import Principal
-from aimichat.quota import pricing
+from aimichat.quota import ledger, pricing
 from aimichat.quota.backends import QuotaBackend
 from aimichat.quota.ledger import RateLimit, Refusal, Reservation
 from aimichat.quota.pricing import Price
@@ -96,6 +97,14 @@ class ChatService:
         self._check_request(request)
         served = await self._model(request.model, principal)
         engine, model = served.engine, served.spec.name
+        if not keys.model_allowed(principal, model):
+            raise APIError(
+                403,
+                f"This API key may not use the model '{model}': it is limited to "
+                f"{', '.join(principal.limits.models or ())}.",
+                code="key_scope_denied",
+                param="model",
+            )
         assert engine is not None  # resolve() returns loaded models only
         price = self.models.catalog.price(
             principal.tier_name, model, pricing.tier_price(principal.cost_rule, principal.credits_per_1k_tokens)
@@ -146,8 +155,11 @@ class ChatService:
         self, principal: Principal, request_id: str, price: Price, prompt_tokens: int, max_tokens: int, model: str
     ) -> Reservation | Refusal:
         cost = pricing.request_cost(price, prompt_tokens, max_tokens)
+        tokens = prompt_tokens + max_tokens  # what the key's tokens-per-minute counts until settlement
         return await run_in_threadpool(
-            lambda: self.quota.reserve(principal, cost, request_id=request_id, now=self.clock(), model=model)
+            lambda: self.quota.reserve(
+                principal, cost, request_id=request_id, now=self.clock(), model=model, tokens=tokens
+            )
         )
 
     async def settle(
@@ -208,6 +220,7 @@ class OpenReservation:
         self.model = model
         self.record = record
         self.delivered_tokens = 0
+        self.tokens_refunded = 0  # given back to the key's tokens-per-minute at settlement
         self.closed = False  # settled or released
         record.completion_id = self.id
 
@@ -219,7 +232,7 @@ class OpenReservation:
             if self.service.metrics:
                 self.service.metrics.engine_errors.labels(type(exc).__name__).inc()
             error = engine_error(exc)
-            error.rate_limit = self.reservation.rate_limit(refunded=self.reservation.credits)
+            error.rate_limit = self.reservation.rate_limit(self.reservation.credits, self.reservation.tokens)
             raise error from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -246,6 +259,11 @@ class OpenReservation:
                 log.exception("could not settle %s; its reservation stands", self.id)
                 return 0
         self.record.credits = credits
+        if usage is not None:
+            used = usage.prompt_tokens + usage.completion_tokens
+        else:
+            used = self.prompt.prompt_tokens + self.delivered_tokens
+        self.tokens_refunded = ledger.unused_tokens(self.reservation, used)
         return self.reservation.credits - credits
 
     async def collect(
@@ -296,7 +314,7 @@ class OpenReservation:
             ],
             "usage": _usage(finish),
         }
-        return Completion(body, self.reservation.rate_limit(refunded))
+        return Completion(body, self.reservation.rate_limit(refunded, self.tokens_refunded))
 
     async def stream(
         self, first: Event, events: AsyncGenerator[Event, None], include_usage: bool
@@ -325,7 +343,7 @@ class OpenReservation:
         assert finish is not None  # the loop leaves only on a Finish or through the except above
         yield self._chunk({}, finish_reason=finish.finish_reason)
         if include_usage:
-            rate = self.reservation.rate_limit(refunded)
+            rate = self.reservation.rate_limit(refunded, self.tokens_refunded)
             usage_chunk: ChatCompletionChunk = {
                 **self._head(),
                 "choices": [],
