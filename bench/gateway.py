@@ -3,7 +3,7 @@ upstream, through a bare proxy (bench/bare_proxy.py) and through AimiChat (key a
 settlement + proxying), in one run.
 
     .venv/bin/python bench/gateway.py [--requests 400] [--backends sqlite,postgresql,redis] [--py-spy DIR]
-                                      [--models 20]
+                                      [--models 20] [--key-limits]
 
 For each backend (SQLite; PostgreSQL; PostgreSQL ledger + Redis counters) it measures, non-streaming
 and streaming: sequential latency (p50/p99; the targets take turns request by request, in rotating
@@ -21,6 +21,10 @@ all for PostgreSQL, non-streaming (sequential for the latencies).
 ``--models N``: a second AimiChat (same backend) with N models in its registry (aimichat-1 and N-1
 upstream models, each with its own price on the tier) takes its turn beside the first, its requests
 naming the last model added; ``models_overhead_ratio=`` is its added p50 ÷ the one-model gateway's.
+
+``--key-limits``: a second key of the same account on the same gateway, with a daily cap, a monthly
+cap, requests and tokens per minute (all far above what the run uses, so nothing is refused), takes its
+turn beside the unlimited key; ``key_limits_added_ms=`` is its added p50 minus the unlimited key's.
 
 ``--py-spy DIR``: after the timed passes of each backend, record AimiChat's server with py-spy
 (``pip install py-spy``) during an extra 32-client non-streaming pass, as DIR/<backend>.txt (``py-spy
@@ -65,6 +69,7 @@ CLIENTS = 32
 PACED_RATE = 200
 HEADLINE = ("postgresql", "plain")
 MANY = "AimiChat N models"
+LIMITED = "AimiChat limited key"
 
 
 @dataclass
@@ -129,9 +134,10 @@ def postgres_database():
 
 
 @contextmanager
-def gateway(backend: str, upstream: str, data_dir: str, models: int = 1):
+def gateway(backend: str, upstream: str, data_dir: str, models: int = 1, limited_key: list | None = None):
     """AimiChat in front of the stub, with an account that will not run out of credits and ``models``
-    models in its registry (priced per request); yields (url, key, pid)."""
+    models in its registry (priced per request); yields (url, key, pid). With ``limited_key`` (a list),
+    a second key with caps and per-minute limits is made and appended to it."""
     with postgres_database() if backend != "sqlite" else _nothing() as pg_url:
         env = {
             **os.environ,
@@ -151,6 +157,10 @@ def gateway(backend: str, upstream: str, data_dir: str, models: int = 1):
             run("models", "add", f"bench-{i}", "--upstream", upstream)
             run("prices", "set", "bench", f"bench-{i}", "--per-request", "1")
         key = run("keys", "create", f"bench-{backend}@example.com", "--name", "bench").strip().splitlines()[-1]
+        if limited_key is not None:
+            limits = ["--daily-cap", "50000000", "--monthly-cap", "90000000", "--rpm", "1000000", "--tpm", "900000000"]
+            made = run("keys", "create", f"bench-{backend}@example.com", "--name", "limited", *limits)
+            limited_key.append(made.strip().splitlines()[-1])
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         with process([*cli, "serve", "--port", str(port), "--log-level", "warning"], env, url, "/readyz") as proc:
@@ -342,6 +352,7 @@ def main() -> None:
     parser.add_argument("--paced-seconds", type=float, default=5.0)
     parser.add_argument("--py-spy", type=Path, metavar="DIR", help="record AimiChat with py-spy into DIR/<backend>.txt")
     parser.add_argument("--models", type=int, default=1, help="also measure a gateway with this many models")
+    parser.add_argument("--key-limits", action="store_true", help="also measure a key with caps and rate limits")
     args = parser.parse_args()
     stub_port = free_port()
     stub = f"http://127.0.0.1:{stub_port}"
@@ -365,14 +376,18 @@ def main() -> None:
     ):
         baselines = [direct, bare] + ([litellm] if litellm else [])
         for backend in args.backends.split(","):
+            limited: list[str] = []
             with (
                 tempfile.TemporaryDirectory() as data_dir,
-                gateway(backend, stub, data_dir) as (url, key, pid),
+                gateway(backend, stub, data_dir, limited_key=limited if args.key_limits else None) as (url, key, pid),
                 tempfile.TemporaryDirectory() as many_dir,
                 gateway(backend, stub, many_dir, args.models) if args.models > 1 else _nothing() as many,
             ):
                 aimichat = Target("AimiChat", f"{url}/v1/chat/completions", {"Authorization": f"Bearer {key}"})
                 targets = [*baselines, aimichat]
+                if limited:
+                    headers = {"Authorization": f"Bearer {limited[0]}"}
+                    targets.append(Target(LIMITED, f"{url}/v1/chat/completions", headers))
                 if many:
                     many_url, many_key, _ = many
                     headers = {"Authorization": f"Bearer {many_key}"}
@@ -436,6 +451,13 @@ def main() -> None:
         )
         print(f"models_overhead_ratio={ratio(m['p50'] - d['p50'], a['p50'] - d['p50']):.2f}")
         print(f"models_throughput_ratio={ratio(m['rps'], a['rps']):.2f}")
+    if LIMITED in results[key]:
+        lim = results[key][LIMITED]
+        print(
+            f"limited key: added p50 {lim['p50'] - d['p50']:.2f} ms vs {a['p50'] - d['p50']:.2f} ms unlimited; "
+            f"{lim['rps']:.0f} vs {a['rps']:.0f} req/s"
+        )
+        print(f"key_limits_added_ms={lim['p50'] - a['p50']:.2f}")
     print(f"gateway_overhead_ms_p50={a['p50'] - d['p50']:.2f}")
 
 
