@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import func, select
 
 from aimichat.accounts import service as accounts
+from aimichat.keys import service as keys
 from aimichat.keys.service import principal_for
-from aimichat.quota import ledger, pricing
+from aimichat.quota import key_windows, ledger, pricing
 from aimichat.quota.ledger import Refusal, Reservation
 from aimichat.quota.pricing import Cost
 from aimichat.store.models import UsageCounter, UsageEvent
@@ -227,3 +228,42 @@ def test_every_reservation_path_writes_the_same_row_and_the_keys_last_use(databa
         ("third", NOON + dt.timedelta(minutes=2)),
     ]
     assert ledger_total(database, first.account_id, NOON.date()) == (3, 3)
+
+
+def test_postgresql_one_statement_takes_a_limited_keys_counters_all_or_nothing(reused_postgres):
+    """The fast path (PostgreSQL's) covers a key with caps and rates: one statement takes every counter,
+    and a counter that does not fit aborts it with nothing taken (the full transaction then says what
+    refused)."""
+    database = reused_postgres.fresh()
+    make_account(database, daily=100)
+    with database.session() as s:
+        created = keys.create_key(
+            s, accounts.get_account(s, "user@example.com"), "k", keys.KeyLimits(daily_cap=3, rpm=50, tpm=1000)
+        )
+        s.commit()
+    with database.connect() as conn:
+        p = keys.authenticate(conn, created.secret)
+    first = reserve(database, p)  # the full transaction creates the key's counter rows
+    assert isinstance(first, Reservation)
+
+    def fast(now: dt.datetime = NOON, tokens: int = 10):
+        with database.connect(single_statement=True) as conn:
+            return ledger.reserve_in_one_statement(
+                conn, p, ONE_CREDIT, request_id=secrets.token_hex(8), now=now, tokens=tokens
+            )
+
+    second = fast()
+    assert isinstance(second, Reservation)
+    assert (second.key.day_used, second.key.requests_used, second.key.tokens_used, second.day_used) == (2, 2, 10, 2)
+    assert fast(tokens=5000) is None  # over the tokens per minute: nothing taken
+    third = fast()
+    assert (third.key.day_used, third.key.requests_used, third.key.tokens_used, third.day_used) == (3, 3, 20, 3)
+    assert fast() is None  # over the key's daily cap: its minute counters are not taken either
+    with database.connect() as conn:
+        minute = NOON.replace(second=0, microsecond=0)
+        assert key_windows.used(conn, created.key.id, "rpm", minute) == 3
+        assert key_windows.used(conn, created.key.id, "tpm", minute) == 20
+    assert ledger_total(database, p.account_id, NOON.date()) == (3, 3)
+    refused = reserve(database, p)
+    assert isinstance(refused, Refusal) and refused.message == "Key daily credit limit reached"
+    database.dispose()

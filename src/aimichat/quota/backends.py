@@ -78,7 +78,7 @@ class SqlQuota:
         if not self.database.is_sqlite:  # PostgreSQL: the common case in one round trip
             with self.database.connect(single_statement=True) as conn:
                 reservation = ledger.reserve_in_one_statement(
-                    conn, principal, cost, request_id=request_id, now=now, model=model
+                    conn, principal, cost, request_id=request_id, now=now, model=model, tokens=tokens
                 )
             if reservation is not None:
                 return reservation

@@ -14,13 +14,17 @@ several times the database round trips themselves.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import (
+    CTE,
     Connection,
     Select,
+    Update,
     bindparam,
+    case,
     cast,
     exists,
     func,
@@ -33,10 +37,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
 from aimichat.keys.service import LAST_USED_RESOLUTION, Principal, touch_last_used, use_by_key
-from aimichat.store.models import ApiKey, UsageCounter, UsageEvent
+from aimichat.store.models import ApiKey, KeyCounter, UsageCounter, UsageEvent
 
 from . import key_windows, periods
 from .pricing import Cost
@@ -209,9 +214,42 @@ def _counter(account_id: int, period: str, start: dt.date, **more: int | str) ->
     return {"p_account": account_id, "p_period": period, "p_start": start, **more}
 
 
-def _reserve_one_statement() -> Select[tuple[int, int]]:
-    """PostgreSQL's common case as one statement (see :func:`reserve_in_one_statement`)."""
-    day = _ADD.cte("day")
+KEY_KINDS = ("rpm", "tpm", "day", "month")  # the order every path takes a key's counters in (rows lock in it)
+
+
+def _key_take(kind: str) -> Update:
+    """The conditional UPDATE of one of the key's counters, with its own parameter names."""
+    window = bindparam(f"p_w_{kind}", type_=KeyCounter.__table__.c.window_start.type)
+    current = KeyCounter.window_start >= window
+    used_now = case((current, KeyCounter.used), else_=0)
+    amount = bindparam(f"p_n_{kind}", type_=KeyCounter.__table__.c.used.type)
+    return (
+        update(KeyCounter)
+        .where(
+            KeyCounter.key_id == bindparam("p_key"),
+            KeyCounter.kind == literal(kind),
+            used_now + amount <= bindparam(f"p_l_{kind}", type_=KeyCounter.__table__.c.used.type),
+        )
+        .values(used=used_now + amount, window_start=case((current, KeyCounter.window_start), else_=window))
+        .returning(KeyCounter.used)
+    )
+
+
+def _reserve_one_statement(kinds: tuple[str, ...] = ()) -> Select[Any]:
+    """PostgreSQL's common case as one statement (see :func:`reserve_in_one_statement`): the key's
+    counters of ``kinds`` in a chain (each updates only if the one before did), then the account's day,
+    the ledger row and the key's last use. With key counters, a link that does not fit would leave the
+    ones before it taken: the last column then divides by zero, which aborts the whole statement (so
+    nothing is taken) and sends the caller to the full transaction."""
+    previous: CTE | None = None
+    steps: dict[str, CTE] = {}
+    for kind in kinds:
+        statement = _key_take(kind)
+        if previous is not None:
+            statement = statement.where(exists(select(previous.c.used)))
+        previous = steps[kind] = statement.cte(f"key_{kind}")
+    add = _ADD if previous is None else _ADD.where(exists(select(previous.c.used)))
+    day = add.cte("day")
     taken = exists(select(day.c.used))
     t = UsageEvent.__table__.c
     values = {  # typed: PostgreSQL cannot infer the type of a bare parameter in a SELECT list
@@ -228,6 +266,7 @@ def _reserve_one_statement() -> Select[tuple[int, int]]:
         "status": literal("reserved", t.status.type),
         "estimated": literal(False, t.estimated.type),
         "settled_at": cast(null(), t.settled_at.type),
+        "tokens_reserved": bindparam("p_tokens", type_=t.tokens_reserved.type),
     }
     recorded = (
         insert(UsageEvent)
@@ -246,7 +285,20 @@ def _reserve_one_statement() -> Select[tuple[int, int]]:
         .returning(ApiKey.id)
         .cte("touched")
     )
-    return select(day.c.used, recorded.c.id).join_from(day, recorded, true()).add_cte(touched)
+    if not kinds:
+        return select(day.c.used, recorded.c.id).join_from(day, recorded, true()).add_cte(touched)
+    columns = [
+        select(day.c.used).scalar_subquery().label("used"),
+        select(recorded.c.id).scalar_subquery().label("id"),
+        *(select(cte.c.used).scalar_subquery().label(kind) for kind, cte in steps.items()),
+        (literal(1) / select(func.count()).select_from(recorded).scalar_subquery()).label("all_taken"),
+    ]
+    return select(*columns).add_cte(touched)
+
+
+@functools.cache
+def _reserve_keyed_statement(kinds: tuple[str, ...]) -> Select[Any]:
+    return _reserve_one_statement(kinds)
 
 
 _RESERVE_ONE = _reserve_one_statement()
@@ -288,17 +340,18 @@ def reserve_in_one_statement(
     request_id: str,
     now: dt.datetime,
     model: str | None = None,
+    tokens: int = 0,
 ) -> Reservation | None:
     """PostgreSQL's common case in one round trip, for a connection in autocommit: the whole cost fits
-    the day's existing counter of a tier without a monthly limit, for a key without limits of its own.
-    The conditional UPDATE, the ledger row and the key's last use are one statement, so one atomic
-    transaction. None when that case does not apply (no counter yet, not enough left, a race, a key
-    with limits): :func:`reserve` then decides, in full.
+    the day's existing counter of a tier without a monthly limit (and the key's own counters, when it
+    has limits). The conditional UPDATEs, the ledger row and the key's last use are one statement, so
+    one atomic transaction. None when that case does not apply (no counter yet, not enough left, a
+    race): :func:`reserve` then decides, in full.
     """
-    if conn.dialect.name != "postgresql" or principal.monthly_credits is not None or principal.has_key_limits:
+    if conn.dialect.name != "postgresql" or principal.monthly_credits is not None:
         return None
     day = periods.day_start(now)
-    params = {
+    params: dict[str, object] = {
         **_counter(principal.account_id, "day", day, p_amount=cost.want, p_limit=principal.daily_credits),
         "p_request": request_id,
         "p_model": model,
@@ -306,11 +359,51 @@ def reserve_in_one_statement(
         "p_now": now,
         "p_day": day,
         "p_stale": now - LAST_USED_RESOLUTION,
+        "p_tokens": 0,
     }
-    row = conn.execute(_RESERVE_ONE, params).first()
-    if row is None:
+    if not principal.has_key_limits:
+        row = conn.execute(_RESERVE_ONE, params).first()
+        if row is None:
+            return None
+        return _reservation(principal, row.id, cost.want, request_id, now, day_used=row.used)
+    return _reserve_keyed(conn, principal, cost, params, now, tokens)
+
+
+def _reserve_keyed(
+    conn: Connection, principal: Principal, cost: Cost, params: dict[str, object], now: dt.datetime, tokens: int
+) -> Reservation | None:
+    """The one-statement case for a key with limits of its own (see :func:`_reserve_one_statement`)."""
+    limits = principal.limits
+    caps = {"rpm": limits.rpm, "tpm": limits.tpm, "day": limits.daily_cap, "month": limits.monthly_cap}
+    kinds = tuple(kind for kind in KEY_KINDS if caps[kind] is not None)
+    minute = periods.minute_start(now)
+    windows = {"rpm": minute, "tpm": minute, "day": _day(now), "month": _month(now)}
+    amounts = {"rpm": 1, "tpm": tokens, "day": cost.want, "month": cost.want}
+    for kind in kinds:
+        params |= {f"p_w_{kind}": windows[kind], f"p_n_{kind}": amounts[kind], f"p_l_{kind}": caps[kind]}
+    params["p_tokens"] = tokens if limits.tpm is not None else 0
+    try:
+        row = conn.execute(_reserve_keyed_statement(kinds), params).mappings().first()
+    except DataError:  # a counter did not fit (or has no row yet): the statement took nothing
         return None
-    return _reservation(principal, row.id, cost.want, request_id, now, day_used=row.used)
+    if row is None or row["id"] is None:
+        return None
+    figures = KeyFigures(
+        day_used=row.get("day"),
+        daily_cap=limits.daily_cap,
+        month_used=row.get("month"),
+        monthly_cap=limits.monthly_cap,
+        minute=minute,
+        at=now,
+        requests_used=row.get("rpm"),
+        rpm=limits.rpm,
+        tokens_used=row.get("tpm"),
+        tpm=limits.tpm,
+    )
+    return _reservation(
+        principal, row["id"], cost.want, str(params["p_request"]), now, day_used=row["used"], key=figures,
+        tokens=int(params["p_tokens"]),  # type: ignore[call-overload]
+    )  # fmt: skip
 
 
 def _try_reserve(
