@@ -148,6 +148,7 @@ def test_scopes_refuse_other_networks_and_other_models(server):
     denied = chat(server, narrow, {**HI, "model": "aimichat-1"})
     assert denied.status_code == 403
     assert denied.json()["error"]["code"] == "key_scope_denied" and denied.json()["error"]["param"] == "model"
+    assert server.http.get("/v1/models", headers={"X-API-Key": narrow}).json()["data"] == []
 
 
 def test_rotation_with_grace_keeps_usage_and_caps_then_retires_the_old_secret(database, tmp_path):

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from aimichat.keys import service as keys
 from aimichat.keys.service import Principal
 from aimichat.quota import pricing
-from aimichat.registry.catalog import ModelSpec, context_length
+from aimichat.registry.catalog import Catalog, ModelSpec, context_length
 
 from .auth import optional_key
 from .errors import APIError
@@ -26,7 +27,8 @@ async def list_models(request: Request, principal: Principal | None = Depends(op
     state = request.app.state
     catalog = await state.models.current()
     tier = principal.tier_name if principal else None
-    return {"object": "list", "data": [_model(state, spec, principal) for spec in catalog.visible(tier)]}
+    specs = [spec for spec in catalog.visible(tier) if principal is None or keys.model_allowed(principal, spec.name)]
+    return {"object": "list", "data": [_model(state, spec, principal) for spec in specs]}
 
 
 @router.get("/v1/models/{model_id:path}")
@@ -36,9 +38,13 @@ async def get_model(
     state = request.app.state
     catalog = await state.models.current()
     spec = catalog.resolve(model_id)
-    if spec is None or (principal is not None and not catalog.may_use(principal.tier_name, spec.name)):
+    if spec is None or (principal is not None and not _usable(catalog, principal, spec.name)):
         raise APIError(404, f"The model '{model_id}' does not exist.", code="model_not_found", param="model")
     return _model(state, spec, principal)
+
+
+def _usable(catalog: Catalog, principal: Principal, model: str) -> bool:
+    return catalog.may_use(principal.tier_name, model) and keys.model_allowed(principal, model)
 
 
 def _model(state: Any, spec: ModelSpec, principal: Principal | None) -> dict[str, Any]:

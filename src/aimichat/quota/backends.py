@@ -95,8 +95,9 @@ class SqlQuota:
         now: dt.datetime,
         estimated: bool = False,
     ) -> bool:
-        # Nothing to give back: settling is one guarded UPDATE.
+        # Nothing to give back, or PostgreSQL (which settles and refunds in one statement): one statement.
         nothing_to_refund = credits >= reservation.credits and not reservation.tokens
+        nothing_to_refund = nothing_to_refund or not self.database.is_sqlite
         with self.database.connect(single_statement=nothing_to_refund) as conn:
             return ledger.settle(
                 conn,
@@ -109,7 +110,7 @@ class SqlQuota:
             )
 
     def release(self, reservation: Reservation, *, now: dt.datetime) -> bool:
-        with self.database.connect() as conn:
+        with self.database.connect(single_statement=not self.database.is_sqlite) as conn:
             return ledger.release(conn, reservation, now=now)
 
     def minute_use(self, principal: Principal, now: dt.datetime) -> tuple[int, int]:

@@ -720,9 +720,12 @@ def settle(
         p_estimated=estimated,
         p_now=now,
     )
+    refund = reservation.credits - credits
+    if conn.dialect.name == "postgresql":
+        tokens_back = unused_tokens(reservation, prompt_tokens + completion_tokens) if refund_counters else 0
+        return _settle_in_one_statement(conn, reservation, params, refund if refund_counters else 0, tokens_back)
     try:
         changed = conn.execute(_SETTLE, params).scalar() is not None
-        refund = reservation.credits - credits
         if changed and refund and refund_counters:
             _refund(conn, reservation.account_id, "day", reservation.day, refund)
             if reservation.month is not None:
@@ -734,6 +737,76 @@ def settle(
         conn.rollback()
         raise
     return bool(changed)
+
+
+def _settle_in_one_statement(
+    conn: Connection, reservation: Reservation, params: dict[str, object], refund: int, tokens_back: int
+) -> bool:
+    """PostgreSQL: the ledger row and every refund (the account's day and month, the key's caps and its
+    minute of tokens) in one statement, atomic on its own: one round trip, in autocommit or not."""
+    key, key_id = reservation.key, reservation.key_id
+    day = periods.as_datetime(reservation.day)
+    targets: list[str] = []
+    if refund:
+        targets.append("day")
+        params |= {"p_account": reservation.account_id, "p_refund": refund, "p_start_day": reservation.day}
+        if reservation.month is not None:
+            targets.append("month")
+            params["p_start_month"] = reservation.month
+    if key_id is not None:
+        params["p_key"] = key_id
+        if refund and key.daily_cap is not None:
+            targets.append("key_day")
+            params |= {"p_w_day": day, "p_back_day": refund}
+        if refund and key.monthly_cap is not None:
+            targets.append("key_month")
+            params |= {"p_w_month": day.replace(day=1), "p_back_month": refund}
+        if tokens_back and key.minute is not None:
+            targets.append("key_tpm")
+            params |= {"p_w_tpm": key.minute, "p_back_tpm": tokens_back}
+    try:
+        changed = bool(conn.execute(_settle_statement(tuple(targets)), params).scalar())
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return changed
+
+
+@functools.cache
+def _settle_statement(targets: tuple[str, ...]) -> Select[Any]:
+    settled = _SETTLE.cte("settled")
+    done = exists(select(settled.c.id))
+    refunds: list[CTE] = []
+    for target in targets:
+        statement: Update
+        if target in ("day", "month"):
+            statement = (
+                update(UsageCounter)
+                .where(
+                    UsageCounter.account_id == bindparam("p_account"),
+                    UsageCounter.period == literal(target),
+                    UsageCounter.period_start
+                    == bindparam(f"p_start_{target}", type_=UsageCounter.__table__.c.period_start.type),
+                )
+                .values(used=UsageCounter.used - bindparam("p_refund"))
+            )
+        else:
+            kind = target.removeprefix("key_")
+            statement = (
+                update(KeyCounter)
+                .where(
+                    KeyCounter.key_id == bindparam("p_key"),
+                    KeyCounter.kind == literal(kind),
+                    KeyCounter.window_start == bindparam(f"p_w_{kind}", type_=KeyCounter.__table__.c.window_start.type),
+                )
+                .values(used=KeyCounter.used - bindparam(f"p_back_{kind}"))
+            )
+        refunds.append(statement.where(done).cte(f"refund_{target}"))
+    query = select(func.count()).select_from(settled)
+    for cte in refunds:
+        query = query.add_cte(cte)
+    return query
 
 
 def release(conn: Connection, reservation: Reservation, *, now: dt.datetime, refund_counters: bool = True) -> bool:
