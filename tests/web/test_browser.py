@@ -177,6 +177,52 @@ def test_dismissing_the_confirmation_keeps_the_key(page, server):
     assert chat(server, key).status_code == 200
 
 
+def test_limits_reload_edit_and_regenerate_with_grace(page, server):
+    """A key with a daily cap made under "Limits"; reloading the page that showed it makes no second key and
+    shows it no more; its page edits the limits; regenerating with a 1 h grace leaves both secrets working."""
+    make_account(server.db, "limited@example.com", password=PASSWORD)
+    log_in(page, "limited@example.com")
+    page.get_by_label("Key name").fill("capped")
+    page.locator("summary", has_text="Limits").click()
+    page.get_by_label("Daily cap").fill("5")
+    page.get_by_role("button", name="Generate key").click()
+    page.wait_for_url("**/keys?shown=*")
+    key = page.locator("#new-key").inner_text()
+    assert "aimichat_" not in page.url
+    page.reload()
+    expect(page.locator("#key-gone")).to_be_visible()
+    assert page.locator("#new-key").count() == 0 and key not in page.content()
+    assert key_row(page, "capped").count() == 1, "the reload made no second key"
+    assert "5 credits/day" in key_row(page, "capped").locator(".limits-summary").inner_text()
+    assert chat(server, key).status_code == 200
+
+    key_row(page, "capped").get_by_role("link", name="capped").click()
+    page.wait_for_url(re.compile(r".*/keys/\d+$"))
+    assert page.locator("#use-key-day .used").inner_text() == "1"
+    assert page.locator("#use-key-day .limit").inner_text() == "5"
+    page.get_by_label("Daily cap").fill("8")
+    page.get_by_label("Requests per minute").fill("30")
+    page.get_by_role("button", name="Save limits").click()
+    page.wait_for_url("**?saved=1")
+    expect(page.locator("#saved")).to_be_visible()
+    assert page.locator("#use-key-day .limit").inner_text() == "8"
+    assert page.locator("#use-key-rpm .limit").inner_text() == "30"
+    shot(page, "key-page")
+
+    page.get_by_label("Old key stops working").select_option(label="In 1 hour")
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.accept()))
+    page.get_by_role("button", name="Regenerate").click()
+    page.wait_for_url("**/keys?shown=*")
+    assert asked and "keeps working for 1 hour" in asked[0]
+    new_key = page.locator("#new-key").inner_text()
+    assert new_key != key and "keeps working until" in page.locator("#old-key-fate").inner_text()
+    assert chat(server, new_key).status_code == 200 and chat(server, key).status_code == 200
+    shot(page, "key-rotated")
+    page.goto("/keys")
+    assert key_row(page, "capped").count() == 1, "the same key, a new secret"
+
+
 # -- playground and docs -------------------------------------------------------------------------
 
 

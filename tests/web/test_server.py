@@ -12,7 +12,7 @@ import re
 import subprocess
 
 import pytest
-from web_helpers import PASSWORD, Browser, chat, csrf_of, new_key_of
+from web_helpers import PASSWORD, Browser, chat, csrf_of
 
 from aimichat.accounts import service as accounts
 from aimichat.keys import service as keys
@@ -147,7 +147,7 @@ def test_user_input_is_escaped_everywhere(server):
         b.sign_up(XSS + "@example.com")  # a valid address, as far as the email check goes
         key_id, key = b.generate_key(XSS)
         assert chat(server, key).status_code == 200
-        pages = [b.post("/keys", {"name": XSS + " 2"})]
+        pages = [b.follow(b.post("/keys", {"name": XSS + " 2"}))]  # the page that shows the new key
         pages += [b.get(p) for p in ("/keys", "/usage", "/account")]
         pages.append(b.post(f"/keys/{key_id}/revoke", {}))  # the no-JavaScript confirmation page
         for page in pages:
@@ -294,8 +294,8 @@ def test_a_key_appears_in_exactly_one_response(server):
         b.post(f"/keys/{key_id}/revoke", {})  # confirmation page
         created = b.api("POST", "/api/account/keys", json={"name": "json"}).json()["key"]
         b.api("GET", "/api/account/keys")
-        regenerated = b.post(f"/keys/{key_id}/regenerate", {"confirm": "yes"})
-        new_key = new_key_of(regenerated.text)
+        _, new_key, shown = b.regenerate(key_id)
+        assert b.get(str(shown.url)).status_code == 200, "the page that showed it, reloaded"
         b.get("/keys")
     assert sum(key in body for body in seen) == 1
     assert sum(created in body for body in seen) == 1

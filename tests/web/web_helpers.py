@@ -9,6 +9,7 @@ import httpx
 PASSWORD = "correct horse battery"
 _CSRF = re.compile(r'<meta name="csrf-token" content="([^"]*)">')
 _NEW_KEY = re.compile(r'<code id="new-key">([^<]+)</code>')
+_SHOWN_ID = re.compile(r'data-shown-id="(\d+)"')
 
 
 def csrf_of(html: str) -> str:
@@ -74,11 +75,29 @@ class Browser:
             self.get("/keys")  # the new session's token
         return response
 
-    def generate_key(self, name: str = "laptop") -> tuple[int, str]:
-        response = self.post("/keys", {"name": name})
-        assert response.status_code == 201, response.text
-        key_id = int(re.search(r'data-key-id="(\d+)"', response.text).group(1))  # newest first
-        return key_id, new_key_of(response.text)
+    def generate_key(self, name: str = "laptop", **limits: str | list[str]) -> tuple[int, str]:
+        """POST /keys (post/redirect/get: a 303 to the page that shows the key once), then that page."""
+        return shown_key(self.follow(self.post("/keys", {"name": name, **limits})))
+
+    def regenerate(self, key_id: int, grace: str = "") -> tuple[int, str, httpx.Response]:
+        """Regenerate (confirmed) and follow the redirect: the key's id, its new secret and the page."""
+        page = self.follow(self.post(f"/keys/{key_id}/regenerate", {"confirm": "yes", "grace": grace}))
+        return (*shown_key(page), page)
+
+    def follow(self, response: httpx.Response) -> httpx.Response:
+        """The page a POST redirected to (asserting that it did, and never with a secret in the URL)."""
+        assert response.status_code == 303, response.text
+        location = response.headers["location"]
+        assert "aimichat_" not in location
+        return self.get(location)
+
+
+def shown_key(page: httpx.Response) -> tuple[int, str]:
+    """The id and secret of the key a page shows once."""
+    assert page.status_code == 200, page.text
+    match = _SHOWN_ID.search(page.text)
+    assert match, "the page shows a new key"
+    return int(match.group(1)), new_key_of(page.text)
 
 
 def chat(server, key: str, **kwargs) -> httpx.Response:

@@ -238,7 +238,11 @@ def revoke_key(session: Session, key_id: int, account_id: int | None = None) -> 
 
 
 def regenerate_key(
-    session: Session, key_id: int, account_id: int | None = None, grace: dt.timedelta | None = None
+    session: Session,
+    key_id: int,
+    account_id: int | None = None,
+    grace: dt.timedelta | None = None,
+    now: dt.datetime | None = None,
 ) -> CreatedKey:
     """A new secret for a live key (see :func:`rotate_key`: same key, limits and usage; the old secret
     stops at once unless ``grace``); for a revoked key, a new key with its name and limits."""
@@ -248,7 +252,7 @@ def regenerate_key(
         if limits.expires_at is not None and limits.expires_at <= utcnow():
             limits = replace(limits, expires_at=None)  # the new key is not born expired
         return create_key(session, key.account, key.name, limits)
-    return rotate_key(session, key_id, account_id, grace=grace)
+    return rotate_key(session, key_id, account_id, grace=grace, now=now)
 
 
 def key_status(key: ApiKey) -> str:

@@ -159,6 +159,26 @@ class WebSession(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
 
 
+class KeyHandoff(Base):
+    """A new key's secret on its way from the POST that made it to the one page that shows it (post/redirect/get).
+
+    Tied to one browser session, deleted when read, kept 5 minutes at most. The secret is stored masked
+    with a pad derived from the session's cookie token and the redirect's token, neither of which the
+    database holds (only their SHA-256), so a copy of this table shows no usable key either."""
+
+    __tablename__ = "key_handoffs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the ?shown= token
+    session_id: Mapped[int] = mapped_column(ForeignKey("web_sessions.id", ondelete="CASCADE"), index=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # "created" | "rotated" | "replaced"
+    sealed: Mapped[str] = mapped_column(String(256))  # hex of the secret XOR the pad
+    old_prefix: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the secret it replaces
+    old_valid_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
 class LoginAttempt(Base):
     """A failed log-in, kept for the throttling window: counted per email and per client address."""
 

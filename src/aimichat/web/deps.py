@@ -52,6 +52,7 @@ class Visitor:
     csrf_token: str
     secure: bool
     new_pre_token: bool = False  # the pre-log-in CSRF cookie must be (re)set on this response
+    session_id: int | None = None  # the web_sessions row of a logged-in visitor (new keys are handed off to it)
 
     @property
     def is_admin(self) -> bool:
@@ -124,7 +125,7 @@ def get_visitor(request: Request, session: RequestSession) -> Visitor:
         user = sessions.lookup(session, token, state.clock())
         session.commit()
     if user is not None:
-        visitor = Visitor(user.account, token, user.csrf_token, secure)
+        visitor = Visitor(user.account, token, user.csrf_token, secure, session_id=user.session_id)
     else:
         pre = request.cookies.get(cookie_name(PRE_COOKIE, secure)) or ""
         fresh = not (32 <= len(pre) <= 128)

@@ -1,4 +1,10 @@
-"""The API keys page: generate (shown once), list, revoke and regenerate, as plain HTML forms."""
+"""The API keys pages: generate (with optional limits), list, a page per key (its limits and where it
+stands), edit limits, revoke and regenerate (with a grace period), as plain HTML forms.
+
+A new key follows post/redirect/get: the POST hands the secret off to the browser session
+(``key_handoff``) and redirects to ``/keys?shown=<token>``, the one page that shows it. Reloading that
+page, or going back to the form, shows the list again and makes nothing.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,26 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from aimichat.keys import service as keys
-from aimichat.keys.service import CreatedKey
 from aimichat.store.models import ApiKey
 
-from .deps import RequestSession, User, UserForm, Visitor, WebError
+from . import key_actions, key_handoff, key_input
+from .deps import PostedForm, RequestSession, User, UserForm, Visitor, WebError
+from .key_input import GRACE_CHOICES, LimitsForm
 from .render import WebRoute, base_url, page, redirect
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 KeyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+
+
+def _sentence(exc: Exception) -> str:
+    """The service's message as a sentence for the page."""
+    text = str(exc.args[0] if exc.args else exc)
+    return f"{text[:1].upper()}{text[1:]}."
+
+
+def _offered(request: Request, visitor: Visitor) -> list[str]:
+    """The models this account's plan may use: the choices of a key's model scope."""
+    return [spec.name for spec in request.app.state.models.catalog.visible(visitor.user.tier.name)]
 
 
 def _keys_page(
@@ -25,10 +43,9 @@ def _keys_page(
     visitor: Visitor,
     *,
     status: int = 200,
-    created: CreatedKey | None = None,
+    values: LimitsForm | None = None,
     **context: Any,
 ) -> Response:
-    # The one response that carries a key in full is the one returned right after it is made.
     return page(
         request,
         visitor,
@@ -36,26 +53,100 @@ def _keys_page(
         status=status,
         title="API keys",
         keys=keys.list_keys(session, visitor.user.id),
-        created=created,
         base=base_url(request),
         status_of=keys.key_status,
+        summary_of=key_input.summary,
+        grace_choices=GRACE_CHOICES,
+        values=values or LimitsForm(),
+        offered=_offered(request, visitor),
+        tier=visitor.user.tier,
         **context,
     )
 
 
 @router.get("/keys")
-def keys_list(request: Request, session: RequestSession, visitor: User, revoked: int | None = None) -> Response:
-    return _keys_page(request, session, visitor, revoked_id=revoked)
+def keys_list(
+    request: Request, session: RequestSession, visitor: User, revoked: int | None = None, shown: str | None = None
+) -> Response:
+    # The one response that carries a key in full: the page the POST that made it redirected to, once.
+    handoff = key_handoff.take(session, visitor, shown, request.app.state.clock()) if shown else None
+    shown_key = session.get(ApiKey, handoff.key_id) if handoff else None
+    if shown_key is not None and shown_key.account_id != visitor.user.id:
+        handoff = shown_key = None
+    gone = bool(shown) and handoff is None  # a reload of that page: the key is not shown twice
+    return _keys_page(request, session, visitor, revoked_id=revoked, handoff=handoff, shown_key=shown_key, gone=gone)
 
 
 @router.post("/keys")
-def keys_generate(request: Request, session: RequestSession, visitor: UserForm, name: str = Form("")) -> Response:
+def keys_generate(
+    request: Request, session: RequestSession, visitor: UserForm, form: PostedForm, name: str = Form("")
+) -> Response:
+    values = LimitsForm.from_form(form)
+    now = request.app.state.clock()
     try:
-        created = keys.create_key(session, visitor.user, name)
-    except ValueError as exc:  # a bad name, refused before anything is written
-        error = f"{str(exc)[:1].upper()}{str(exc)[1:]}."
-        return _keys_page(request, session, visitor, status=400, error=error, name=name)
-    return _keys_page(request, session, visitor, status=201, created=created)
+        limits = values.limits(now, _offered(request, visitor))
+        created = keys.create_key(session, visitor.user, name, limits)
+    except ValueError as exc:  # a bad name or limit, refused before anything is written
+        return _keys_page(request, session, visitor, status=400, error=_sentence(exc), name=name, values=values)
+    token = key_handoff.put(session, visitor, created, now, kind="created")
+    return redirect(f"/keys?shown={token}")
+
+
+# -- one key -------------------------------------------------------------------------------------
+
+
+def _key_page(
+    request: Request,
+    session: Session,
+    visitor: Visitor,
+    key: ApiKey,
+    *,
+    status: int = 200,
+    values: LimitsForm | None = None,
+    **context: Any,
+) -> Response:
+    now = request.app.state.clock()
+    offered = _offered(request, visitor)
+    session.commit()  # nothing is pending here; see key_actions.standing for why the transaction ends now
+    return page(
+        request,
+        visitor,
+        "key.html",
+        status=status,
+        title=f"Key “{key.name}”",
+        key=key,
+        status_of=keys.key_status,
+        figures=key_actions.standing(session, request.app.state.quota, key, now),
+        grace_until=key_actions.grace_until(key, now),
+        expired=key.expires_at is not None and key.expires_at <= now,
+        values=values or LimitsForm.of(keys.key_limits(key)),
+        offered=offered + sorted(set(key.models or ()) - set(offered)),  # a scope's model no longer offered stays
+        grace_choices=GRACE_CHOICES,
+        tier=visitor.user.tier,
+        **context,
+    )
+
+
+@router.get("/keys/{key_id}")
+def key_detail(request: Request, session: RequestSession, key_id: KeyId, visitor: User, saved: int = 0) -> Response:
+    return _key_page(request, session, visitor, _own_key(session, key_id, visitor), saved=bool(saved))
+
+
+@router.post("/keys/{key_id}/limits")
+def key_set_limits(
+    request: Request, session: RequestSession, key_id: KeyId, visitor: UserForm, form: PostedForm
+) -> Response:
+    """Replace the key's limits with the form's (an empty field: no such limit)."""
+    key = _own_key(session, key_id, visitor)
+    values = LimitsForm.from_form(form)
+    try:
+        if key.revoked_at is not None:
+            raise ValueError("this key is revoked: its limits no longer apply")
+        limits = values.limits(request.app.state.clock(), _offered(request, visitor), keys.key_limits(key))
+        keys.set_limits(session, key_id, visitor.user.id, **{f: getattr(limits, f) for f in key_input.LIMIT_FIELDS})
+    except ValueError as exc:  # refused before anything is stored
+        return _key_page(request, session, visitor, key, status=400, error=_sentence(exc), values=values)
+    return redirect(f"/keys/{key_id}?saved=1")
 
 
 @router.post("/keys/{key_id}/revoke")
@@ -71,13 +162,44 @@ def keys_revoke(
 
 @router.post("/keys/{key_id}/regenerate")
 def keys_regenerate(
-    request: Request, session: RequestSession, key_id: KeyId, visitor: UserForm, confirm: str = Form("")
+    request: Request,
+    session: RequestSession,
+    key_id: KeyId,
+    visitor: UserForm,
+    confirm: str = Form(""),
+    grace: str = Form(""),
 ) -> Response:
     key = _own_key(session, key_id, visitor)
+    try:
+        span = key_input.grace_choice(grace)
+    except ValueError as exc:
+        raise WebError(400, "Unknown grace period", _sentence(exc)) from None
     if confirm != "yes":
-        return page(request, visitor, "confirm.html", title="Regenerate key", key=key, action="regenerate")
-    created = keys.regenerate_key(session, key_id, visitor.user.id)
-    return _keys_page(request, session, visitor, status=201, created=created, regenerated=key)
+        return page(
+            request,
+            visitor,
+            "confirm.html",
+            title="Regenerate key",
+            key=key,
+            action="regenerate",
+            grace=grace,
+            grace_choices=GRACE_CHOICES,
+        )
+    now = request.app.state.clock()
+    try:
+        done = key_actions.regenerate(session, key_id, visitor.user.id, span, now)
+    except ValueError as exc:  # a revoked key's replacement would pass the plan's number of keys
+        raise WebError(400, "No new key made", _sentence(exc)) from None
+    token = key_handoff.put(
+        session,
+        visitor,
+        done.created,
+        now,
+        kind=done.kind,
+        old_prefix=done.old_prefix,
+        old_valid_until=done.old_valid_until,
+    )
+    return redirect(f"/keys?shown={token}")
 
 
 def _own_key(session: Session, key_id: int, visitor: Visitor) -> ApiKey:

@@ -35,9 +35,19 @@
   });
 
   // Revoke / Regenerate: ask here; without script the server shows a confirmation page instead.
+  // A regenerate form with a grace period chosen says how long the old key keeps working.
+  function confirmText(form) {
+    var grace = form.querySelector("select[name=grace]");
+    var option = grace && grace.value ? grace.options[grace.selectedIndex] : null;
+    if (option && form.hasAttribute("data-confirm-grace")) {
+      return form.getAttribute("data-confirm-grace").replace("{grace}", option.getAttribute("data-phrase") || option.textContent);
+    }
+    return form.getAttribute("data-confirm");
+  }
+
   document.querySelectorAll("form[data-confirm]").forEach(function (form) {
     form.addEventListener("submit", function (event) {
-      if (!window.confirm(form.getAttribute("data-confirm"))) {
+      if (!window.confirm(confirmText(form))) {
         event.preventDefault();
         return;
       }

@@ -1,0 +1,103 @@
+"""What the key pages and the account API do to a key beyond the service's single calls: regenerate on the
+app's clock, and where a key stands against its caps and its account's (what ``GET /v1/key`` reports)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, replace
+
+from sqlalchemy.orm import Session
+
+from aimichat.keys import service as keys
+from aimichat.keys.service import CreatedKey, Principal
+from aimichat.quota import ledger, periods
+from aimichat.quota.backends import QuotaBackend
+from aimichat.store.models import ApiKey
+
+from .key_handoff import Kind
+
+
+@dataclass(frozen=True)
+class Regenerated:
+    created: CreatedKey
+    kind: Kind  # "rotated": the same key, a new secret; "replaced": a new key for a revoked one
+    old_prefix: str
+    old_valid_until: dt.datetime | None  # when the replaced secret stops (None: it stopped at once)
+
+
+def regenerate(
+    session: Session, key_id: int, account_id: int, grace: dt.timedelta | None, now: dt.datetime
+) -> Regenerated:
+    """A new secret for a live key (the old one working for ``grace``), a new key for a revoked one.
+
+    A live key is rotated here with ``now`` from the app's clock: ``keys.regenerate_key`` would start the
+    grace period on the wall clock, which the clock that checks it (the app's) need not agree with.
+    """
+    key = keys.get_key(session, key_id, account_id)
+    old_prefix = key.prefix
+    if key.revoked_at is not None:
+        return Regenerated(keys.regenerate_key(session, key_id, account_id), "replaced", old_prefix, None)
+    created = keys.rotate_key(session, key_id, account_id, grace=grace, now=now)
+    return Regenerated(created, "rotated", old_prefix, created.key.previous_valid_until)
+
+
+def grace_until(key: ApiKey, now: dt.datetime) -> dt.datetime | None:
+    """Until when the secret a rotation replaced still works (None: it no longer does)."""
+    until = key.previous_valid_until
+    return until if key.previous_hash and until and until > now and key.revoked_at is None else None
+
+
+def principal_of(key: ApiKey) -> Principal:
+    """The principal a request with ``key`` would have: its own limits, the tier's rpm/tpm where it sets none."""
+    tier = key.account.tier
+    own = keys.key_limits(key)
+    limits = replace(
+        own, rpm=own.rpm if own.rpm is not None else tier.rpm, tpm=own.tpm if own.tpm is not None else tier.tpm
+    )
+    base = keys.principal_for(key.account, key_id=key.id, key_prefix=key.prefix, last_used=key.last_used_at)
+    return replace(base, limits=limits, key_name=key.name)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One line of a key's standing: what was used of an allotment, its limit (None: none) and its reset."""
+
+    id: str
+    label: str
+    used: int
+    limit: int | None
+    reset_at: dt.datetime | None
+    inherited: bool = False  # the limit is the plan's default, not the key's own
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.used)
+
+
+def standing(session: Session, quota: QuotaBackend, key: ApiKey, now: dt.datetime) -> list[Figure]:
+    """The key's use today, this month and this minute against its own limits, then its account's
+    day and month: the figures of ``GET /v1/key``, from the same sources (the ledger and the quota's
+    minute counters).
+
+    ``session`` must hold no transaction on entry (the caller commits): the quota reads its minute counters
+    on a connection of its own, first, because on SQLite every transaction holds the write lock and that
+    connection would wait for this session's.
+    """
+    principal = principal_of(key)  # from loaded rows: no query
+    requests, tokens = quota.minute_use(principal, now) if key.revoked_at is None else (0, 0)
+    summary = ledger.summary(session, principal, now)
+    day, month = periods.day_start(now), periods.month_start(now)
+    key_day = ledger.key_ledger_sum(session, key.id, day, day)
+    key_month = ledger.key_ledger_sum(session, key.id, month, day)
+    minute_reset = periods.next_minute(now)
+    limits = principal.limits
+    return [
+        Figure("key-day", "This key today", key_day, key.daily_cap, summary.day_reset),
+        Figure("key-month", "This key this month", key_month, key.monthly_cap, summary.month_reset),
+        Figure("key-rpm", "Requests this minute", requests, limits.rpm, minute_reset, key.rpm is None),
+        Figure("key-tpm", "Tokens this minute", tokens, limits.tpm, minute_reset, key.tpm is None),
+        Figure("account-day", "Your account today", summary.day_used, summary.daily_limit, summary.day_reset),
+        Figure(
+            "account-month", "Your account this month", summary.month_used, summary.monthly_limit, summary.month_reset
+        ),
+    ]
