@@ -63,6 +63,14 @@ def assert_error(response, status, code=None, param=None):
         ({"messages": USER, "max_tokens": "lots"}, "max_tokens"),
         ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"messages": USER, "presence_penalty": 5}, "presence_penalty"),
+        # strict types: never coerced (issue 15, finding 9)
+        ({"messages": USER, "max_tokens": "2"}, "max_tokens"),
+        ({"messages": USER, "max_tokens": 2.0}, "max_tokens"),
+        ({"messages": USER, "stream": "yes"}, "stream"),
+        ({"messages": USER, "stream": 1}, "stream"),
+        ({"messages": USER, "temperature": "0.5"}, "temperature"),
+        ({"messages": USER, "seed": True}, "seed"),
+        ({"messages": [{"role": "user", "content": 42}]}, None),
     ],
 )
 def test_schema_violations_are_400(server, body, param):
@@ -113,6 +121,33 @@ def test_unknown_route_and_wrong_method(server):
 def test_body_over_one_mebibyte_is_413(server):
     big = {"messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]}
     assert_error(post(server, big), 413)
+
+
+def test_an_empty_body_says_so(server):
+    error = assert_error(post(server, data=b""), 400)
+    assert "body is empty" in error["message"] and "None" not in error["message"]
+
+
+def test_a_float_may_be_written_as_an_integer(server):
+    assert post(server, {"messages": USER, "temperature": 1, "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers, query",
+    [
+        ({"X-API-Key": "aimichat_other"}, ""),
+        ({}, "?api_key=aimichat_a&api_key=aimichat_b"),
+        ({}, "?api_key=aimichat_other"),
+    ],
+)
+def test_two_different_keys_are_refused_as_ambiguous(server, headers, query):
+    answer = post(server, {"messages": USER}, headers=headers, path="/v1/chat/completions" + query)
+    assert_error(answer, 400, code="ambiguous_api_key")
+
+
+def test_the_same_key_twice_is_not_ambiguous(server):
+    answer = post(server, {"messages": USER, "max_tokens": 1}, headers={"X-API-Key": server.key})
+    assert answer.status_code == 200
 
 
 def test_chunked_body_over_the_limit_is_413(server):

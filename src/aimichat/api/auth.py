@@ -17,18 +17,26 @@ from .errors import APIError, invalid_api_key
 
 
 def presented_key(request: Request, allow_query: bool) -> str | None:
-    """The first key present, in the spec's order: Bearer header, X-API-Key header, query string."""
-    auth = request.headers.get("authorization")
-    if auth:
+    """The key presented, by the spec's means: Bearer header, X-API-Key header or query string.
+
+    Several different keys (two means, or one means twice) are refused with a 400 rather than one
+    picked by an order the caller may not expect: a proxy adding its own key must not silently win.
+    """
+    found: list[str] = []
+    for auth in request.headers.getlist("authorization"):
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    header = request.headers.get("x-api-key")
-    if header:
-        return header.strip()
+            found.append(value.strip())
+    found += [h.strip() for h in request.headers.getlist("x-api-key") if h.strip()]
     if allow_query:
-        return request.query_params.get("api_key") or None
-    return None
+        found += [q for q in request.query_params.getlist("api_key") if q]
+    if len(set(found)) > 1:
+        raise APIError(
+            400,
+            "More than one API key was sent (Authorization, X-API-Key or ?api_key=): send exactly one.",
+            code="ambiguous_api_key",
+        )
+    return found[0] if found else None
 
 
 async def require_key(request: Request) -> Principal:

@@ -41,6 +41,8 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if first.get("type") == "missing" and param is None:
+        return "The request body is empty: send a JSON object (for chat, with 'messages').", None
     if first.get("type") == "missing":
         return f"Missing required parameter: '{param}'.", param
     return (f"Invalid value for '{param}': {msg}." if param else f"Invalid request body: {msg}."), param
@@ -48,9 +50,9 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
 
 async def _refuse_key_outside_talk_mode(request: Request) -> JSONResponse | None:
     """A valid key asking for an API we do not offer is told keys are for talk mode only."""
-    if presented_key(request, request.app.state.settings.allow_query_key) is None:
-        return None
     try:
+        if presented_key(request, request.app.state.settings.allow_query_key) is None:
+            return None
         await require_key(request)
     except APIError as exc:
         return api_error_response(exc)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired
+from typing import Annotated, Any, Literal, NotRequired, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
@@ -52,18 +52,26 @@ UNSUPPORTED = {
 }
 
 
+# Strict scalar types: "max_tokens": "2" or "stream": "yes" is a 400 naming the parameter, as at OpenAI,
+# rather than silently coerced (pydantic's lax mode would take both). A float may still be given as 1.
+Int: TypeAlias = Annotated[int, Strict()]
+Float: TypeAlias = Annotated[float, Strict()]
+Bool: TypeAlias = Annotated[bool, Strict()]
+Str: TypeAlias = Annotated[str, Strict()]
+
+
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
+    type: Str
+    text: Str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Str
+    content: Str | list[TextPart] | None = None
+    name: Str | None = None
 
     @field_validator("role")
     @classmethod
@@ -91,28 +99,28 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     messages: list[ChatMessage]
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stream: bool | None = False
+    model: Str | None = None
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    temperature: Float | None = Field(None, ge=0, le=2)
+    top_p: Float | None = Field(None, gt=0, le=1)
+    stop: Str | list[Str] | None = None
+    seed: Int | None = None
+    presence_penalty: Float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(None, ge=-2, le=2)
+    stream: Bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1)
-    user: str | None = None
-    logprobs: bool | None = None
-    mode: str | None = None  # AimiChat: keys may only use "talk"
+    n: Int | None = Field(None, ge=1)
+    user: Str | None = None
+    logprobs: Bool | None = None
+    mode: Str | None = None  # AimiChat: keys may only use "talk"
     response_format: dict[str, Any] | None = None
 
     @field_validator("messages")
