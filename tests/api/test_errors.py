@@ -199,3 +199,15 @@ def test_a_trailing_slash_is_a_404_naming_the_path_never_a_redirect_that_echoes_
     error = assert_error(r, 404, code="not_found")
     assert "Location" not in r.headers and api_server.key not in r.text
     assert "/v1/chat/completions (without the trailing slash)" in error["message"]
+
+
+def test_the_openapi_document_promises_the_400_we_send_never_a_422(server):
+    document = server.http.get("/openapi.json").json()
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in chat and chat["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
+    assert all("422" not in op.get("responses", {}) for ops in document["paths"].values() for op in ops.values())
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    error = assert_error(post(server, {"messages": "hello"}), 400)  # what the document describes
+    assert set(error) == set(document["components"]["schemas"]["Error"]["properties"]["error"]["properties"])
