@@ -167,3 +167,20 @@ def test_csv_range_rules():
         with pytest.raises(usage_data.BadRange):
             usage_data.parse_range(start, end, today)
     assert usage_data.spreadsheet_safe("=cmd()") == "'=cmd()" and usage_data.spreadsheet_safe("laptop") == "laptop"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["=1+1", "+1", "-1", "@SUM(A1)", "\t=1", "|calc", ";=1", "\uff1d1+1", "\u200b=1+1", "\ufeff@x", " =1"],
+)
+def test_cells_a_spreadsheet_would_run_are_made_text(name):
+    from aimichat.web.usage_data import spreadsheet_safe
+
+    assert spreadsheet_safe(name) == "'" + name
+
+
+@pytest.mark.parametrize("name", ["laptop", "ci key", "1+1", "a=b"])
+def test_ordinary_cells_are_left_alone(name):
+    from aimichat.web.usage_data import spreadsheet_safe
+
+    assert spreadsheet_safe(name) == name

@@ -168,6 +168,14 @@ def ledger_csv(session: Session, account_id: int, first: dt.date, last: dt.date)
     return out.getvalue()
 
 
+# What makes a spreadsheet read a cell as a formula or a command (OWASP's CSV injection list, plus "|" and ";"
+# that some import dialects treat as separators, and the full-width forms some spreadsheets normalise).
+_FORMULA_START = frozenset("=+-@\t\r|;\uff1d\uff0b\uff0d\uff20")
+# Invisible characters a spreadsheet skips before deciding (a zero-width space before "=" is still a formula).
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00a0 "
+
+
 def spreadsheet_safe(text: str) -> str:
-    # A key named "=HYPERLINK(...)" must open in a spreadsheet as text, not as a formula.
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+    """A key named "=HYPERLINK(...)" must open in a spreadsheet as text, not as a formula."""
+    visible = text.lstrip(_INVISIBLE)
+    return "'" + text if visible[:1] in _FORMULA_START else text
