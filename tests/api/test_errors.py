@@ -87,12 +87,24 @@ def test_schema_violations_are_400(server, body, param):
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
 def test_fields_we_cannot_honour_are_refused_by_name(server, extra, word):
     error = assert_error(post(server, {"messages": USER, **extra}), 400)
     assert word in error["message"] and "not supported" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "response_format, words",
+    [
+        ({"type": "xml"}, "unknown type 'xml'"),
+        ({"type": "json_schema"}, "needs {'name'"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "cannot be turned"),
+    ],
+)
+def test_response_formats_we_cannot_honour_are_400s(server, response_format, words):
+    error = assert_error(post(server, {"messages": USER, "response_format": response_format}), 400)
+    assert error["param"] == "response_format" and words in error["message"]
 
 
 def test_image_parts_are_refused(server):

@@ -203,3 +203,25 @@ def test_readyz_shows_the_peer_up(server, peer):
     assert engine["upstreams"] == [
         {"url": peer, "state": "up", "consecutive_failures": 0, "last_error": None, "retry_in": 0}
     ]
+
+
+def test_response_format_reaches_the_upstream_and_its_answer_validates(server):
+    """Passed through as sent; llama-cpp-python's server takes a schema in its own json_object dialect."""
+    import json as _json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"yes": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}},
+        "required": ["yes", "color"],
+    }
+    body = {
+        "messages": [{"role": "user", "content": "Is the sky blue? Answer in JSON."}],
+        "response_format": {"type": "json_object", "schema": schema},
+        "temperature": 0,
+        "max_tokens": 60,
+    }
+    answer = post(server, body)
+    assert answer.status_code == 200, answer.text
+    jsonschema.validate(_json.loads(answer.json()["choices"][0]["message"]["content"]), schema)

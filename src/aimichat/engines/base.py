@@ -27,6 +27,8 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    grammar: str | None = None  # GBNF every token must follow (structured output on the embedded engine)
+    response_format: dict[str, Any] | None = None  # the caller's, as sent: forwarded as is to an upstream
 
 
 @dataclass(frozen=True)

@@ -634,7 +634,9 @@ class LlamaEngine:
         seq_id, kept = self._claim_slot(request.tokens)
         seed = params.seed if params.seed is not None else random.getrandbits(31)
         n_vocab = self._llama.model.n_vocab()
-        sampler = make_sampler(params, n_vocab=n_vocab, repeat_penalty=self.repeat_penalty, seed=seed)
+        sampler = make_sampler(
+            params, n_vocab=n_vocab, repeat_penalty=self.repeat_penalty, seed=seed, vocab=self._llama.model.vocab
+        )
         output = TextOutput(params.stop)
         self._seqs[seq_id] = _Sequence(seq_id, next(self._admissions), request, sampler, output, kept)
         self._busy += 1

@@ -445,6 +445,8 @@ class UpstreamEngine:
             body["presence_penalty"] = params.presence_penalty
         if params.frequency_penalty:
             body["frequency_penalty"] = params.frequency_penalty
+        if params.response_format is not None:
+            body["response_format"] = params.response_format  # the upstream constrains its own sampling
         return body
 
     async def _open(self, body: dict[str, Any]) -> _Opened:

@@ -39,21 +39,33 @@ class Sampler(Protocol):
     def close(self) -> None: ...
 
 
-def make_sampler(params: SamplingParams, *, n_vocab: int, repeat_penalty: float, seed: int) -> Sampler:
-    """The sampler for ``params``: :class:`GreedySampler` where it is exact, llama.cpp's chain otherwise."""
-    if params.temperature == 0.0 and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0:
+def make_sampler(
+    params: SamplingParams, *, n_vocab: int, repeat_penalty: float, seed: int, vocab: Any = None
+) -> Sampler:
+    """The sampler for ``params``: :class:`GreedySampler` where it is exact, llama.cpp's chain otherwise
+    (always with a grammar, whose stage needs the model's ``vocab``)."""
+    plain = params.presence_penalty == 0.0 and params.frequency_penalty == 0.0 and params.grammar is None
+    if params.temperature == 0.0 and plain:
         return GreedySampler(n_vocab=n_vocab, repeat_penalty=repeat_penalty)
-    return SamplerChain(params, n_vocab=n_vocab, repeat_penalty=repeat_penalty, seed=seed)
+    return SamplerChain(params, n_vocab=n_vocab, repeat_penalty=repeat_penalty, seed=seed, vocab=vocab)
 
 
 class SamplerChain:
     """A llama.cpp sampler chain for one request. Not thread-safe: the scheduler thread owns it."""
 
-    def __init__(self, params: SamplingParams, *, n_vocab: int, repeat_penalty: float, seed: int):
+    def __init__(self, params: SamplingParams, *, n_vocab: int, repeat_penalty: float, seed: int, vocab: Any = None):
         self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if not self._chain:
             raise RuntimeError("llama_sampler_chain_init failed")
-        for stage in _stages(params, n_vocab=n_vocab, repeat_penalty=repeat_penalty, seed=seed):
+        stages = _stages(params, n_vocab=n_vocab, repeat_penalty=repeat_penalty, seed=seed)
+        if params.grammar is not None:
+            # First, as llama-cpp-python's Llama puts it: only tokens the grammar allows go on to be picked.
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                self.close()
+                raise ValueError("llama.cpp could not compile the grammar of this response format")
+            stages.insert(0, grammar)
+        for stage in stages:
             llama_cpp.llama_sampler_chain_add(self._chain, stage)  # the chain owns (and frees) each stage
 
     def sample(self, ctx: llama_cpp.llama_context_p, output_index: int) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, NotRequired, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
@@ -122,6 +123,7 @@ class ChatCompletionRequest(BaseModel):
     logprobs: Bool | None = None
     mode: Str | None = None  # AimiChat: keys may only use "talk"
     response_format: dict[str, Any] | None = None
+    _grammar: str | None = PrivateAttr(default=None)
 
     @field_validator("messages")
     @classmethod
@@ -156,12 +158,47 @@ class ChatCompletionRequest(BaseModel):
             raise unsupported("n", "more than one choice (n > 1) is not supported by this server")
         if self.logprobs:
             raise unsupported("logprobs", "logprobs are not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            kind = self.response_format.get("type")
-            raise unsupported("response_format", f"the '{kind}' format is not supported by this server, only 'text'")
+        self._grammar = self._build_grammar()  # refuses a response format it cannot honour
         for message in self.messages:
             message.text()  # raises for image or audio parts
         return self
+
+    def structured(self) -> bool:
+        return bool(self.response_format) and self.response_format.get("type", "text") != "text"  # type: ignore[union-attr]
+
+    def grammar(self) -> str | None:
+        """The GBNF an embedded model's sampling follows for ``response_format`` (None: free text)."""
+        return self._grammar
+
+    def _build_grammar(self) -> str | None:
+        """See :meth:`grammar`.
+
+        ``json_object``: any JSON object; ``json_schema``: llama-cpp-python's converter of the schema (OpenAI's
+        ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``), so every complete answer
+        parses and validates; an answer cut by ``max_tokens`` ends with ``finish_reason: "length"``.
+        """
+        if not self.structured():
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+        fmt = self.response_format or {}
+        kind = fmt.get("type")
+        if kind == "json_object" and "schema" not in fmt:
+            return JSON_GBNF
+        if kind == "json_object":  # llama.cpp's server's dialect: {"type": "json_object", "schema": {...}}
+            fmt = {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt["schema"]}}
+            kind = "json_schema"
+        if kind != "json_schema":
+            raise unsupported("response_format", f"unknown type '{kind}': use 'text', 'json_object' or 'json_schema'")
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise unsupported("response_format", "'json_schema' needs {'name': ..., 'schema': {...}}")
+        try:
+            grammar: str = json_schema_to_gbnf(json.dumps(schema))
+            return grammar
+        except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise unsupported("response_format", f"this JSON schema cannot be turned into a grammar: {exc}") from None
 
     def engine_messages(self) -> list[Message]:
         return [Message(m.role, m.text()) for m in self.messages]
