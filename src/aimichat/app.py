@@ -17,6 +17,7 @@ from aimichat.api.chat.serving import ChatService
 from aimichat.api.metrics import Metrics
 from aimichat.api.metrics import router as metrics_router
 from aimichat.api.middleware import RequestMiddleware
+from aimichat.api.openai_responses import api_router as responses_router
 from aimichat.config import PUBLIC_MODEL_ID, Settings
 from aimichat.engines import configs
 from aimichat.engines.base import Engine
@@ -116,6 +117,7 @@ def create_app(
 
     handlers.install(app)
     app.include_router(chat_router.router)
+    app.include_router(responses_router.router)
     app.include_router(usage.router)
     app.include_router(key.router)
     app.include_router(system.router)
