@@ -451,3 +451,22 @@ def test_readyz_lists_every_upstream(database, tmp_path, key, up):
     assert engine["engine"] == "upstream" and engine["model"] == "the-model"
     assert [u["state"] for u in engine["upstreams"]] == ["up", "unreachable", "unreachable"]
     assert "secret" not in r.text  # credentials in a URL never reach the public readiness page
+
+
+def test_sampling_fields_we_do_not_interpret_reach_the_upstream_as_sent(up, database, tmp_path, key):
+    a, _ = up
+    with aimichat(database, tmp_path, a.url) as live:
+        answer = chat(
+            live,
+            key,
+            top_k=7,
+            min_p=0.1,
+            guided_json={"type": "object"},
+            response_format={"type": "json_object"},
+            made_up_field="never forwarded",
+        )
+    assert answer.status_code == 200, answer.text
+    sent = a.requests[-1]
+    assert (sent["top_k"], sent["min_p"], sent["guided_json"]) == (7, 0.1, {"type": "object"})
+    assert sent["response_format"] == {"type": "json_object"} and "made_up_field" not in sent
+    assert sent["model"] == "the-model"  # what AimiChat sets is not overridden by a passed-through field

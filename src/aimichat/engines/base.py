@@ -29,6 +29,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     grammar: str | None = None  # GBNF every token must follow (structured output on the embedded engine)
     response_format: dict[str, Any] | None = None  # the caller's, as sent: forwarded as is to an upstream
+    extra: dict[str, Any] = field(default_factory=dict)  # more fields an upstream receives as sent
 
 
 @dataclass(frozen=True)

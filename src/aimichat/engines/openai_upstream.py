@@ -447,6 +447,8 @@ class UpstreamEngine:
             body["frequency_penalty"] = params.frequency_penalty
         if params.response_format is not None:
             body["response_format"] = params.response_format  # the upstream constrains its own sampling
+        for name, value in params.extra.items():  # what we do not interpret, as the caller sent it
+            body.setdefault(name, value)
         return body
 
     async def _open(self, body: dict[str, Any]) -> _Opened:

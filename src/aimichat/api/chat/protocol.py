@@ -103,8 +103,22 @@ class StreamOptions(BaseModel):
     include_usage: Bool = False
 
 
+# Fields an upstream server may honour that AimiChat itself does not interpret (vLLM's guided decoding,
+# llama.cpp's and Ollama's samplers…): forwarded to upstream models as sent, ignored by embedded ones.
+# Anything else unknown is dropped (never forwarded blindly: a field must be known to be a sampling option).
+PASS_THROUGH = frozenset(
+    {
+        "top_k", "min_p", "typical_p", "repetition_penalty", "repeat_penalty", "repeat_last_n", "mirostat",
+        "mirostat_tau", "mirostat_eta", "tfs_z", "logit_bias", "min_tokens", "ignore_eos", "skip_special_tokens",
+        "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+        "structured_outputs", "grammar", "json_schema", "chat_template_kwargs", "keep_alive", "options",
+        "reasoning_effort", "service_tier", "metadata", "store",
+    }
+)  # fmt: skip
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     messages: list[ChatMessage]
     model: Str | None = None
@@ -162,6 +176,11 @@ class ChatCompletionRequest(BaseModel):
         for message in self.messages:
             message.text()  # raises for image or audio parts
         return self
+
+    def passthrough(self) -> dict[str, Any]:
+        """The fields an upstream model receives as sent (see ``PASS_THROUGH``)."""
+        extra = self.model_extra or {}
+        return {name: value for name, value in extra.items() if name in PASS_THROUGH}
 
     def structured(self) -> bool:
         return bool(self.response_format) and self.response_format.get("type", "text") != "text"  # type: ignore[union-attr]

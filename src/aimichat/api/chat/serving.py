@@ -375,6 +375,7 @@ def _sampling(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams
     return SamplingParams(
         grammar=request.grammar(),
         response_format=request.response_format if request.structured() else None,
+        extra=request.passthrough(),
         max_tokens=max_tokens,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
