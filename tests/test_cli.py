@@ -202,3 +202,27 @@ def test_bad_durations_and_times_are_usage_errors(run):
     result = run("keys", "create", "ed@example.com", "--name", "k", "--expires", "tomorrow", ok=False)
     assert result.exit_code == 2 and "ISO-8601" in result.output
     assert json.loads(run("keys", "list", "ed@example.com", "--json").output) == []
+
+
+def test_lists_have_a_header_and_say_what_to_do_when_empty(run):
+    assert "No accounts yet: aimichat accounts create EMAIL" in run("accounts", "list").output
+    assert run("tiers", "list").output.splitlines()[0].split()[:3] == ["NAME", "DAILY", "MONTHLY"]
+    run("accounts", "create", "fay@example.com", "--password", "long enough")
+    assert run("accounts", "list").output.splitlines()[0].split() == ["ID", "EMAIL", "TIER", "CREATED", "FLAGS"]
+    assert "No keys for fay@example.com: aimichat keys create" in run("keys", "list", "fay@example.com").output
+
+
+def test_json_on_create_and_times_with_their_zone(run):
+    account = json.loads(run("accounts", "create", "gus@example.com", "--password", "long enough", "--json").output)
+    assert account["email"] == "gus@example.com" and account["created"].endswith("Z")
+    created = json.loads(run("keys", "create", "gus@example.com", "--name", "ci", "--json").stdout)
+    assert tokens.is_well_formed(created["key"]) and created["prefix"] == created["key"][:13]
+    assert created["id"] >= 1 and created["created"].endswith("Z")
+    again = run("keys", "create", "gus@example.com", "--name", "ci")
+    assert "already has an active key named 'ci'" in again.stderr
+    assert all(k["created"].endswith("Z") for k in json.loads(run("keys", "list", "gus@example.com", "--json").output))
+
+
+def test_an_unknown_tier_names_the_tiers_that_exist(run):
+    result = run("accounts", "create", "hal@example.com", "--password", "long enough", "--tier", "gold", ok=False)
+    assert "unknown tier 'gold' (tiers: free)" in result.stderr

@@ -43,7 +43,7 @@ from aimichat.registry.catalog import (
     read_catalog,
     read_sources,
 )
-from aimichat.store.clock import utcnow
+from aimichat.store.clock import iso_utc, utcnow
 from aimichat.store.db import Database
 from aimichat.store.models import Account, ApiKey, ModelRecord, Tier
 
@@ -77,6 +77,22 @@ def _session() -> Iterator[Session]:
 
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _echo_rows(header: Sequence[str], rows: Sequence[Sequence[object]], empty: str) -> None:
+    """An aligned table with a header row, or ``empty`` (what to do next) when there is nothing to list."""
+    if not rows:
+        click.echo(empty)
+        return
+    cells = [[str(c) for c in header], *[["-" if c is None else str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _when(moment: dt.datetime | None) -> str | None:
+    """A stored (naive UTC) time as ISO 8601 with its zone, as the API writes times."""
+    return iso_utc(moment) if moment else None
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -398,12 +414,15 @@ def tiers_list(as_json: bool) -> None:
         rows = [_tier_dict(t) for t in accounts.list_tiers(session)]
     if as_json:
         return _echo_json(rows)
-    for r in rows:
-        monthly = r["monthly_credits"] if r["monthly_credits"] is not None else "-"
-        click.echo(
-            f"{r['name']:<16} daily={r['daily_credits']:<8} monthly={monthly:<8} {r['cost_rule']:<12} "
-            f"models: {_access(r['models'])}"
-        )
+    _echo_rows(
+        ("NAME", "DAILY", "MONTHLY", "COST", "RPM", "TPM", "MAX KEYS", "MODELS"),
+        [
+            (r["name"], r["daily_credits"], r["monthly_credits"], r["cost_rule"], r["rpm"], r["tpm"], r["max_keys"],
+             _access(r["models"]))
+            for r in rows
+        ],
+        "No tiers: aimichat tiers set NAME --daily-credits N",
+    )  # fmt: skip
 
 
 # -- accounts ------------------------------------------------------------------------------------
@@ -421,22 +440,32 @@ def _account_dict(account: Account) -> dict[str, Any]:
         "tier": account.tier.name,
         "admin": account.is_admin,
         "disabled": account.disabled,
-        "created": account.created_at.isoformat(),
+        "created": _when(account.created_at),
     }
 
 
 @accounts_group.command("create")
 @click.argument("email")
-@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    help="At least 8 characters. Left out, it is asked for; on the command line it is visible to ps.",
+)
 @click.option(
     "--tier", default=lambda: Settings().default_tier, show_default="the default_tier setting", help="Tier name."
 )
 @click.option("--admin", is_flag=True, help="Give access to the admin pages.")
-def accounts_create(email: str, password: str, tier: str, admin: bool) -> None:
-    """Create an account."""
+@click.option("--json", "as_json", is_flag=True, help="Print the new account as JSON.")
+def accounts_create(email: str, password: str, tier: str, admin: bool, as_json: bool) -> None:
+    """Create an account. Without --password, the password is asked for (twice, not echoed)."""
     with _session() as session:
         account = accounts.create_account(session, email, password, tier=tier, is_admin=admin)
-        click.echo(f"created account {account.email} (tier {account.tier.name})")
+        row = _account_dict(account)
+    if as_json:
+        return _echo_json(row)
+    click.echo(f"created account {row['email']} (tier {row['tier']})")
 
 
 @accounts_group.command("list")
@@ -447,9 +476,15 @@ def accounts_list(as_json: bool) -> None:
         rows = [_account_dict(a) for a in accounts.list_accounts(session)]
     if as_json:
         return _echo_json(rows)
-    for r in rows:
-        flags = " ".join(f for f, on in (("admin", r["admin"]), ("disabled", r["disabled"])) if on)
-        click.echo(f"{r['id']:<5} {r['email']:<40} {r['tier']:<12} {flags}")
+    _echo_rows(
+        ("ID", "EMAIL", "TIER", "CREATED", "FLAGS"),
+        [
+            (r["id"], r["email"], r["tier"], r["created"],
+             " ".join(f for f, on in (("admin", r["admin"]), ("disabled", r["disabled"])) if on))
+            for r in rows
+        ],
+        "No accounts yet: aimichat accounts create EMAIL (or sign up in the browser)",
+    )  # fmt: skip
 
 
 @accounts_group.command("set-tier")
@@ -503,11 +538,11 @@ def _key_dict(key: ApiKey) -> dict[str, Any]:
         "id": key.id,
         "name": key.name,
         "prefix": key.prefix,
-        "created": key.created_at.isoformat(),
-        "last_used": key.last_used_at.isoformat() if key.last_used_at else None,
+        "created": _when(key.created_at),
+        "last_used": _when(key.last_used_at),
         "status": keys.key_status(key),
         **limits,
-        "previous_valid_until": key.previous_valid_until.isoformat() if key.previous_valid_until else None,
+        "previous_valid_until": _when(key.previous_valid_until),
     }
 
 
@@ -579,13 +614,20 @@ def _limit_changes(options: dict[str, str | None]) -> dict[str, Any]:
 @keys_group.command("create")
 @click.argument("email")
 @click.option("--name", required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the new key, its id and prefix as JSON.")
 @key_limit_options
-def keys_create(email: str, name: str, **options: str | None) -> None:
-    """Create a key; the key alone is the last line of output."""
+def keys_create(email: str, name: str, as_json: bool, **options: str | None) -> None:
+    """Create a key; the key alone is the last line of output (with --json: an object with it)."""
     limits = keys.KeyLimits(**_limit_changes(options))
     with _session() as session:
-        created = keys.create_key(session, accounts.get_account(session, email), name, limits)
-    click.echo(f"created key {created.key.id} ({created.key.name}) for {email}; it will not be shown again:", err=True)
+        account = accounts.get_account(session, email)
+        if any(k.name == " ".join(name.split()) and k.revoked_at is None for k in keys.list_keys(session, account.id)):
+            click.echo(f"note: {email} already has an active key named {name!r}", err=True)
+        created = keys.create_key(session, account, name, limits)
+        row = _key_dict(created.key)
+    if as_json:
+        return _echo_json({**row, "key": created.secret})
+    click.echo(f"created key {row['id']} ({row['name']}) for {email}; it will not be shown again:", err=True)
     click.echo(created.secret)
 
 
@@ -626,14 +668,18 @@ def keys_list(email: str, as_json: bool) -> None:
         rows = [_key_dict(k) for k in keys.list_keys(session, accounts.get_account(session, email).id)]
     if as_json:
         return _echo_json(rows)
+    table = []
     for r in rows:
-        last_used = (r["last_used"] or "-")[:19]
         limits = [f"{k}={r[k]}" for k in ("daily_cap", "monthly_cap", "rpm", "tpm", "expires_at") if r[k] is not None]
         limits += [f"{k}={','.join(r[k])}" for k in ("models", "ips") if r[k] is not None]
-        click.echo(
-            f"{r['id']:<5} {r['name']:<24} {r['prefix']}…  created {r['created'][:19]}  "
-            f"last used {last_used}  {r['status']}" + ("  " + " ".join(limits) if limits else "")
+        table.append(
+            (r["id"], r["name"], r["prefix"] + "…", r["created"], r["last_used"], r["status"], " ".join(limits))
         )
+    _echo_rows(
+        ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "STATUS", "LIMITS"),
+        table,
+        f"No keys for {email}: aimichat keys create {email} --name NAME",
+    )
 
 
 @keys_group.command("revoke")

@@ -70,7 +70,8 @@ def get_tier(session: Session, name: str) -> Tier:
     """The tier called ``name``; AccountError if there is none."""
     tier = session.scalar(select(Tier).where(Tier.name == name))
     if tier is None:
-        raise AccountError(f"unknown tier {name!r}")
+        known = ", ".join(t.name for t in list_tiers(session)) or "none yet"
+        raise AccountError(f"unknown tier {name!r} (tiers: {known})")
     return tier
 
 
