@@ -72,7 +72,7 @@ def create_app(
     settings = settings or Settings()
     auto_threads = engine is None and "threads" not in settings.model_fields_set
     engine = engine or build_engine(settings)
-    database = database or Database(settings.resolved_database_url())
+    database = database or Database.from_settings(settings)  # with its database_* timeouts
 
     principals = PrincipalCache(settings.key_cache_seconds)
     models = LiveModels(

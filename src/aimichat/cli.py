@@ -60,7 +60,7 @@ def cli() -> None:
 def _session() -> Iterator[Session]:
     """A session that commits on success; any refused input prints one line and exits 1."""
     settings = Settings()
-    database = Database(settings.resolved_database_url())
+    database = Database.from_settings(settings)
     database.upgrade()
     session = database.session()
     try:
@@ -224,7 +224,7 @@ def serve(log_level: str, workers: int, **options: Any) -> None:
     settings = Settings(**overrides)
     _check_serve_settings(settings)
     _configure_logging(log_level)
-    database = Database(settings.resolved_database_url())
+    database = Database.from_settings(settings)
     prepare_database(database, settings)
     _print_first_steps(database, settings)
     # uvicorn drains on SIGTERM, then re-raises the signal into the handler it found: make that a clean exit.
@@ -304,7 +304,7 @@ def db_group() -> None:
 @db_group.command("upgrade")
 def db_upgrade() -> None:
     """Apply pending migrations."""
-    database = Database(Settings().resolved_database_url())
+    database = Database.from_settings(Settings())
     database.upgrade()
     click.echo(f"database at head: {database.sql_engine.url.render_as_string(hide_password=True)}")
 

@@ -25,6 +25,28 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="Port to listen on.")
     data_dir: Path = Field(Path("./data"), description="Folder for the SQLite database and other state.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/aimichat.db.")
+    database_connect_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds to open a database connection (PostgreSQL: whole seconds, at least 2); "
+        "then the request gets 503.",
+    )
+    database_statement_timeout: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds one SQL statement may run before PostgreSQL cancels it and the request gets 503; "
+        "a server that does not answer at all is given up on after this plus the connect timeout. "
+        "SQLite: its wait for the write lock (0: AimiChat sets no limit).",
+    )
+    database_lock_timeout: float = Field(
+        3.0,
+        ge=0,
+        description="Seconds a PostgreSQL statement may wait for a row lock held elsewhere (one account's "
+        "busy counters); then 503 + Retry-After (0: AimiChat sets no limit).",
+    )
+    database_pool_timeout: float = Field(
+        5.0, gt=0, description="Seconds a request may wait for a free pooled database connection; then 503."
+    )
     redis_url: str | None = Field(
         None,
         description="Redis URL (redis://host:6379/0): keeps credit counters in Redis for fleets; "

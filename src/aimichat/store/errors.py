@@ -3,6 +3,11 @@
 ``STORE_UNAVAILABLE`` lists the exceptions that mean a database or Redis cannot be reached (down,
 restarting, pool exhausted, timed out). Callers fail closed on them: the API answers 503 with
 ``Retry-After`` and charges nothing; a settlement that meets one leaves its reservation standing.
+
+The database limits (``store.db.DatabaseTimeouts``) all land here: PostgreSQL's ``QueryCanceled``
+(statement timeout), ``LockNotAvailable`` (lock timeout), psycopg's ``ConnectionTimeout`` and the
+``OperationalError`` of a round trip given up on are psycopg operational errors, which SQLAlchemy
+raises as its own ``OperationalError``; a pool with no free connection in time raises ``TimeoutError``.
 """
 
 from __future__ import annotations
