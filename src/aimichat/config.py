@@ -122,6 +122,11 @@ class Settings(BaseSettings):
         description="Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client "
         "(key IP scopes, log-in throttling); '*' trusts any, '' none.",
     )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="If set, GET /metrics requires 'Authorization: Bearer <this token>' (unset: /metrics is "
+        "public; keep it off the public network then).",
+    )
     allow_query_key: bool = Field(True, description="Accept ?api_key= (it is always redacted from logs).")
     key_cache_seconds: float = Field(
         0.5,

@@ -38,3 +38,14 @@ def test_metrics_count_requests_tokens_credits_and_refusals(server):
     assert m[("aimichat_engine_running", (("model", "aimichat-1"),))] == 0
     assert m[("aimichat_model_ready", (("model", "aimichat-1"),))] == 1
     assert m[("aimichat_request_duration_seconds_count", (("route", "/v1/chat/completions"),))] == 3
+
+
+def test_metrics_can_require_a_token(database, tmp_path):
+    from fixtures import app_client
+    from scripted_engine import ScriptedEngine
+
+    with app_client(ScriptedEngine(), database, tmp_path, metrics_token="scrape-secret") as client:
+        assert client.http.get("/metrics").status_code == 401
+        assert client.http.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        answer = client.http.get("/metrics", headers={"Authorization": "Bearer scrape-secret"})
+        assert answer.status_code == 200 and "aimichat_requests_total" in answer.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Request, Response
@@ -9,6 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from aimichat.registry.live import LiveModels
+
+from .errors import APIError
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -90,4 +93,13 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
+    """Prometheus' scrape; with ``AIMICHAT_METRICS_TOKEN`` set, only for a caller that presents it."""
+    token = request.app.state.settings.metrics_token
+    if token is not None:
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        wanted = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not secrets.compare_digest(presented.strip().encode(), wanted):
+            raise APIError(
+                401, "GET /metrics needs 'Authorization: Bearer <AIMICHAT_METRICS_TOKEN>'.", code="unauthorized"
+            )
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
