@@ -112,6 +112,13 @@ def test_sign_up_generate_use_revoke_regenerate(page, server):
     page.get_by_label("Email").fill("newcomer@example.com")
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Sign up").click()
+    # A sign-up logs nobody in (it must answer alike for a taken email): the log-in page says what to do.
+    page.wait_for_url("**/login?signed_up=1")
+    expect(page.get_by_role("status")).to_contain_text("Log in with the email and password you chose")
+    shot(page, "signed-up")
+    page.get_by_label("Email").fill("newcomer@example.com")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Log in").click()
     page.wait_for_url("**/keys")
     shot(page, "keys-empty")
 
@@ -298,6 +305,11 @@ def test_docs_page(page, server):
 def test_keyboard_alone(page, server):
     page.goto("/signup")
     page.keyboard.type("keys@example.com")  # the Email field has focus on arrival
+    page.keyboard.press("Tab")
+    page.keyboard.type(PASSWORD)
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/login?signed_up=1")
+    page.keyboard.type("keys@example.com")  # and on the log-in page it has too
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)
     page.keyboard.press("Enter")

@@ -71,54 +71,72 @@ def test_throttle_window(database):
     with database.session() as s:
         for i in range(throttle.MAX_FAILURES - 1):
             throttle.record_failure(s, "T@Example.com ", "10.0.0.1", NOW + dt.timedelta(minutes=i))
-        assert throttle.retry_after(s, "t@example.com", "10.0.0.2", NOW + dt.timedelta(minutes=9)) is None
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.1", NOW + dt.timedelta(minutes=9)) is None
         throttle.record_failure(s, "t@example.com", "10.0.0.1", NOW + dt.timedelta(minutes=9))
         later = NOW + dt.timedelta(minutes=10)
-        # Blocked until the first failure is 15 minutes old: 5 minutes from "later".
-        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later) == 300
+        # That address waits until its first failure is 15 minutes old: 5 minutes from "later", for any email.
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.1", later) == 300
         assert throttle.retry_after(s, "other@example.com", "10.0.0.1", later) == 300, "same address"
+        # One address cannot lock the email: that takes MAX_EMAIL_FAILURES, which it never gets to.
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later) is None
+        for i in range(throttle.MAX_EMAIL_FAILURES - throttle.MAX_FAILURES):
+            throttle.record_failure(s, "t@example.com", f"10.0.1.{i}", later)
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later) == 300, "many addresses"
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later, device="d" * 64) is None, "known device"
         assert throttle.retry_after(s, "other@example.com", "10.0.0.9", later) is None
         assert throttle.retry_after(s, "t@example.com", "10.0.0.9", NOW + throttle.WINDOW) is None
-        throttle.clear(s, "t@example.com")
-        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later) is None
+        # A success forgives that email's failures from that browser's address only.
+        throttle.clear(s, "t@example.com", "10.0.0.9")
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later) == 300
+        throttle.clear(s, "t@example.com", "10.0.0.1")
+        assert throttle.retry_after(s, "other@example.com", "10.0.0.1", later) is None
+        assert throttle.retry_after(s, "t@example.com", "10.0.0.9", later) is None, "20 failures left"
 
 
 def test_log_in_counts_failures_and_refuses_when_throttled(database):
     acc = account(database)
     with database.session() as s:
-        for _ in range(throttle.MAX_FAILURES):
+        for i in range(throttle.MAX_EMAIL_FAILURES):
             with pytest.raises(auth.Refused) as refused:
-                auth.log_in(s, acc.email, "wrong password", address="10.1.1.1", now=NOW)
+                auth.log_in(s, acc.email, "wrong password", address=f"10.1.1.{i % 3}", now=NOW)
             assert refused.value.status == 400
         with pytest.raises(auth.Refused) as refused:
-            auth.log_in(s, acc.email, "correct horse", address="10.1.1.2", now=NOW)
+            auth.log_in(s, acc.email, "correct horse", address="10.1.1.9", now=NOW)
         assert refused.value.status == 429 and refused.value.retry_after == 900
         assert "Too many failed log-in attempts" in refused.value.message
-        _, token = auth.log_in(s, acc.email, "correct horse", address="10.1.1.2", now=NOW + throttle.WINDOW)
+        _, token = auth.log_in(s, acc.email, "correct horse", address="10.1.1.9", now=NOW + throttle.WINDOW)
         assert sessions.lookup(s, token, NOW + throttle.WINDOW)
 
 
 def test_unknown_emails_count_too(database):
     with database.session() as s:
-        for _ in range(throttle.MAX_FAILURES):
+        for i in range(throttle.MAX_EMAIL_FAILURES):
             with pytest.raises(auth.Refused):
-                auth.log_in(s, "nobody@example.com", "x", address="10.2.2.2", now=NOW)
+                auth.log_in(s, "nobody@example.com", "x", address=f"10.2.2.{i % 3}", now=NOW)
         with pytest.raises(auth.Refused) as refused:
-            auth.log_in(s, "nobody@example.com", "x", address="10.2.2.3", now=NOW)
+            auth.log_in(s, "nobody@example.com", "x", address="10.2.2.9", now=NOW)
         assert refused.value.status == 429
 
 
 def test_sign_ups_from_one_address_are_limited_without_locking_log_ins(database):
     now = dt.datetime(2024, 1, 18, 12, 0)
     with database.session() as db:
-        for i in range(throttle.MAX_FAILURES):
+        for i in range(throttle.MAX_SIGNUPS):
             auth.sign_up(db, f"user{i}@example.com", "long enough", tier="free", now=now, address="10.0.0.9")
         with pytest.raises(auth.Refused) as refused:
             auth.sign_up(db, "one-more@example.com", "long enough", tier="free", now=now, address="10.0.0.9")
-        assert refused.value.status == 429 and refused.value.retry_after > 0
+        assert refused.value.status == 429 and refused.value.retry_after == 3600
         auth.sign_up(db, "elsewhere@example.com", "long enough", tier="free", now=now, address="10.0.0.10")
         auth.log_in(db, "user0@example.com", "long enough", address="10.0.0.9", now=now)  # not throttled
-        auth.sign_up(db, "later@example.com", "long enough", tier="free", now=now + throttle.WINDOW, address="10.0.0.9")
+        with pytest.raises(auth.Refused):  # a failed log-in prunes old rows, but not the sign-ups of the hour
+            auth.log_in(db, "user0@example.com", "wrong", address="10.0.0.9", now=now + throttle.WINDOW)
+        with pytest.raises(auth.Refused):
+            auth.sign_up(
+                db, "later@example.com", "long enough", tier="free", now=now + throttle.WINDOW, address="10.0.0.9"
+            )
+        auth.sign_up(
+            db, "later@example.com", "long enough", tier="free", now=now + throttle.SIGNUP_WINDOW, address="10.0.0.9"
+        )
 
 
 # -- usage ---------------------------------------------------------------------------------------

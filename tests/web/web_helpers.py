@@ -62,11 +62,13 @@ class Browser:
         return self.http.cookies.get("aimichat_session")
 
     def sign_up(self, email: str, password: str = PASSWORD) -> httpx.Response:
+        """Sign up, then log in (a sign-up logs nobody in): the log-in's response."""
         self.get("/signup")
         response = self.post("/signup", {"email": email, "password": password})
-        assert response.status_code == 303, response.text
-        self.get("/keys")
-        return response
+        assert response.status_code == 303 and response.headers["location"] == "/login?signed_up=1", response.text
+        logged_in = self.log_in(email, password)
+        assert logged_in.status_code == 303, logged_in.text
+        return logged_in
 
     def log_in(self, email: str, password: str = PASSWORD, **kwargs) -> httpx.Response:
         self.get("/login")  # as a browser would: the form's token comes from the page

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
+from functools import cache
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
@@ -106,15 +109,40 @@ def normalize_email(email: str) -> str:
 def create_account(
     session: Session, email: str, password: str, *, tier: str = "free", is_admin: bool = False
 ) -> Account:
+    """A new account (the CLI's and the admin's way); AccountError if the email already has one."""
     email = normalize_email(email)
     check_password_strength(password)
     tier_row = get_tier(session, tier)
-    if session.scalar(select(Account).where(Account.email == email)) is not None:
+    if session.scalar(select(Account.id).where(Account.email == email)) is not None:
         raise AccountError(f"an account for {email} already exists")
+    return _insert(session, email, _hasher.hash(password), tier_row, is_admin=is_admin)
+
+
+def register(session: Session, email: str, password: str, *, tier: str = "free") -> Account | None:
+    """Sign-up without telling whether the email is taken: the new account, or None when the email already
+    has one (which is left exactly as it was).
+
+    Both ways do the same work (the argon2 hash, the expensive part, is computed either way), so neither the
+    answer nor its timing tells them apart. A malformed email or a weak password is an AccountError either way.
+    """
+    email = normalize_email(email)
+    check_password_strength(password)
+    tier_row = get_tier(session, tier)
+    password_hash = _hasher.hash(password)
+    if session.scalar(select(Account.id).where(Account.email == email)) is not None:
+        return None
+    try:
+        with session.begin_nested():  # two sign-ups racing for one free email: one account, no error
+            return _insert(session, email, password_hash, tier_row)
+    except IntegrityError:
+        return None
+
+
+def _insert(session: Session, email: str, password_hash: str, tier: Tier, *, is_admin: bool = False) -> Account:
     account = Account(
         email=email,
-        password_hash=_hasher.hash(password),
-        tier=tier_row,
+        password_hash=password_hash,
+        tier=tier,
         is_admin=is_admin,
         disabled=False,
         created_at=utcnow(),
@@ -166,8 +194,37 @@ def check_password_strength(password: str) -> None:
 
 
 def verify_password(account: Account, password: str) -> bool:
+    return _verify(account.password_hash, password)
+
+
+def verify_login(account: Account | None, password: str) -> bool:
+    """The password check of a log-in, ``account`` None for an email without one: then a dummy hash made by
+    the same hasher (so with the same argon2 parameters) is verified instead, and False returned. Both take
+    the same time, so the answer's timing does not tell which emails have accounts."""
+    if account is None:
+        _verify(dummy_hash(), password)
+        return False
+    return verify_password(account, password)
+
+
+def upgrade_hash(account: Account, password: str) -> bool:
+    """After a successful log-in: rehash a password hashed with other argon2 parameters than the current
+    ones (so every account's check takes as long as the dummy's); True if it was. The caller commits."""
+    if not _hasher.check_needs_rehash(account.password_hash):
+        return False
+    account.password_hash = _hasher.hash(password)
+    return True
+
+
+@cache
+def dummy_hash() -> str:
+    """A hash of a random password nobody knows, made once by the accounts' own hasher."""
+    return _hasher.hash(secrets.token_urlsafe(24))
+
+
+def _verify(password_hash: str, password: str) -> bool:
     try:
-        return _hasher.verify(account.password_hash, password)
+        return _hasher.verify(password_hash, password)
     except (VerificationError, InvalidHashError):
         return False
 

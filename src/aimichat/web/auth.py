@@ -1,22 +1,20 @@
 """Sign-up, log-in and password change as plain functions over a database session.
 
-Each returns the new session token (the caller sets it as the cookie) or raises :class:`Refused`
-with a message fit for the person at the keyboard.
+Log-in and password change return the new session token (the caller sets it as the cookie); sign-up
+logs nobody in (see :func:`sign_up`). Each raises :class:`Refused` with a message fit for the person at
+the keyboard.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from functools import cache
 
-from argon2 import PasswordHasher
 from sqlalchemy.orm import Session
 
 from aimichat.accounts import service as accounts
 from aimichat.store.models import Account
 
-from . import sessions, throttle
+from . import devices, sessions, throttle
 
 
 class Refused(Exception):
@@ -31,52 +29,77 @@ class Refused(Exception):
 
 
 def sign_up(
+    session: Session, email: str, password: str, *, tier: str, now: dt.datetime, address: str = "unknown"
+) -> Account | None:
+    """Sign up, counted against ``address``'s sign-up limit: the new account, or None when the email already
+    has one (left as it was). Nobody is logged in either way, and callers answer both alike: the answer must
+    not tell which emails have accounts (see ``accounts.register``)."""
+    wait = throttle.signup_retry_after(session, address, now)
+    if wait:
+        minutes = max(1, round(wait / 60))
+        raise Refused(
+            f"Too many sign-ups from your network (at most {throttle.MAX_SIGNUPS} an hour). "
+            f"Try again in {_minutes(minutes)}.",
+            429,
+            wait,
+        )
+    try:
+        account = accounts.register(session, email, password, tier=tier)
+    except accounts.AccountError as exc:
+        raise Refused(_sentence(str(exc))) from None
+    throttle.record_signup(session, address, now)
+    return account
+
+
+def log_in(
     session: Session,
     email: str,
     password: str,
     *,
-    tier: str,
+    address: str,
     now: dt.datetime,
     old_token: str | None = None,
-    address: str = "unknown",
+    known: str | None = None,
 ) -> tuple[Account, str]:
-    """Create the account, counted against ``address``'s sign-up limit, and start its session."""
-    wait = throttle.signup_retry_after(session, address, now)
-    if wait:
-        minutes = max(1, round(wait / 60))
-        raise Refused(f"Too many new accounts from your address. Try again in {minutes} minutes.", 429, wait)
-    try:
-        account = accounts.create_account(session, email, password, tier=tier)
-    except accounts.AccountError as exc:
-        raise Refused(_sentence(str(exc))) from None
-    throttle.record_signup(session, address, now)
-    return account, sessions.start(session, account, now, replacing=old_token)
+    """Check the throttle, then the password; failures are committed even though we raise.
 
-
-def log_in(
-    session: Session, email: str, password: str, *, address: str, now: dt.datetime, old_token: str | None = None
-) -> tuple[Account, str]:
-    """Check the throttle, then the password; failures are committed even though we raise."""
-    _check_throttle(session, email, address, now)
+    ``known`` is the browser's known-device cookie (``devices.py``): a genuine entry for this account makes
+    the log-in count against that browser's own failures alone. An unknown email takes as long as a wrong
+    password (``accounts.verify_login``)."""
     account = _find(session, email)
-    if account is None or not accounts.verify_password(account, password):
-        _fail(session, email, address, now)
+    device = devices.device_id(account, known) if account is not None else None
+    _check_throttle(session, email, address, now, device)
+    verified = accounts.verify_login(account, password)  # as long without an account as with one
+    if account is None or not verified:
+        _fail(session, email, address, now, device)
         raise Refused("Wrong email or password.")
     if account.disabled:
         raise Refused("This account is disabled. Contact the operator of this server.", 403)
-    throttle.clear(session, email)
+    accounts.upgrade_hash(account, password)
+    throttle.clear(session, email, address, device=device)
     return account, sessions.start(session, account, now, replacing=old_token)
 
 
 def change_password(
-    session: Session, account: Account, current: str, new: str, *, address: str, now: dt.datetime
+    session: Session,
+    account: Account,
+    current: str,
+    new: str,
+    *,
+    address: str,
+    now: dt.datetime,
+    known: str | None = None,
+    session_token: str | None = None,
 ) -> str:
     """Change the password and log out every other session (a thief's included); the new token is ours.
 
-    ``account`` must be loaded in ``session`` (the web's visitor is: one session per request)."""
-    _check_throttle(session, account.email, address, now)  # a stolen session must not become a password oracle
+    ``account`` must be loaded in ``session`` (the web's visitor is: one session per request). Wrong current
+    passwords count as failed log-ins of this browser (its known-device entry, else its session), so a
+    stolen session is no password oracle, and nobody else's failures hold the owner back."""
+    device = devices.device_id(account, known) or (devices.session_device(session_token) if session_token else None)
+    _check_throttle(session, account.email, address, now, device)
     if not accounts.verify_password(account, current):
-        _fail(session, account.email, address, now)
+        _fail(session, account.email, address, now, device)
         raise Refused("The current password is wrong.")
     try:
         accounts.change_password(session, account, current, new)
@@ -86,20 +109,20 @@ def change_password(
     return sessions.start(session, account, now)
 
 
-def _check_throttle(session: Session, email: str, address: str, now: dt.datetime) -> None:
-    wait = throttle.retry_after(session, email, address, now)
+def _check_throttle(session: Session, email: str, address: str, now: dt.datetime, device: str | None) -> None:
+    wait = throttle.retry_after(session, email, address, now, device=device)
     if wait:
         minutes = max(1, round(wait / 60))
+        where = "from this browser" if device else "for this email or from your network"
         raise Refused(
-            f"Too many failed log-in attempts for this email or from your network. "
-            f"Wait {minutes} minute{'s' if minutes != 1 else ''} and try again.",
+            f"Too many failed log-in attempts {where}. Wait {_minutes(minutes)} and try again.",
             429,
             retry_after=wait,
         )
 
 
-def _fail(session: Session, email: str, address: str, now: dt.datetime) -> None:
-    throttle.record_failure(session, email, address, now)
+def _fail(session: Session, email: str, address: str, now: dt.datetime, device: str | None) -> None:
+    throttle.record_failure(session, email, address, now, device=device)
     session.commit()  # the caller rolls back on Refused; the failure must count anyway
 
 
@@ -107,24 +130,11 @@ def _find(session: Session, email: str) -> Account | None:
     try:
         return accounts.get_account(session, email)
     except accounts.AccountError:
-        # Spend the time a real check takes, so timing does not tell which emails have accounts.
-        _burn()
         return None
 
 
-def _burn() -> None:
-    with contextlib.suppress(Exception):  # always a mismatch: we only want the time it takes
-        _dummy_hasher().verify(_dummy_hash(), "not the password")
-
-
-@cache
-def _dummy_hasher() -> PasswordHasher:
-    return PasswordHasher()
-
-
-@cache
-def _dummy_hash() -> str:
-    return _dummy_hasher().hash("a password nobody has")
+def _minutes(n: int) -> str:
+    return f"{n} minute{'s' if n != 1 else ''}"
 
 
 def _sentence(message: str) -> str:

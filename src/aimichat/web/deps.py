@@ -23,7 +23,7 @@ from aimichat.api.auth import presented_key
 from aimichat.api.errors import APIError, mode_not_allowed
 from aimichat.store.models import Account
 
-from . import sessions
+from . import devices, sessions
 
 SESSION_COOKIE = "aimichat_session"
 PRE_COOKIE = "aimichat_csrf"
@@ -253,3 +253,21 @@ def apply_pre_cookie(response: Response, visitor: Visitor) -> None:
             samesite="lax",
             secure=visitor.secure,
         )
+
+
+def known_device_cookie(request: Request, visitor: Visitor) -> str | None:
+    """The browser's known-device cookie (see ``devices.py``), as sent."""
+    return request.cookies.get(cookie_name(devices.COOKIE, visitor.secure))
+
+
+def set_known_device_cookie(response: Response, visitor: Visitor, value: str) -> None:
+    # Long-lived, and kept at log-out: it is what lets this browser in while others' failures lock the email.
+    response.set_cookie(
+        cookie_name(devices.COOKIE, visitor.secure),
+        value,
+        max_age=int(devices.LIFETIME.total_seconds()),
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=visitor.secure,
+    )

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Form, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from . import auth, sessions
+from . import auth, devices, sessions
 from .deps import (
     AnyForm,
     AnyVisitor,
@@ -17,6 +17,8 @@ from .deps import (
     Visitor,
     clear_session_cookie,
     client_address,
+    known_device_cookie,
+    set_known_device_cookie,
     set_session_cookie,
 )
 from .models_view import current_catalog, offers
@@ -46,28 +48,35 @@ def signup_page(request: Request, visitor: AnyVisitor) -> Response:
 def signup(
     request: Request, session: RequestSession, visitor: AnyForm, email: str = Form(""), password: str = Form("")
 ) -> Response:
+    """Sign up, then log in. The answer is the same whether the email was free (the account is made) or
+    already had an account (nothing is done): a redirect to the log-in page, which says what to do either
+    way. Telling "that email is taken" would tell anybody which emails have accounts (docs/web.md)."""
     state = request.app.state
     try:
-        _, token = auth.sign_up(
+        auth.sign_up(
             session,
             email,
             password,
             tier=state.settings.default_tier,
             now=state.clock(),
-            old_token=visitor.session_token,
             address=client_address(request),
         )
     except auth.Refused as exc:
         session.rollback()  # nothing of a refused sign-up is kept
-        return page(request, visitor, "signup.html", status=exc.status, title="Sign up", error=exc.message, email=email)
-    return _logged_in(visitor, token, "/keys")
+        response = page(
+            request, visitor, "signup.html", status=exc.status, title="Sign up", error=exc.message, email=email
+        )
+        if exc.retry_after:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    return redirect("/login?signed_up=1")
 
 
 @router.get("/login")
-def login_page(request: Request, visitor: AnyVisitor, next: str = "") -> Response:
+def login_page(request: Request, visitor: AnyVisitor, next: str = "", signed_up: bool = False) -> Response:
     if visitor.account:
         return redirect(safe_next(next))
-    return page(request, visitor, "login.html", title="Log in", next=safe_next(next, ""))
+    return page(request, visitor, "login.html", title="Log in", next=safe_next(next, ""), signed_up=signed_up)
 
 
 @router.post("/login")
@@ -80,14 +89,16 @@ def login(
     next: str = Form(""),
 ) -> Response:
     state = request.app.state
+    known = known_device_cookie(request, visitor)
     try:
-        _, token = auth.log_in(
+        account, token = auth.log_in(
             session,
             email,
             password,
             address=client_address(request),
             now=state.clock(),
             old_token=visitor.session_token,
+            known=known,
         )
     except auth.Refused as exc:
         session.rollback()  # auth.log_in has already committed the failure it counts
@@ -104,7 +115,9 @@ def login(
         if exc.retry_after:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    return _logged_in(visitor, token, safe_next(next))
+    done = _logged_in(visitor, token, safe_next(next))
+    set_known_device_cookie(done, visitor, devices.remember(account, known))
+    return done
 
 
 def _logged_in(visitor: Visitor, token: str, target: str) -> Response:
@@ -138,6 +151,7 @@ def change_password(
     current_password: str = Form(""),
     new_password: str = Form(""),
 ) -> Response:
+    known = known_device_cookie(request, visitor)
     try:
         token = auth.change_password(
             session,
@@ -146,11 +160,19 @@ def change_password(
             new_password,
             address=client_address(request),
             now=request.app.state.clock(),
+            known=known,
+            session_token=visitor.session_token,
         )
     except auth.Refused as exc:
         session.rollback()  # a wrong current password was already committed as a failed try
-        return page(request, visitor, "account.html", status=exc.status, title="Account", error=exc.message)
-    return _logged_in(visitor, token, "/account?changed=1")
+        response = page(request, visitor, "account.html", status=exc.status, title="Account", error=exc.message)
+        if exc.retry_after:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    done = _logged_in(visitor, token, "/account?changed=1")
+    # The new password's hash signs this browser's known-device entry anew; every other browser's is void.
+    set_known_device_cookie(done, visitor, devices.remember(visitor.user, known))
+    return done
 
 
 # -- plan ----------------------------------------------------------------------------------------
