@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ from aimichat.config import PUBLIC_MODEL_ID, Settings
 from aimichat.engines import configs
 from aimichat.engines.base import Engine
 from aimichat.keys.cache import PrincipalCache
+from aimichat.quota import sweeper
 from aimichat.quota.backends import QuotaBackend, RedisQuota, SqlQuota
 from aimichat.registry.catalog import settings_model
 from aimichat.registry.live import EngineFactory, LiveModels
@@ -86,10 +89,19 @@ def create_app(
         # lookups on the request path use Core connections and never clear it.
         event.listen(database.sessions, "after_commit", principals.clear)
         event.listen(database.sessions, "after_commit", models.mark_stale)
+        # Reservations their requests never settled (a replica killed mid-stream) are settled each minute.
+        sweeping = asyncio.create_task(
+            sweeper.sweep_every(
+                sweeper.SWEEP_INTERVAL, database, lambda: app.state.quota, clock, settings.reservation_ttl
+            )
+        )
         try:
             await models.start()
             yield
         finally:
+            sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
             event.remove(database.sessions, "after_commit", principals.clear)
             event.remove(database.sessions, "after_commit", models.mark_stale)
             await models.close(keep=None if close_engine else engine)

@@ -1128,5 +1128,55 @@ def prices_list(tier: str | None, as_json: bool) -> None:
     click.echo(format_table(("TIER", "MODEL", "PRICE"), table, max_default=200))
 
 
+# -- reservations --------------------------------------------------------------------------------
+
+
+@cli.group("reservations")
+def reservations_group() -> None:
+    """Reservations their requests never settled (a replica killed mid-stream); replicas sweep them each minute."""
+
+
+@reservations_group.command("sweep")
+@click.option(
+    "--ttl",
+    type=click.IntRange(min=1),
+    metavar="SECONDS",
+    help="Settle reservations older than this (default: AIMICHAT_RESERVATION_TTL). Must exceed the longest request.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def reservations_sweep(ttl: int | None, as_json: bool) -> None:
+    """Settle open reservations older than the TTL now: per-request prices keep their credits, per-token
+    ones charge the prompt; the rest goes back to the account and the key (see docs/quota.md)."""
+    from aimichat.quota import sweeper
+    from aimichat.quota.backends import QuotaBackend, RedisQuota, SqlQuota
+
+    settings = Settings()
+    ttl = ttl or settings.reservation_ttl
+    database = Database(settings.resolved_database_url())
+    try:
+        database.upgrade()
+        quota: QuotaBackend = SqlQuota(database)
+        if settings.redis_url:
+            quota = RedisQuota.from_url(database, settings.redis_url, settings.redis_prefix)
+        swept = sweeper.sweep(database, quota, utcnow(), ttl)
+    finally:
+        database.dispose()
+    if as_json:
+        return _echo_json([s.as_json() for s in swept])
+    if not swept:
+        click.echo(f"no open reservation older than {ttl}s")
+        return
+    rows = [
+        (str(s.ledger_id), s.request_id, str(s.account_id), "-" if s.key_id is None else str(s.key_id),
+         s.model or "-", s.created_at.strftime("%Y-%m-%d %H:%M:%S"), str(s.reserved), str(s.charged),
+         str(s.refunded))
+        for s in swept
+    ]  # fmt: skip
+    header = ("ID", "REQUEST", "ACCOUNT", "KEY", "MODEL", "CREATED (UTC)", "RESERVED", "CHARGED", "REFUNDED")
+    click.echo(format_table(header, rows, max_default=200))
+    charged, refunded = sum(s.charged for s in swept), sum(s.refunded for s in swept)
+    click.echo(f"settled {len(swept)} reservation(s): {charged} credits charged, {refunded} refunded")
+
+
 if __name__ == "__main__":
     cli()

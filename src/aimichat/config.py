@@ -136,6 +136,13 @@ class Settings(BaseSettings):
         "within this time (0: never cache).",
     )
     default_tier: str = Field("free", description="Tier given to new accounts.")
+    reservation_ttl: int = Field(
+        900,
+        ge=1,
+        description="Seconds after which a reservation its request never settled (a replica killed mid-stream) "
+        "is settled by the sweeper: per-request prices keep their credits, per-token ones charge the prompt. "
+        "Must exceed the longest request.",
+    )
 
     def resolved_database_url(self) -> str:
         """The configured database URL, or the SQLite file in ``data_dir``."""

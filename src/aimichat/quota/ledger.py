@@ -20,12 +20,14 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     CTE,
+    CompoundSelect,
     Connection,
     Select,
     Update,
     bindparam,
     case,
     cast,
+    delete,
     exists,
     func,
     insert,
@@ -34,6 +36,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -109,6 +112,8 @@ class Reservation:
     key_id: int | None = None
     key: KeyFigures = NO_KEY_FIGURES
     tokens: int = 0  # counted against the key's tokens-per-minute window (0 when it has none)
+    # Redis only: the generation of each credit counter (account day, month, key day, month) it was taken in.
+    generations: tuple[str, ...] = ()
 
     @property
     def remaining(self) -> int:
@@ -261,7 +266,7 @@ def _reserve_one_statement(kinds: tuple[str, ...] = ()) -> Select[Any]:
         "day": bindparam("p_day", type_=t.day.type),
         "reserved_credits": bindparam("p_amount", type_=t.reserved_credits.type),
         "credits": bindparam("p_amount", type_=t.credits.type),
-        "prompt_tokens": literal(0, t.prompt_tokens.type),
+        "prompt_tokens": bindparam("p_prompt", type_=t.prompt_tokens.type),
         "completion_tokens": literal(0, t.completion_tokens.type),
         "status": literal("reserved", t.status.type),
         "estimated": literal(False, t.estimated.type),
@@ -360,12 +365,13 @@ def reserve_in_one_statement(
         "p_day": day,
         "p_stale": now - LAST_USED_RESOLUTION,
         "p_tokens": 0,
+        "p_prompt": cost.prompt_tokens,
     }
     if not principal.has_key_limits:
         row = conn.execute(_RESERVE_ONE, params).first()
         if row is None:
             return None
-        return _reservation(principal, row.id, cost.want, request_id, now, day_used=row.used)
+        return reservation_of(principal, row.id, cost.want, request_id, now, day_used=row.used)
     return _reserve_keyed(conn, principal, cost, params, now, tokens)
 
 
@@ -400,7 +406,7 @@ def _reserve_keyed(
         tokens_used=row.get("tpm"),
         tpm=limits.tpm,
     )
-    return _reservation(
+    return reservation_of(
         principal, row["id"], cost.want, str(params["p_request"]), now, day_used=row["used"], key=figures,
         tokens=int(params["p_tokens"]),  # type: ignore[call-overload]
     )  # fmt: skip
@@ -431,7 +437,16 @@ def _try_reserve(
         return taken
     day_used, key = taken
     reservation = record_reservation(
-        conn, principal, amount, request_id=request_id, now=now, day_used=day_used, model=model, key=key, tokens=tokens
+        conn,
+        principal,
+        amount,
+        request_id=request_id,
+        now=now,
+        day_used=day_used,
+        model=model,
+        key=key,
+        tokens=tokens,
+        prompt_tokens=cost.prompt_tokens,
     )
     conn.commit()
     return reservation
@@ -511,9 +526,39 @@ def record_reservation(
     model: str | None = None,
     key: KeyFigures = NO_KEY_FIGURES,
     tokens: int = 0,
+    prompt_tokens: int = 0,
 ) -> Reservation:
     """Write the ledger row of a granted reservation (the caller commits)."""
     counted_tokens = tokens if key.tpm is not None else 0
+    ledger_id = insert_reservation(
+        conn,
+        principal,
+        amount,
+        request_id=request_id,
+        now=now,
+        model=model,
+        tokens=counted_tokens,
+        prompt_tokens=prompt_tokens,
+    )
+    return reservation_of(
+        principal, ledger_id, amount, request_id, now, day_used=day_used, key=key, tokens=counted_tokens
+    )
+
+
+def insert_reservation(
+    conn: Connection,
+    principal: Principal,
+    amount: int,
+    *,
+    request_id: str,
+    now: dt.datetime,
+    model: str | None = None,
+    tokens: int = 0,
+    prompt_tokens: int = 0,
+) -> int:
+    """Write a reservation's ledger row (``status='reserved'``, ``amount`` credits counted) and the key's
+    last use; its id. ``tokens``: what it counts against the key's minute; ``prompt_tokens``: the prompt it
+    was reserved for (the row's token counts are overwritten at settlement). The caller commits."""
     row = dict(
         request_id=request_id,
         model=model,
@@ -523,21 +568,80 @@ def record_reservation(
         day=periods.day_start(now),
         reserved_credits=amount,
         credits=amount,
-        prompt_tokens=0,
+        prompt_tokens=prompt_tokens,
         completion_tokens=0,
         status="reserved",
         estimated=False,
         settled_at=None,
-        tokens_reserved=counted_tokens,
+        tokens_reserved=tokens,
     )
-    ledger_id = conn.execute(_RECORD, row).scalar_one()
+    ledger_id = int(conn.execute(_RECORD, row).scalar_one())
     touch_last_used(conn, principal, now)
-    return _reservation(
-        principal, ledger_id, amount, request_id, now, day_used=day_used, key=key, tokens=counted_tokens
-    )
+    return ledger_id
 
 
-def _reservation(
+_OPEN_ROW = (UsageEvent.id == bindparam("p_id")) & (UsageEvent.status == "reserved")
+_RESIZE = (
+    update(UsageEvent).where(_OPEN_ROW).values(reserved_credits=bindparam("p_amount"), credits=bindparam("p_amount"))
+)
+_DELETE = delete(UsageEvent).where(_OPEN_ROW)
+
+
+def resize_reservation(conn: Connection, ledger_id: int, amount: int) -> None:
+    """Count ``amount`` credits on a reservation's row that is still open (the caller commits)."""
+    conn.execute(_RESIZE, {"p_id": ledger_id, "p_amount": amount})
+
+
+def delete_reservation(conn: Connection, ledger_id: int) -> None:
+    """Remove the row of a reservation that was refused after all (the caller commits)."""
+    conn.execute(_DELETE, {"p_id": ledger_id})
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a Redis counter is rebuilt from: the credits the ledger counts for an account (or a key) over
+    a range of days, and the ``(id, credits)`` of its rows still ``reserved``."""
+
+    total: int
+    open_rows: list[tuple[int, int]]
+
+
+@functools.cache
+def _held_statement(by_key: tuple[bool, ...]) -> CompoundSelect[Any]:
+    """Sums and open rows of several (owner, days) at once: one statement, so one snapshot (a sum and its
+    open rows always agree) and one round trip. Rows are tagged with their owner's place in ``by_key``."""
+    parts: list[Select[Any]] = []
+    for n, key in enumerate(by_key):
+        owner = UsageEvent.api_key_id if key else UsageEvent.account_id
+        where = (
+            owner == bindparam(f"p_owner_{n}"),
+            UsageEvent.day >= bindparam(f"p_first_{n}"),
+            UsageEvent.day <= bindparam(f"p_last_{n}"),
+        )
+        tag = literal(n, UsageEvent.__table__.c.credits.type).label("tag")
+        no_id = cast(null(), UsageEvent.__table__.c.id.type).label("id")
+        parts.append(select(tag, no_id, func.coalesce(func.sum(UsageEvent.credits), 0)).where(*where))
+        parts.append(select(tag, UsageEvent.id, UsageEvent.credits).where(*where, UsageEvent.status == "reserved"))
+    return union_all(*parts)
+
+
+def held_credits(conn: Connection, owners: list[tuple[int, bool, dt.date, dt.date]]) -> list[Held]:
+    """For each ``(owner, by_key, first_day, last_day)``: what the ledger counts for the account (or, by
+    key, the key) over those days and its reservations not settled yet, all read in one statement."""
+    params: dict[str, object] = {}
+    for n, (owner, _, first_day, last_day) in enumerate(owners):
+        params |= {f"p_owner_{n}": owner, f"p_first_{n}": first_day, f"p_last_{n}": last_day}
+    held = [Held(0, []) for _ in owners]
+    statement = _held_statement(tuple(by_key for _, by_key, _, _ in owners))
+    for tag, ledger_id, credits in conn.execute(statement, params):
+        if ledger_id is None:
+            held[int(tag)] = Held(int(credits), held[int(tag)].open_rows)
+        else:
+            held[int(tag)].open_rows.append((int(ledger_id), int(credits)))
+    return held
+
+
+def reservation_of(
     principal: Principal,
     ledger_id: int,
     amount: int,
@@ -547,7 +651,9 @@ def _reservation(
     day_used: int,
     key: KeyFigures = NO_KEY_FIGURES,
     tokens: int = 0,
+    generations: tuple[str, ...] = (),
 ) -> Reservation:
+    """The :class:`Reservation` of ``principal``'s row ``ledger_id`` (``amount`` credits), made at ``now``."""
     return Reservation(
         ledger_id=ledger_id,
         request_id=request_id,
@@ -561,6 +667,7 @@ def _reservation(
         key_id=principal.key_id if principal.has_key_limits else None,
         key=key,
         tokens=tokens,
+        generations=generations,
     )
 
 

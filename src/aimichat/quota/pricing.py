@@ -11,7 +11,7 @@ price times its usage, never off by a float's rounding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 MILLION = 1_000_000
@@ -19,10 +19,14 @@ MILLION = 1_000_000
 
 @dataclass(frozen=True)
 class Cost:
-    """What to reserve: ``want`` if it fits, else as much as is left down to ``minimum``."""
+    """What to reserve: ``want`` if it fits, else as much as is left down to ``minimum``.
+
+    ``prompt_tokens`` (the prompt as reserved for) is written on the reservation's ledger row, so a
+    reservation that is never settled can be charged for its prompt (see :mod:`aimichat.quota.sweeper`)."""
 
     want: int
     minimum: int
+    prompt_tokens: int = field(default=0, compare=False)  # what the cost was worked out for, not part of it
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,8 @@ def charge(price: Price, prompt_tokens: int, completion_tokens: int) -> int:
 def request_cost(price: Price, prompt_tokens: int, max_tokens: int) -> Cost:
     """Reserve for the whole completion budget; at least the prompt and one completion token."""
     if price.per_request is not None:
-        return Cost(price.per_request, price.per_request)
-    return Cost(want=charge(price, prompt_tokens, max_tokens), minimum=charge(price, prompt_tokens, 1))
+        return Cost(price.per_request, price.per_request, prompt_tokens)
+    return Cost(charge(price, prompt_tokens, max_tokens), charge(price, prompt_tokens, 1), prompt_tokens)
 
 
 def affordable_completion(price: Price, credits: int, prompt_tokens: int) -> int | None:

@@ -42,6 +42,7 @@ from .protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
 log = logging.getLogger(__name__)
 
 HANG_UP_CHECK_SECONDS = 0.25  # how often a non-streaming answer checks that its caller is still there
+SETTLE_RETRY_PAUSES = (0.0, 0.1, 0.5)  # seconds before each try to settle: 3 tries when the store is unreachable
 
 ClientGoneCheck = Callable[[], Awaitable[bool]]
 
@@ -250,14 +251,24 @@ class OpenReservation:
             return 0
         self.closed = True
         with anyio.CancelScope(shield=True):  # a disconnect must not cancel the bookkeeping
-            try:
-                credits = await self.service.settle(
-                    self.price, self.reservation, usage, self.delivered_tokens, self.prompt
-                )
-            except STORE_UNAVAILABLE:
-                # The row stays 'reserved' and counted: the caller keeps its answer, no charge is lost.
-                log.exception("could not settle %s; its reservation stands", self.id)
-                return 0
+            for attempt, pause in enumerate(SETTLE_RETRY_PAUSES):
+                if pause:
+                    await anyio.sleep(pause)
+                try:
+                    credits = await self.service.settle(
+                        self.price, self.reservation, usage, self.delivered_tokens, self.prompt
+                    )
+                    break
+                except STORE_UNAVAILABLE:
+                    # Settlement is guarded by the row's status, so a retry never charges twice (a first
+                    # try that did settle, its answer lost, makes the retry a no-op).
+                    if attempt + 1 < len(SETTLE_RETRY_PAUSES):
+                        log.warning("could not settle %s; trying again", self.id)
+                        continue
+                    # The row stays 'reserved' and counted: the caller keeps its answer, no charge is
+                    # lost, and the sweeper settles the row once it is older than AIMICHAT_RESERVATION_TTL.
+                    log.exception("could not settle %s; its reservation stands", self.id)
+                    return 0
         self.record.credits = credits
         if usage is not None:
             used = usage.prompt_tokens + usage.completion_tokens
