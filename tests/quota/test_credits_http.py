@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -308,3 +309,28 @@ def test_usage_endpoint_reports_today_month_and_keys_and_costs_nothing(server):
     assert usage["daily"]["used"] == 3 and usage["daily"]["remaining"] == 7 and usage["daily"]["limit"] == 10
     assert usage["monthly"]["used"] == 3 and usage["monthly"]["limit"] == 100
     assert [(k["name"], k["credits"]) for k in usage["keys_today"]] == [("laptop", 2), ("server", 1)]
+
+
+def test_a_stream_cut_before_any_text_is_charged_nothing(database, tmp_path):
+    """As a non-streaming answer whose caller hung up: nothing received, nothing paid (issue 15, finding 9)."""
+    import socket
+
+    make_account(database, daily=10_000, cost_rule="per_token", per_1k=1000)
+    key = make_key(database)
+    engine = ScriptedEngine(endless(), first_token_delay=0.6, token_delay=0.05)
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50, "stream": True}).encode()
+    with serve_app(engine, database, tmp_path) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.2)  # reserved and waiting for the first token: hang up now
+        deadline = time.monotonic() + 5
+        while (
+            not ledger_rows(database) or ledger_rows(database)[0].status == "reserved"
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    [row] = ledger_rows(database)
+    assert row.status == "released" and row.credits == 0, (row.status, row.credits)

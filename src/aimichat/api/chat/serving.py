@@ -132,6 +132,10 @@ class ChatService:
         if self.metrics:
             self.metrics.ttft.observe(time.perf_counter() - started)
         if request.stream:
+            if client_gone is not None and await client_gone():
+                # The caller hung up while the first token was being made: not a byte has gone out, so,
+                # as for a non-streaming answer, it receives nothing and pays nothing.
+                return await call.abandon(events)
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             return CompletionStream(call.stream(first, events, include_usage), granted.rate_limit())
         return await call.collect(first, events, client_gone)
@@ -241,6 +245,14 @@ class OpenReservation:
                 await self._release()
             raise
 
+    async def abandon(self, events: AsyncGenerator[Event, None]) -> ClientGone:
+        """Stop a stream that never started: its caller is gone before its first byte."""
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
+            await self._release()
+        log.info("%s: the client hung up before the stream started; nothing charged", self.id)
+        return ClientGone(self.id)
+
     async def _release(self) -> None:
         self.closed = True
         await self.service.release(self.reservation)
@@ -338,8 +350,9 @@ class OpenReservation:
                 if isinstance(event, Finish):
                     finish = event
                     break
-                self.delivered_tokens += event.tokens
                 yield self._chunk({"content": event.text})
+                # Counted once the chunk has gone out: the generator resumes only after it was sent.
+                self.delivered_tokens += event.tokens
                 event = await anext(events)
         except EngineError as exc:
             log.warning("engine failed mid-stream: %s", exc)
@@ -350,7 +363,14 @@ class OpenReservation:
             return
         finally:
             await events.aclose()
-            refunded = await self._settle(finish)
+            if finish is None and not self.delivered_tokens and not self.closed:
+                # Cut before any text reached the caller: nothing charged, as for a non-streaming answer
+                # whose caller hung up (issue 15: it used to pay for its prompt and one token).
+                with anyio.CancelScope(shield=True):
+                    await self._release()
+                refunded = self.reservation.credits
+            else:
+                refunded = await self._settle(finish)
         assert finish is not None  # the loop leaves only on a Finish or through the except above
         yield self._chunk({}, finish_reason=finish.finish_reason)
         if include_usage:
