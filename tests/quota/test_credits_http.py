@@ -334,3 +334,33 @@ def test_a_stream_cut_before_any_text_is_charged_nothing(database, tmp_path):
             time.sleep(0.05)
     [row] = ledger_rows(database)
     assert row.status == "released" and row.credits == 0, (row.status, row.credits)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_caller_who_hangs_up_while_queued_leaves_the_queue_and_pays_nothing(database, tmp_path, stream):
+    """Issue 15, finding 5: requests whose clients were gone were still processed once a slot was free."""
+    import socket
+
+    make_account(database, daily=10_000, cost_rule="per_token", per_1k=1000)
+    key = make_key(database)
+    engine = ScriptedEngine(endless(), first_token_delay=3.0, token_delay=0.05)  # as if queued behind others
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 50, "stream": stream}).encode()
+    with serve_app(engine, database, tmp_path) as server:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Authorization: Bearer {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while (
+            not ledger_rows(database) or ledger_rows(database)[0].status == "reserved"
+        ) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        settled_after = time.monotonic() - started
+    [row] = ledger_rows(database)
+    assert row.status == "released" and row.credits == 0
+    assert settled_after < 2.0, "it left the queue when its caller hung up, not when its turn came"
+    assert engine.generations == [] or engine.generations[0].tokens == 0

@@ -13,6 +13,8 @@ Anything else that goes wrong is raised as an :class:`~aimichat.api.errors.APIEr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -128,7 +130,11 @@ class ChatService:
         call = OpenReservation(self, principal, granted, prompt, price, model, record or CallRecord())
         events = engine.generate(prompt, _sampling(request, max(1, max_tokens)))
         started = time.perf_counter()
-        first = await call.first_event(events)  # errors before the first token become plain HTTP errors
+        # Errors before the first token become plain HTTP errors; a caller that hangs up while its request
+        # waits for the engine (queued, or reading the prompt) leaves the queue and pays nothing.
+        first = await call.first_event(events, client_gone)
+        if first is None:
+            return await call.abandon(events)
         if self.metrics:
             self.metrics.ttft.observe(time.perf_counter() - started)
         if request.stream:
@@ -229,9 +235,14 @@ class OpenReservation:
         self.closed = False  # settled or released
         record.completion_id = self.id
 
-    async def first_event(self, events: AsyncGenerator[Event, None]) -> Event:
+    async def first_event(
+        self, events: AsyncGenerator[Event, None], client_gone: ClientGoneCheck | None = None
+    ) -> Event | None:
+        """The first event; None when the caller hung up before it came (``events`` is then still open)."""
         try:
-            return await anext(events)
+            if client_gone is None:
+                return await anext(events)
+            return await _unless_gone(anext(events), client_gone)
         except EngineError as exc:
             await self._release()
             if self.service.metrics:
@@ -400,6 +411,25 @@ class OpenReservation:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+async def _unless_gone(waiting: Awaitable[Event], client_gone: ClientGoneCheck) -> Event | None:
+    """``waiting``'s result, or None (and ``waiting`` cancelled) once the caller has hung up; checked every
+    HANG_UP_CHECK_SECONDS, so an answer that comes quickly never pays for a check."""
+    task = asyncio.ensure_future(waiting)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=HANG_UP_CHECK_SECONDS)
+            if done:
+                return task.result()
+            if await client_gone():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+    except BaseException:
+        task.cancel()
+        raise
 
 
 def _sampling(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
