@@ -309,11 +309,13 @@ def test_keyboard_alone(page, server):
     page.keyboard.type(PASSWORD)
     page.keyboard.press("Enter")
     page.wait_for_url("**/login?signed_up=1")
+    expect(page.locator("#email")).to_be_focused()  # the URL commits before the page has focused the field
     page.keyboard.type("keys@example.com")  # and on the log-in page it has too
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)
     page.keyboard.press("Enter")
     page.wait_for_url("**/keys")
+    expect(page.locator("input[name=name]").first).to_be_focused()
     page.keyboard.type("keyboard")  # Key name has focus when there are no keys yet
     page.keyboard.press("Enter")
     expect(page.locator("#new-key")).to_be_visible()
