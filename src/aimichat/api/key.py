@@ -34,18 +34,7 @@ async def key_standing(request: Request, principal: Principal = Depends(require_
 
     summary, key_day, key_month, (requests, tokens) = await run_in_threadpool(read)
     body = key_body(principal, summary, key_day, key_month, requests, tokens, now)
-    figures = ledger.KeyFigures(
-        day_used=key_day,
-        daily_cap=principal.limits.daily_cap,
-        month_used=key_month,
-        monthly_cap=principal.limits.monthly_cap,
-        minute=periods.minute_start(now),
-        at=now,
-        requests_used=requests,
-        rpm=principal.limits.rpm,
-        tokens_used=tokens,
-        tpm=principal.limits.tpm,
-    )
+    figures = ledger.key_figures(principal.limits, now, day=key_day, month=key_month, requests=requests, tokens=tokens)
     standing = ledger.Reservation(
         ledger_id=0,
         request_id="",

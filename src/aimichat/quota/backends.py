@@ -479,18 +479,7 @@ class RedisQuota:
         generations = tuple(g.decode() if isinstance(g, bytes) else str(g) for g in result[8:12])
         figures = ledger.NO_KEY_FIGURES
         if keyed:
-            figures = ledger.KeyFigures(
-                day_used=used[2] if limits.daily_cap is not None else None,
-                daily_cap=limits.daily_cap,
-                month_used=used[3] if limits.monthly_cap is not None else None,
-                monthly_cap=limits.monthly_cap,
-                minute=periods.minute_start(now),
-                at=now,
-                requests_used=used[4] if limits.rpm is not None else None,
-                rpm=limits.rpm,
-                tokens_used=used[5] if limits.tpm is not None else None,
-                tpm=limits.tpm,
-            )
+            figures = ledger.key_figures(limits, now, day=used[2], month=used[3], requests=used[4], tokens=used[5])
         return ledger.reservation_of(
             principal,
             ledger_id,

@@ -43,7 +43,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
-from aimichat.keys.service import LAST_USED_RESOLUTION, Principal, touch_last_used, use_by_key
+from aimichat.keys.service import LAST_USED_RESOLUTION, KeyLimits, Principal, touch_last_used, use_by_key
 from aimichat.store.models import ApiKey, KeyCounter, UsageCounter, UsageEvent
 
 from . import key_windows, periods
@@ -93,6 +93,34 @@ class KeyFigures:
     rpm: int | None = None
     tokens_used: int | None = None
     tpm: int | None = None
+
+
+def key_figures(
+    limits: KeyLimits,
+    now: dt.datetime,
+    *,
+    day: int | None = None,
+    month: int | None = None,
+    requests: int | None = None,
+    tokens: int | None = None,
+) -> KeyFigures:
+    """A key's figures at ``now`` from what its counters hold; a count is kept only where it has that limit."""
+
+    def kept(used: int | None, limit: int | None) -> int | None:
+        return used if limit is not None else None
+
+    return KeyFigures(
+        day_used=kept(day, limits.daily_cap),
+        daily_cap=limits.daily_cap,
+        month_used=kept(month, limits.monthly_cap),
+        monthly_cap=limits.monthly_cap,
+        minute=periods.minute_start(now),
+        at=now,
+        requests_used=kept(requests, limits.rpm),
+        rpm=limits.rpm,
+        tokens_used=kept(tokens, limits.tpm),
+        tpm=limits.tpm,
+    )
 
 
 NO_KEY_FIGURES = KeyFigures()
@@ -394,17 +422,8 @@ def _reserve_keyed(
         return None
     if row is None or row["id"] is None:
         return None
-    figures = KeyFigures(
-        day_used=row.get("day"),
-        daily_cap=limits.daily_cap,
-        month_used=row.get("month"),
-        monthly_cap=limits.monthly_cap,
-        minute=minute,
-        at=now,
-        requests_used=row.get("rpm"),
-        rpm=limits.rpm,
-        tokens_used=row.get("tpm"),
-        tpm=limits.tpm,
+    figures = key_figures(
+        limits, now, day=row.get("day"), month=row.get("month"), requests=row.get("rpm"), tokens=row.get("tpm")
     )
     return reservation_of(
         principal, row["id"], cost.want, str(params["p_request"]), now, day_used=row["used"], key=figures,
@@ -489,17 +508,8 @@ def _take_all(
             return "month"
     if key_id is None:
         return day_used, NO_KEY_FIGURES
-    figures = KeyFigures(
-        day_used=key_day_used,
-        daily_cap=limits.daily_cap,
-        month_used=key_month_used,
-        monthly_cap=limits.monthly_cap,
-        minute=minute,
-        at=now,
-        requests_used=requests_used,
-        rpm=limits.rpm,
-        tokens_used=tokens_used,
-        tpm=limits.tpm,
+    figures = key_figures(
+        limits, now, day=key_day_used, month=key_month_used, requests=requests_used, tokens=tokens_used
     )
     return day_used, figures
 

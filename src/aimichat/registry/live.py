@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -439,9 +439,6 @@ class LiveModels:
                 state, ready = "unloaded", True  # loads on its first request
             result.append(ModelStatus(name, item.spec.kind, item.spec.origin, ready, state, error, stats))
         return result
-
-    def engines(self) -> Mapping[str, Engine]:
-        return {name: item.engine for name, item in self._served.items() if item.engine is not None}
 
     def served(self, name: str) -> Served | None:
         return self._served.get(name)

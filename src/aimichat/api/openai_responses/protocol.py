@@ -6,16 +6,19 @@ says so. Function tools wait for tool calling in the chat service (issue 13) and
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeAlias
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from aimichat.api.chat.protocol import ChatCompletionRequest, first_lone_surrogate, unsupported
-
-Int: TypeAlias = Annotated[int, Strict()]
-Float: TypeAlias = Annotated[float, Strict()]
-Bool: TypeAlias = Annotated[bool, Strict()]
-Str: TypeAlias = Annotated[str, Strict()]
+from aimichat.api.chat.protocol import (
+    Bool,
+    ChatCompletionRequest,
+    Float,
+    Int,
+    Str,
+    first_lone_surrogate,
+    unsupported,
+)
 
 _REFUSED = {
     "previous_response_id": "Responses are not stored here (store: false), so there is no previous response "
