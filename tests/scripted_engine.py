@@ -17,6 +17,7 @@ import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aimichat.config import PUBLIC_MODEL_ID
 from aimichat.engines.base import (
@@ -27,6 +28,7 @@ from aimichat.engines.base import (
     EngineStats,
     Event,
     Finish,
+    FinishReason,
     Message,
     PreparedPrompt,
     SamplingParams,
@@ -89,6 +91,7 @@ class ScriptedEngine:
         self.loaded = False  # start() loads, close() unloads; a test may set it to see /readyz answer 503
         self.running = 0
         self.generations: list[Generation] = []
+        self.tools_offered: list[tuple[dict[str, Any], ...]] = []  # the tools each prepare() was given
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -116,12 +119,13 @@ class ScriptedEngine:
             tokens += [f"<{m.role}>", *m.content.split(), *["</>"] * (MESSAGE_OVERHEAD - 1)]
         return tokens
 
-    async def prepare(self, messages: list[Message]) -> PreparedPrompt:
+    async def prepare(self, messages: list[Message], tools: Sequence[dict[str, Any]] = ()) -> PreparedPrompt:
         tokens = self.tokenize_chat(messages)
         room = self.context_length - len(tokens)
         if room < 1:
             raise ContextLengthExceeded(len(tokens), self.context_length)
         rendered = tuple(with_default_system_prompt(list(messages), self.system_prompt))
+        self.tools_offered.append(tuple(tools))
         return PreparedPrompt(rendered, len(tokens), room)
 
     # -- generation --------------------------------------------------------------------------------
@@ -140,33 +144,39 @@ class ScriptedEngine:
         try:
             if self.first_token_delay:
                 await asyncio.sleep(self.first_token_delay)
-            words = iter(self.words(prompt.messages))
-            stops = StopScanner(params.stop)
-            finish, hit_stop, pending = "stop", False, 0
-            while True:
-                if self.fail_after is not None and record.tokens >= self.fail_after:
-                    record.outcome = "failed"
-                    raise EngineError("injected failure")
-                word = next(words, None)
-                if word is None:  # the reply is complete (a model's end-of-turn token)
-                    break
-                if self.token_delay and record.tokens:
-                    await asyncio.sleep(self.token_delay)
-                out, hit_stop = stops.push(word if record.tokens == 0 else " " + word)
-                record.tokens += 1
-                pending += 1
-                if out:
-                    yield Delta(out, pending)
-                    pending = 0
-                if hit_stop:
-                    break
-                if record.tokens >= params.max_tokens:
-                    finish = "length"
-                    break
-            if not hit_stop and (tail := stops.flush()):
-                yield Delta(tail, pending)
+            reasons: list[FinishReason] = []
+            for index in range(params.n):  # n choices, one after the other, each the same reply
+                words = iter(self.words(prompt.messages))
+                stops = StopScanner(params.stop)
+                finish: FinishReason = "stop"
+                hit_stop, pending, made = False, 0, 0
+                while True:
+                    if self.fail_after is not None and record.tokens >= self.fail_after:
+                        record.outcome = "failed"
+                        raise EngineError("injected failure")
+                    word = next(words, None)
+                    if word is None:  # the reply is complete (a model's end-of-turn token)
+                        break
+                    if self.token_delay and record.tokens:
+                        await asyncio.sleep(self.token_delay)
+                    out, hit_stop = stops.push(word if made == 0 else " " + word)
+                    record.tokens += 1
+                    made += 1
+                    pending += 1
+                    if out:
+                        yield Delta(out, pending, index=index)
+                        pending = 0
+                    if hit_stop:
+                        break
+                    if made >= params.max_tokens:
+                        finish = "length"
+                        break
+                if not hit_stop and (tail := stops.flush()):
+                    yield Delta(tail, pending, index=index)
+                reasons.append(finish)
             record.outcome = "finished"
-            yield Finish(finish, prompt.prompt_tokens, record.tokens)
+            every = tuple(reasons) if params.n > 1 else ()
+            yield Finish(reasons[0], prompt.prompt_tokens, record.tokens, reasons=every)
         finally:
             if record.outcome == "running":
                 record.outcome = "closed"

@@ -115,7 +115,7 @@ def test_add_embedded_and_upstream_models_then_list_them(run, tmp_path):
     run(
         "models", "add", "remote", "--upstream", "http://127.0.0.1:9,http://127.0.0.1:10/v1/chat/completions",
         "--upstream-model", "llama3", "--api-key-env", "OLLAMA_API_KEY", "--context-length", "8192",
-        "--system-prompt", "Be brief.",
+        "--system-prompt", "Be brief.", "--multimodal", "--strip-fields", "logit_bias", "--refuse-fields", "tools, n",
     )  # fmt: skip
     missing = run("models", "add", "elsewhere", "--embedded", "--gguf", str(tmp_path / "not-here.gguf"))
     assert "not-here.gguf is not on this host" in missing.stderr  # saved all the same: another replica may have it
@@ -137,6 +137,8 @@ def test_add_embedded_and_upstream_models_then_list_them(run, tmp_path):
         "system_prompt": None,
         "load_on_demand": True,
         "idle_unload": 300.0,
+        "temperature": None,
+        "top_p": None,
     }
     assert by_name["remote"] == {
         "name": "remote",
@@ -150,6 +152,11 @@ def test_add_embedded_and_upstream_models_then_list_them(run, tmp_path):
         "upstream_model": "llama3",
         "api_key_env": "OLLAMA_API_KEY",
         "system_prompt": "Be brief.",
+        "multimodal": True,
+        "strip_fields": ["logit_bias"],
+        "refuse_fields": ["tools", "n"],
+        "temperature": None,
+        "top_p": None,
     }
     assert by_name["elsewhere"]["ready"] is False
 
@@ -394,6 +401,11 @@ def test_discover_registers_an_upstream_and_reports_what_it_lists(run, upstream,
         "upstream_model": "alpha",
         "api_key_env": "LAB_KEY",
         "system_prompt": None,
+        "multimodal": False,
+        "strip_fields": [],
+        "refuse_fields": [],
+        "temperature": None,
+        "top_p": None,
     }
     text = run("models", "list").stdout
     assert f"discovered upstream with prefix 'lab/' ({upstream.url}/v1): lists 2 model(s)" in text

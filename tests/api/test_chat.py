@@ -291,7 +291,8 @@ def test_sampling_parameters_reach_the_engine_as_sent(api_server):
     sent = SamplingParams(7, 0.3, 0.9, ("END",), 42, presence_penalty=0.5, frequency_penalty=-0.5)
     assert api_server.engine.generations[-1].params == sent
     assert api_server.chat({"messages": body["messages"], "stop": ["a", "b"]}).status_code == 200
-    defaults = SamplingParams(max_tokens=1024, temperature=1.0, top_p=1.0, stop=("a", "b"))  # 1024: the default budget
+    # Left out: the model's defaults (aimichat-1's: AIMICHAT_DEFAULT_TEMPERATURE, _TOP_P), 1024 the default budget.
+    defaults = SamplingParams(max_tokens=1024, temperature=0.2, top_p=0.9, stop=("a", "b"))
     assert api_server.engine.generations[-1].params == defaults
 
 

@@ -312,7 +312,8 @@ def test_a_disconnect_frees_its_slot_for_a_queued_request_while_the_others_conti
     queued = Stream()
     late = threading.Thread(target=stream_chat, args=(server, "What is the capital of Italy?", 8, queued))
     late.start()
-    wait_until(lambda: engine8.stats().queued == 1)
+    # It waits for a turn: in the engine's queue, or before it, in the fairness gate's (quota/fairness.py).
+    wait_until(lambda: engine8.stats().queued + server.app.state.fairness.waiting(engine8) == 1)
     assert queued.first_at is None  # every slot is taken: it waits
     hang_up.set()
     for t in [*threads, late]:
@@ -604,6 +605,8 @@ def stream_to_end(server, body: dict, results: dict[int, tuple], index: int) -> 
 
 def test_one_slot_full_queue_answers_503_with_retry_after_and_loses_nothing(queue_server, engine, monkeypatch):
     monkeypatch.setattr(engine, "max_queue", 2)
+    # Requests wait for their turn in the fairness gate (quota/fairness.py) before the engine's own queue.
+    monkeypatch.setattr(queue_server.app.state.fairness, "max_waiting", 2)
     results: dict[int, tuple] = {}
     body = {**QUEUED, "max_tokens": 30}
     threads = [threading.Thread(target=stream_to_end, args=(queue_server, body, results, i)) for i in range(8)]
@@ -625,6 +628,7 @@ def test_one_slot_full_queue_answers_503_with_retry_after_and_loses_nothing(queu
 
 def test_one_slot_waiting_longer_than_the_queue_timeout_answers_503(queue_server, engine, monkeypatch):
     monkeypatch.setattr(engine, "queue_timeout", 0.5)
+    monkeypatch.setattr(queue_server.app.state.fairness, "timeout", 0.5)  # the gate's wait, before the engine's
     results: dict[int, tuple] = {}
     # The first stream must still be running when the second has waited 0.5 s: ~3 s at 100 tok/s.
     first = threading.Thread(target=stream_to_end, args=(queue_server, {**QUEUED, "max_tokens": 300}, results, 0))

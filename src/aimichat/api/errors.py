@@ -10,7 +10,7 @@ answers in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
 from __future__ import annotations
 
-from aimichat.engines.base import ContextLengthExceeded, EngineBusy, EngineError, UpstreamRejected
+from aimichat.engines.base import ContextLengthExceeded, EngineBusy, EngineError, InvalidRequest, UpstreamRejected
 from aimichat.quota.ledger import RateLimit
 
 _TYPES = {
@@ -19,6 +19,7 @@ _TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     503: "service_unavailable",
 }
@@ -73,7 +74,7 @@ def engine_error(exc: EngineError) -> APIError:
         return APIError(400, str(exc), code="context_length_exceeded", param="messages")
     if isinstance(exc, EngineBusy):
         return APIError(503, str(exc), code="engine_overloaded", retry_after=exc.retry_after)
-    if isinstance(exc, UpstreamRejected):  # the upstream's 4xx: the caller's request, not our failure
+    if isinstance(exc, UpstreamRejected | InvalidRequest):  # the caller's request, not our failure
         return APIError(400, exc.reason, code=exc.code, param=exc.param)
     return APIError(
         503, "The model failed to answer; nothing was charged. Retry shortly.", code="engine_error", retry_after=1

@@ -27,6 +27,8 @@ class EmbeddedConfig:
     system_prompt: str | None = None
     load_on_demand: bool = False  # load at the first request rather than at start
     idle_unload: float | None = None  # seconds without a request before it is unloaded (None: never)
+    temperature: float | None = None  # used when a request sends none (None: OpenAI's 1.0)
+    top_p: float | None = None  # used when a request sends none (None: OpenAI's 1.0)
 
     kind = "embedded"
 
@@ -39,6 +41,8 @@ class EmbeddedConfig:
             "system_prompt": self.system_prompt,
             "load_on_demand": self.load_on_demand or None,
             "idle_unload": self.idle_unload,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -52,6 +56,8 @@ class EmbeddedConfig:
             system_prompt=data.get("system_prompt"),
             load_on_demand=bool(data.get("load_on_demand", False)),
             idle_unload=data.get("idle_unload"),
+            temperature=data.get("temperature"),
+            top_p=data.get("top_p"),
         )
 
 
@@ -64,6 +70,11 @@ class UpstreamConfig:
     api_key_env: str | None = None  # the environment variable holding its API key (never the key)
     system_prompt: str | None = None
     context_length: int | None = None  # what /v1/models reports, when known
+    multimodal: bool = False  # reads content parts other than text (images, audio, files): passed on as sent
+    strip_fields: tuple[str, ...] = ()  # request fields removed before the request goes upstream
+    refuse_fields: tuple[str, ...] = ()  # request fields answered with a 400 (the upstream mishandles them)
+    temperature: float | None = None  # sent when a request sends none (None: OpenAI's 1.0)
+    top_p: float | None = None  # sent when a request sends none (None: OpenAI's 1.0)
 
     kind = "upstream"
 
@@ -74,6 +85,11 @@ class UpstreamConfig:
             "api_key_env": self.api_key_env,
             "system_prompt": self.system_prompt,
             "context_length": self.context_length,
+            "multimodal": self.multimodal or None,
+            "strip_fields": list(self.strip_fields) or None,
+            "refuse_fields": list(self.refuse_fields) or None,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -85,6 +101,11 @@ class UpstreamConfig:
             api_key_env=data.get("api_key_env"),
             system_prompt=data.get("system_prompt"),
             context_length=data.get("context_length"),
+            multimodal=bool(data.get("multimodal")),
+            strip_fields=tuple(data.get("strip_fields") or ()),
+            refuse_fields=tuple(data.get("refuse_fields") or ()),
+            temperature=data.get("temperature"),
+            top_p=data.get("top_p"),
         )
 
 
@@ -113,6 +134,7 @@ def build_engine(name: str, config: EngineConfig, settings: Settings, *, threads
             ),
             breaker_failures=settings.upstream_breaker_failures,
             breaker_cooldown=settings.upstream_breaker_cooldown,
+            strip_fields=config.strip_fields,
         )
     from .llama import LlamaEngine
 

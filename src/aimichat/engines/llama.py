@@ -55,16 +55,19 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import llama_cpp
+import numpy as np
 from llama_cpp._internals import LlamaContext, LlamaModel
 
+from . import tools as tool_calls
 from .base import (
+    JSON,
     ContextLengthExceeded,
     Delta,
     EngineBusy,
@@ -73,6 +76,7 @@ from .base import (
     Event,
     Finish,
     FinishReason,
+    InvalidRequest,
     Message,
     PreparedPrompt,
     SamplingParams,
@@ -132,6 +136,7 @@ class ChatPrompt:
             raise EngineError(f"{model_name} has no chat template in its metadata")
         self._model = model
         self._system_prompt = system_prompt
+        self.knows_tools = "tools" in template  # the template renders tools and tool calls itself
         self._formatter = Jinja2ChatFormatter(
             template=template,
             eos_token=_token_text(model, model.token_eos()),
@@ -139,14 +144,33 @@ class ChatPrompt:
             stop_token_ids=[model.token_eos()],
         )
 
-    def tokens(self, messages: list[Message]) -> list[int]:
-        """The prompt tokens of ``messages``, our system prompt first when they bring none."""
+    def tokens(self, messages: list[Message], tools: Sequence[JSON] = ()) -> list[int]:
+        """The prompt tokens of ``messages``, our system prompt first when they bring none, offering ``tools``
+        (see :mod:`~aimichat.engines.tools`)."""
         chat = with_default_system_prompt(messages, self._system_prompt)
-        dicts = [{"role": m.role, "content": m.content} for m in chat]
-        rendered = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", dicts))  # roles: the API's job
+        if self.knows_tools:
+            dicts = [tool_calls.template_message(m) for m in chat]
+            rendered = self._formatter(
+                messages=cast("list[ChatCompletionRequestMessage]", dicts),
+                tools=cast("Any", list(tools) or None),
+            )
+        else:
+            if tools:
+                chat = _with_tools_prompt(chat, tools)
+            dicts = [{"role": m.role, "content": m.content} for m in tool_calls.render_history(chat)]
+            # Roles are the API's to check.
+            rendered = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", dicts))
         prompt = rendered.prompt.encode("utf-8")
         tokens: list[int] = self._model.tokenize(prompt, add_bos=not rendered.added_special, special=True)
         return tokens
+
+
+def _with_tools_prompt(chat: list[Message], tools: Sequence[JSON]) -> list[Message]:
+    """``chat`` with the tools offered at the end of its system message (or in a new one)."""
+    offer = tool_calls.tool_prompt(tools)
+    if chat and chat[0].role == "system":
+        return [Message("system", f"{chat[0].content}\n\n{offer}" if chat[0].content else offer), *chat[1:]]
+    return [Message("system", offer), *chat]
 
 
 def _token_text(model: LlamaModel, token: int) -> str:
@@ -238,6 +262,10 @@ class _Request:
     events: asyncio.Queue[Event | BaseException] = field(default_factory=asyncio.Queue)
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False  # set by the event loop when the caller goes away; the scheduler polls it
+    # Scheduler-thread state of its choices (params.n sequences): one Finish once the last one ends.
+    remaining: int = 0
+    reasons: list[FinishReason] = field(default_factory=list)
+    generated: int = 0  # completion tokens of the choices that have ended
 
 
 @dataclass(eq=False)
@@ -251,10 +279,17 @@ class _Sequence:
     output: TextOutput
     n_past: int  # tokens of this sequence in its slot's KV cells (a kept prompt prefix included)
     next_token: int | None = None  # sampled but not decoded yet; None while reading the prompt
+    index: int = 0  # the choice it makes (n > 1)
+    # A further choice waits for the first one's prompt, then copies its cells and samples from its logits:
+    # n choices read their prompt once.
+    leader: _Sequence | None = None
+    logprobs: list[JSON] = field(default_factory=list)  # entries of tokens whose text has not gone out yet
 
     @property
     def prompt_left(self) -> int:
-        return len(self.request.tokens) - self.n_past if self.next_token is None else 0
+        if self.next_token is not None or self.leader is not None:
+            return 0
+        return len(self.request.tokens) - self.n_past
 
 
 class _Chunk(NamedTuple):
@@ -506,14 +541,14 @@ class LlamaEngine:
 
     # -- prompt --------------------------------------------------------------------------------
 
-    async def prepare(self, messages: list[Message]) -> PreparedPrompt:
-        tokens = await self._tokenize_off_loop(messages)
+    async def prepare(self, messages: list[Message], tools: Sequence[JSON] = ()) -> PreparedPrompt:
+        tokens = await self._tokenize_off_loop(messages, tools)
         room = self.context_length - len(tokens)
         if room < 1:
             raise ContextLengthExceeded(len(tokens), self.context_length)
         return PreparedPrompt(tuple(messages), len(tokens), room, payload=tokens)
 
-    async def _tokenize_off_loop(self, messages: list[Message]) -> list[int]:
+    async def _tokenize_off_loop(self, messages: list[Message], tools: Sequence[JSON] = ()) -> list[int]:
         """Tokenise a chat without stalling the event loop, and refuse at once what cannot fit.
 
         Rendering costs time per message as well as per character: tens of thousands of empty
@@ -522,17 +557,26 @@ class LlamaEngine:
         floor = _MIN_TOKENS_PER_MESSAGE * len(messages)
         if floor > self.context_length:
             raise ContextLengthExceeded(floor, self.context_length)
-        if len(messages) > _MANY_MESSAGES or sum(len(m.content) for m in messages) > _LONG_PROMPT_CHARS:
-            return await asyncio.to_thread(self.tokenize_chat, messages)
+        if tools or len(messages) > _MANY_MESSAGES or sum(len(m.content) for m in messages) > _LONG_PROMPT_CHARS:
+            return await asyncio.to_thread(self.tokenize_chat, messages, tools)
         return self.tokenize_chat(messages)
 
-    def tokenize_chat(self, messages: list[Message]) -> list[int]:
+    def tokenize_chat(self, messages: list[Message], tools: Sequence[JSON] = ()) -> list[int]:
         """The exact prompt tokens: the GGUF's chat template, with our system prompt if none is given."""
-        return self._llama.prompt.tokens(messages)
+        return self._llama.prompt.tokens(messages, tools)
 
     # -- generation (event-loop side) ----------------------------------------------------------
 
-    async def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncGenerator[Event, None]:
+    def generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncGenerator[Event, None]:
+        events = self._generate(prompt, params)
+        if params.calls_tools():
+            return _with_tool_calls(events, params)
+        return events
+
+    async def _generate(self, prompt: PreparedPrompt, params: SamplingParams) -> AsyncGenerator[Event, None]:
+        if params.n > self.slots:
+            limit = self.slots
+            raise InvalidRequest(f"This model makes at most {limit} choices at once: ask for n <= {limit}.", param="n")
         if not isinstance(prompt.payload, list):
             raise EngineError("the prompt was not prepared by this engine")
         tokens: list[int] = list(prompt.payload)
@@ -551,7 +595,8 @@ class LlamaEngine:
             self._cond.notify()
         try:
             try:
-                await asyncio.wait_for(request.started.wait(), self.queue_timeout)
+                async with asyncio.timeout(self.queue_timeout):  # wait_for can swallow a cancellation on 3.11
+                    await request.started.wait()
             except TimeoutError:
                 raise EngineBusy("Timed out waiting for the engine; retry shortly.", retry_after=5) from None
             while True:
@@ -615,13 +660,20 @@ class LlamaEngine:
                 self._release(seq)
 
     def _admit(self) -> None:
-        """Move waiting requests, oldest first, into free slots (lowest id first)."""
+        """Move waiting requests, oldest first, into free slots (lowest id first); a request of n choices
+        takes n slots at once."""
         admitted: list[_Request] = []
         with self._cond:
-            while self._pending and self._busy + len(admitted) < self.slots:
-                request = self._pending.popleft()
-                if not request.cancelled:  # gave up an instant ago, not yet out of the queue
-                    admitted.append(request)
+            taken = self._busy
+            while self._pending:
+                request = self._pending[0]
+                if request.cancelled:  # gave up an instant ago, not yet out of the queue
+                    self._pending.popleft()
+                    continue
+                if taken + request.params.n > self.slots:
+                    break
+                admitted.append(self._pending.popleft())
+                taken += request.params.n
         for request in admitted:
             try:
                 self._seat(request)
@@ -631,16 +683,29 @@ class LlamaEngine:
 
     def _seat(self, request: _Request) -> None:
         params = request.params
+        request.remaining, request.reasons = params.n, ["stop"] * params.n
         seq_id, kept = self._claim_slot(request.tokens)
-        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        leader = self._new_sequence(request, seq_id, kept, 0)
+        for index in range(1, params.n):
+            follower = min(i for i, seq in enumerate(self._seqs) if seq is None)
+            self._drop_cells(follower, 0)
+            self._new_sequence(request, follower, 0, index, leader)
+        self._outbox.append((request, _STARTED))
+
+    def _new_sequence(
+        self, request: _Request, seq_id: int, kept: int, index: int, leader: _Sequence | None = None
+    ) -> _Sequence:
+        params = request.params
+        seed = params.seed + index if params.seed is not None else random.getrandbits(31)
         n_vocab = self._llama.model.n_vocab()
         sampler = make_sampler(
             params, n_vocab=n_vocab, repeat_penalty=self.repeat_penalty, seed=seed, vocab=self._llama.model.vocab
         )
         output = TextOutput(params.stop)
-        self._seqs[seq_id] = _Sequence(seq_id, next(self._admissions), request, sampler, output, kept)
+        seq = _Sequence(seq_id, next(self._admissions), request, sampler, output, kept, index=index, leader=leader)
+        self._seqs[seq_id] = seq
         self._busy += 1
-        self._outbox.append((request, _STARTED))
+        return seq
 
     def _claim_slot(self, tokens: list[int]) -> tuple[int, int]:
         """The free slot whose KV cells hold the longest start of ``tokens``, and how many tokens it keeps.
@@ -678,15 +743,19 @@ class LlamaEngine:
         saved = min(longer, n_tokens - REREAD_TOKENS) - shared  # prompt rows it would not read
         if saved <= 0 or saved * _COPY_TOKENS_PER_ROW < len(self._cells[donor]):
             return shared
+        return longer if self._copy_cells(donor, seq_id) else 0
+
+    def _copy_cells(self, donor: int, seq_id: int) -> bool:
+        """Give slot ``seq_id`` a copy of slot ``donor``'s KV cells (its bytes: the very values)."""
         native = self._llama
         size = llama_cpp.llama_state_seq_get_size(native.ctx.ctx, donor)
         state = (ctypes.c_uint8 * size)()
         copied = llama_cpp.llama_state_seq_get_data(native.ctx.ctx, state, size, donor) == size
         if not copied or llama_cpp.llama_state_seq_set_data(native.ctx.ctx, state, size, seq_id) != size:
             self._drop_cells(seq_id, 0)  # what a failed copy left in the slot is unknown
-            return 0
+            return False
         self._cells[seq_id] = list(self._cells[donor])
-        return longer
+        return True
 
     def _step_or_fail(self) -> None:
         active = self._active()
@@ -736,7 +805,7 @@ class LlamaEngine:
         for seq, token in zip(generating, tokens, strict=True):
             self._cells[seq.seq_id].append(token)
         ctx = llama.ctx.ctx
-        sampled = [seq.sampler.sample(ctx, index) for index, seq in enumerate(generating)]  # before the next decode
+        sampled = [self._sample(seq, ctx, index) for index, seq in enumerate(generating)]  # before the next decode
         self._profile.mark("sample")
         for seq, token in zip(generating, sampled, strict=True):
             self._advance(seq, token)
@@ -767,19 +836,44 @@ class LlamaEngine:
             seq.n_past += length
         ctx = llama.ctx.ctx
         done = [(seq, row) for (seq, _), row in zip(group, last_rows, strict=True) if not seq.prompt_left]
-        sampled = [seq.sampler.sample(ctx, row) for seq, row in done]  # before the next decode overwrites the logits
+        # Further choices of the same prompt copy its cells and sample from the same logits row, all before
+        # the next decode overwrites the logits.
+        done += [(follower, row) for seq, row in done for follower in self._followers(seq)]
+        sampled = [self._sample(seq, ctx, row) for seq, row in done]
         for (seq, _), token in zip(done, sampled, strict=True):
             self._advance(seq, token)
+
+    def _followers(self, leader: _Sequence) -> list[_Sequence]:
+        """The further choices waiting for ``leader``'s prompt, now given its cells."""
+        followers = [seq for seq in self._active() if seq.leader is leader]
+        for seq in followers:
+            if not self._copy_cells(leader.seq_id, seq.seq_id):
+                raise EngineError("could not copy a prompt's cells to a further choice")
+            seq.leader, seq.n_past = None, leader.n_past
+        return followers
+
+    def _sample(self, seq: _Sequence, ctx: llama_cpp.llama_context_p, row: int) -> int:
+        """The sequence's next token from logits ``row``, with its log probability when asked for."""
+        params = seq.request.params
+        if not params.logprobs:
+            return seq.sampler.sample(ctx, row)
+        model = self._llama.model
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(model.n_vocab(),)).copy()
+        token = seq.sampler.sample(ctx, row)  # the raw logits' distribution, as OpenAI's logprobs are
+        seq.logprobs.append(_logprob_entry(model, logits, token, params.top_logprobs))
+        return token
 
     def _advance(self, seq: _Sequence, token: int) -> None:
         """Hand one sampled token to its request; finish the sequence when it is done."""
         model = self._llama.model
         if llama_cpp.llama_vocab_is_eog(model.vocab, token):
-            self._finish(seq, "stop")  # the end-of-generation token is not part of the answer
+            if seq.logprobs:
+                seq.logprobs.pop()  # the end-of-generation token is not part of the answer
+            self._finish(seq, "stop")
             return
         delta = seq.output.push(model.detokenize([token]))
         if delta is not None:
-            self._outbox.append((seq.request, delta))
+            self._emit(seq, delta)
         if seq.output.hit_stop:
             self._finish(seq, "stop")
         elif seq.output.generated >= seq.request.params.max_tokens or seq.n_past >= self.context_length:
@@ -787,11 +881,24 @@ class LlamaEngine:
         else:
             seq.next_token = token
 
+    def _emit(self, seq: _Sequence, delta: Delta) -> None:
+        if seq.index or seq.logprobs:
+            delta = replace(delta, index=seq.index, logprobs=tuple(seq.logprobs))
+            seq.logprobs = []
+        self._outbox.append((seq.request, delta))
+
     def _finish(self, seq: _Sequence, reason: FinishReason) -> None:
+        request = seq.request
         tail = seq.output.tail()
-        if tail is not None:
-            self._outbox.append((seq.request, tail))
-        self._outbox.append((seq.request, Finish(reason, len(seq.request.tokens), seq.output.generated)))
+        if tail is not None or seq.logprobs:
+            self._emit(seq, tail or Delta("", 0))
+        request.reasons[seq.index] = reason
+        request.generated += seq.output.generated
+        request.remaining -= 1
+        if not request.remaining:  # its last choice: the usage of them all
+            reasons = tuple(request.reasons) if len(request.reasons) > 1 else ()
+            finish = Finish(request.reasons[0], len(request.tokens), request.generated, reasons=reasons)
+            self._outbox.append((request, finish))
         self._release(seq)
 
     def _release(self, seq: _Sequence, keep_cells: bool = True) -> None:
@@ -829,6 +936,49 @@ class LlamaEngine:
         for request in waiting:  # wake them from their wait for a slot, then fail them
             self._outbox += [(request, _STARTED), (request, error)]
         self._flush()
+
+
+async def _with_tool_calls(events: AsyncGenerator[Event, None], params: SamplingParams) -> AsyncGenerator[Event, None]:
+    """The events with each choice's constrained text turned into tool calls (see ``tools.ToolCallStream``)."""
+    auto = params.tool_choice in (None, "auto")
+    streams = [tool_calls.ToolCallStream(auto) for _ in range(params.n)]
+    try:
+        async for event in events:
+            if isinstance(event, Delta):
+                for out in streams[event.index].push(event):
+                    yield out
+                continue
+            for index, stream in enumerate(streams):
+                for out in stream.finish(Delta("", 0, index=index)):
+                    yield out
+            reasons: list[FinishReason] = [
+                "tool_calls" if stream.calls and event.reason(i) == "stop" else event.reason(i)
+                for i, stream in enumerate(streams)
+            ]
+            yield replace(
+                event,
+                finish_reason=reasons[0],
+                reasons=tuple(reasons) if params.n > 1 else (),
+            )
+    finally:
+        await events.aclose()
+
+
+def _logprob_entry(model: LlamaModel, logits: Any, token: int, top: int) -> JSON:
+    """OpenAI's entry for one sampled token: its log probability under the model, and the ``top`` likeliest."""
+    logits = logits.astype(np.float64)
+    peak = logits.max()
+    logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+
+    def entry(t: int) -> JSON:
+        raw: bytes = model.detokenize([t])
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(logprobs[t]), "bytes": list(raw)}
+
+    alternatives = []
+    if top:
+        best = np.argpartition(-logprobs, top)[:top]
+        alternatives = [entry(int(t)) for t in sorted(best, key=lambda t: -logprobs[t])]
+    return entry(token) | {"top_logprobs": alternatives}
 
 
 def _sampled(seq: _Sequence) -> int:

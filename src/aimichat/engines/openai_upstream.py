@@ -31,7 +31,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +41,7 @@ import anyio
 import httpx
 
 from .base import (
+    JSON,
     Delta,
     EngineBusy,
     EngineError,
@@ -79,8 +81,20 @@ _CONTEXT_MESSAGE = re.compile(
 _CLIENT_ERROR_TYPES = {"invalid_request_error", "BadRequestError", "invalid_request"}
 
 
-def estimate_prompt_tokens(chat: Sequence[dict[str, str]]) -> int:
-    return TOKENS_PER_REPLY + sum(TOKENS_PER_MESSAGE + math.ceil(len(m["content"]) / CHARS_PER_TOKEN) for m in chat)
+def estimate_prompt_tokens(chat: Sequence[Mapping[str, Any]], tools: Sequence[JSON] = ()) -> int:
+    """A guess at the prompt's tokens: each message's text (content parts and calls as JSON) and the tools'
+    JSON at CHARS_PER_TOKEN, plus the template's framing."""
+    tokens = TOKENS_PER_REPLY + math.ceil(len(json.dumps(list(tools))) / CHARS_PER_TOKEN) if tools else TOKENS_PER_REPLY
+    for m in chat:
+        size = len(_text_of(m.get("content"))) + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+        tokens += TOKENS_PER_MESSAGE + math.ceil(size / CHARS_PER_TOKEN)
+    return tokens
+
+
+def _text_of(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    return json.dumps(content) if content else ""  # parts: an image's URL is sent, and read, as text
 
 
 def parse_urls(value: str | Sequence[str]) -> list[str]:
@@ -192,7 +206,9 @@ class _Relay:
     def __init__(self, response: httpx.Response):
         self.response = response
         self._lines = response.aiter_lines()
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # the first choice's
+        self.finish_reasons: dict[int, str] = {}  # every choice's, by index
+        self._pending: deque[Delta] = deque()  # deltas of a payload that held several choices
         self.usage: dict[str, Any] | None = None
         self.events = 0  # data events seen (an empty 200 stream has none)
         self.done = False  # the upstream sent [DONE]
@@ -215,17 +231,15 @@ class _Relay:
                     pass
         await self.response.aclose()
 
-    async def next_text(self) -> str | None:
-        """The next non-empty piece of text, or None when the stream is over."""
-        while not self.ended:
+    async def next_delta(self) -> Delta | None:
+        """The next piece of an answer (text, tool calls, log probabilities…), or None when the stream is over."""
+        while not self._pending and not self.ended:
             payload = await self._next_payload()
             if payload is None:
                 self.ended = True
                 break
-            text = self._absorb(payload)
-            if text:
-                return text
-        return None
+            self._pending += self._absorb(payload)
+        return self._pending.popleft() if self._pending else None
 
     async def _next_payload(self) -> dict[str, Any] | None:
         """The next SSE ``data`` payload, decoded; None at ``[DONE]`` or at the end of the body."""
@@ -257,27 +271,58 @@ class _Relay:
             raise _StreamBroken(f"unexpected stream event: {data[:200]!r}")
         return payload
 
-    def _absorb(self, payload: dict[str, Any]) -> str:
+    def _absorb(self, payload: dict[str, Any]) -> list[Delta]:
         if payload.get("error"):
             reason, code, kind = _error_fields(payload)
             raise _StreamBroken(reason, code=code, kind=kind)
         if isinstance(payload.get("usage"), dict):
             self.usage = payload["usage"]
-        choices = payload.get("choices") or []
-        if not choices or not isinstance(choices[0], dict):
-            return ""
-        choice = choices[0]
-        if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
-        content = (choice.get("delta") or {}).get("content")
-        return content if isinstance(content, str) else ""
+        deltas = []
+        for choice in payload.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            index = choice["index"] if isinstance(choice.get("index"), int) else 0
+            if choice.get("finish_reason"):
+                self.finish_reasons[index] = str(choice["finish_reason"])
+                if index == 0:
+                    self.finish_reason = self.finish_reasons[0]
+            delta = _delta(choice, index)
+            if delta is not None:
+                deltas.append(delta)
+        return deltas
+
+
+# Delta fields we read ourselves; any other (reasoning_content, refusal, an engine's own) reaches the caller as sent.
+_DELTA_FIELDS = frozenset({"role", "content", "tool_calls", "function_call"})
+
+
+def _delta(choice: dict[str, Any], index: int) -> Delta | None:
+    """One choice of an upstream chunk as a Delta; None when it carries nothing to pass on."""
+    body: dict[str, Any] = choice["delta"] if isinstance(choice.get("delta"), dict) else {}
+    content = body.get("content")
+    text = content if isinstance(content, str) else ""
+    calls = body.get("tool_calls")
+    tool_calls = tuple(c for c in calls if isinstance(c, dict)) if isinstance(calls, list) else ()
+    logprobs = choice.get("logprobs")
+    entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+    extra = {k: v for k, v in body.items() if k not in _DELTA_FIELDS and v is not None}
+    if not (text or tool_calls or entries or extra):
+        return None
+    return Delta(
+        text,
+        1,
+        index=index,
+        tool_calls=tool_calls,
+        logprobs=tuple(entries) if isinstance(entries, list) else (),
+        extra=extra or None,
+    )
 
 
 @dataclass
 class _Opened:
     upstream: _Upstream
     relay: _Relay
-    first: str | None  # the first piece of text; None when the answer is empty
+    first: Delta | None  # the first piece of the answer; None when the answer is empty
 
 
 # -- the engine ----------------------------------------------------------------------------------
@@ -298,8 +343,10 @@ class UpstreamEngine:
         breaker_failures: int = 3,
         breaker_cooldown: float = 30.0,
         max_connections: int = 256,
+        strip_fields: Sequence[str] = (),
     ):
         self.model_id = model_id
+        self.strip_fields = tuple(strip_fields)  # request fields never sent to this upstream
         self.model = model  # the upstream's name for it; empty: leave "model" out, the server's default
         self.system_prompt = system_prompt
         self.timeouts = timeouts
@@ -394,11 +441,12 @@ class UpstreamEngine:
 
     # -- prompt --------------------------------------------------------------------------------
 
-    async def prepare(self, messages: list[Message]) -> PreparedPrompt:
-        """The chat as sent upstream (our system prompt first when it has none), its size estimated."""
+    async def prepare(self, messages: list[Message], tools: Sequence[JSON] = ()) -> PreparedPrompt:
+        """The chat as sent upstream (our system prompt first when it has none; each message as the caller
+        sent it), its size estimated. ``tools`` reach the upstream with the sampling parameters."""
         chat = with_default_system_prompt(messages, self.system_prompt)
-        payload = [{"role": m.role, "content": m.content} for m in chat]
-        tokens = estimate_prompt_tokens(payload)
+        payload = [m.as_json() for m in chat]
+        tokens = estimate_prompt_tokens(payload, tools)
         return PreparedPrompt(tuple(messages), tokens, _UNKNOWN_ROOM, payload=payload, estimated=True)
 
     # -- generation ----------------------------------------------------------------------------
@@ -412,12 +460,12 @@ class UpstreamEngine:
         try:
             opened = await self._open(body)
             delivered = 0
-            text = opened.first
-            while text is not None:
+            delta = opened.first
+            while delta is not None:
                 delivered += 1
-                yield Delta(text, 1)
-                text = await self._next_text(opened)
-            yield _finish(opened.relay, prompt.prompt_tokens, delivered)
+                yield delta
+                delta = await self._next_delta(opened)
+            yield _finish(opened.relay, prompt.prompt_tokens, delivered, params.n)
         finally:
             # Runs on normal end, on error and when the consumer goes away (the caller disconnected):
             # closing the response closes the upstream connection, which stops its generation.
@@ -447,8 +495,22 @@ class UpstreamEngine:
             body["frequency_penalty"] = params.frequency_penalty
         if params.response_format is not None:
             body["response_format"] = params.response_format  # the upstream constrains its own sampling
+        if params.n != 1:
+            body["n"] = params.n
+        if params.logprobs:
+            body["logprobs"] = True
+            if params.top_logprobs:
+                body["top_logprobs"] = params.top_logprobs
+        if params.tools:  # the upstream renders and constrains its own calls
+            body["tools"] = list(params.tools)
+            if params.tool_choice is not None:
+                body["tool_choice"] = params.tool_choice
+            if params.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = params.parallel_tool_calls
         for name, value in params.extra.items():  # what we do not interpret, as the caller sent it
             body.setdefault(name, value)
+        for name in self.strip_fields:  # what this upstream must not receive (the model's setting)
+            body.pop(name, None)
         return body
 
     async def _open(self, body: dict[str, Any]) -> _Opened:
@@ -539,10 +601,10 @@ class UpstreamEngine:
             raise _rejection(reason, code, kind)
         raise _AttemptFailed(f"HTTP {status}: {reason}", retry_same=True)
 
-    async def _first_text(self, upstream: _Upstream, relay: _Relay, body: dict[str, Any]) -> str | None:
-        """The first piece of text; None for a complete but empty answer."""
+    async def _first_text(self, upstream: _Upstream, relay: _Relay, body: dict[str, Any]) -> Delta | None:
+        """The first piece of the answer; None for a complete but empty answer."""
         try:
-            first = await relay.next_text()
+            first = await relay.next_delta()
         except httpx.RequestError as exc:
             if relay.events:
                 raise
@@ -568,12 +630,12 @@ class UpstreamEngine:
             await self._raise_for_answer(response)
         raise _AttemptFailed(f"{what} after HTTP 200 (the same request without streaming succeeds)", retry_same=True)
 
-    async def _next_text(self, opened: _Opened) -> str | None:
+    async def _next_delta(self, opened: _Opened) -> Delta | None:
         """The next piece after the first; a dead or stalled upstream is now an EngineError."""
         relay = opened.relay
         try:
             with anyio.fail_after(self.timeouts.between_tokens):
-                text = await relay.next_text()
+                delta = await relay.next_delta()
         except TimeoutError:
             if relay.finish_reason is not None:  # stalled after its answer, while we waited for usage
                 return None
@@ -584,9 +646,9 @@ class UpstreamEngine:
             raise self._died(opened, _transport_reason(exc)) from exc
         except _StreamBroken as exc:
             raise self._died(opened, exc.reason) from exc
-        if text is None and not relay.complete:
+        if delta is None and not relay.complete:
             raise self._died(opened, "the stream ended before the answer did")
-        return text
+        return delta
 
     def _died(self, opened: _Opened, reason: str) -> EngineError:
         log.warning("upstream %s failed mid-stream: %s", opened.upstream.display_url, reason)
@@ -597,19 +659,34 @@ class UpstreamEngine:
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _finish(relay: _Relay, estimated_prompt: int, delivered: int) -> Finish:
+def _finish(relay: _Relay, estimated_prompt: int, delivered: int, n: int = 1) -> Finish:
     """The upstream's own usage when it sent it; otherwise our estimate, marked as such."""
-    reason: FinishReason = "length" if relay.finish_reason == "length" else "stop"
+    reasons = tuple(_reason(relay.finish_reasons.get(i)) for i in range(n))
+    every = reasons if n > 1 else ()
     usage = relay.usage or {}
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if isinstance(prompt, int) and isinstance(completion, int):
-        return Finish(reason, prompt, completion)
+        return Finish(reasons[0], prompt, completion, reasons=every)
     return Finish(
-        reason,
+        reasons[0],
         prompt if isinstance(prompt, int) else estimated_prompt,
         completion if isinstance(completion, int) else delivered,
         estimated=True,
+        reasons=every,
     )
+
+
+_REASONS: dict[str, FinishReason] = {
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "content_filter": "content_filter",
+    "function_call": "function_call",
+}
+
+
+def _reason(upstream: str | None) -> FinishReason:
+    """OpenAI's finish reasons as sent; anything else (an engine's "eos", "abort"…) is a plain stop."""
+    return _REASONS.get(upstream or "", "stop")
 
 
 def _exhausted(failures: list[_AttemptFailed], skipped: list[_Upstream]) -> EngineError:

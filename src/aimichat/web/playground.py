@@ -191,7 +191,7 @@ async def playground_post(
         error = f"{result.message}. Credits come back at {iso_utc(result.reset_at)}."
         return await _answer(request, visitor, session, **shown, error=error, status=429)
     assert isinstance(result, Completion)  # no hang-up check was asked for
-    reply = result.body["choices"][0]["message"]["content"]
+    reply = result.body["choices"][0]["message"]["content"] or ""
     turns.append({"role": "assistant", "content": reply, "model": str(result.body.get("model") or "")})
     return await _answer(request, visitor, session, **shown, remaining=result.rate_limit.remaining)
 

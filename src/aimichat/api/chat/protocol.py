@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal, NotRequired, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, Strict, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
-from aimichat.engines.base import FinishReason, Message
+from aimichat.engines import tools as tool_calls
+from aimichat.engines.base import JSON, FinishReason, Message
 
 UNSUPPORTED_PARAMETER = "unsupported_parameter"  # the error type of a refusal below; its ctx names the param
 
@@ -42,15 +42,14 @@ def unsupported(param: str, reason: str) -> PydanticCustomError:
 # Fields OpenAI accepts that this server cannot honour: refused with a 400 that says so,
 # rather than silently ignored and giving the caller something other than what they asked for.
 UNSUPPORTED = {
-    "tools": "Tool calling is not supported by this server.",
-    "tool_choice": "Tool calling is not supported by this server.",
-    "functions": "Function calling is not supported by this server.",
-    "function_call": "Function calling is not supported by this server.",
-    "parallel_tool_calls": "Tool calling is not supported by this server.",
-    "top_logprobs": "logprobs are not supported by this server.",
+    "functions": "The legacy 'functions' parameter is not supported; send the same functions as 'tools'.",
+    "function_call": "The legacy 'function_call' parameter is not supported; use 'tool_choice'.",
     "audio": "Audio output is not supported by this server.",
     "prediction": "Predicted outputs are not supported by this server.",
 }
+
+MAX_N = 128  # OpenAI's own bound on n; each tier has its own, lower cap (``tiers set --max-n``)
+MAX_TOOLS = 128  # OpenAI's bound on the functions of one request
 
 
 # Strict scalar types: "max_tokens": "2" or "stream": "yes" is a 400 naming the parameter, as at OpenAI,
@@ -61,27 +60,58 @@ Bool: TypeAlias = Annotated[bool, Strict()]
 Str: TypeAlias = Annotated[str, Strict()]
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContentPart(BaseModel):
+    """A part of a message's content: text, or an image, audio or file an upstream model may read."""
+
+    model_config = ConfigDict(extra="allow")
     type: Str
     text: Str | None = None
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    name: Str
+    arguments: Str = "{}"
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made earlier in the chat."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: Str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. an upstream's "reasoning_content": passed on as sent
 
     role: Str
-    content: Str | list[TextPart] | None = None
+    content: Str | list[ContentPart] | None = None
     name: Str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: Str | None = None
 
     @field_validator("role")
     @classmethod
     def _known_role(cls, role: str) -> str:
         if role == "developer":  # OpenAI's newer name for the system role
             return "system"
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"role '{role}' is not supported; use 'system', 'user' or 'assistant'")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"role '{role}' is not supported; use 'system', 'user', 'assistant' or 'tool'")
         return role
+
+    @model_validator(mode="after")
+    def _tool_message(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the 'tool_call_id' of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages may carry 'tool_calls'")
+        return self
+
+    def has_media(self) -> bool:
+        """Does the content hold parts other than text (images, audio, files)?"""
+        return isinstance(self.content, list) and any(part.type != "text" for part in self.content)
 
     def text(self) -> str:
         if self.content is None:
@@ -92,10 +122,48 @@ class ChatMessage(BaseModel):
         for part in self.content:
             if part.type != "text" or part.text is None:
                 raise unsupported(
-                    "messages", f"content parts of type '{part.type}' are not supported; only 'text' parts are"
+                    "messages",
+                    f"content parts of type '{part.type}' are only read by models marked multimodal; "
+                    "this model reads 'text' parts only",
                 )
             parts.append(part.text)
         return "".join(parts)
+
+    def engine_message(self) -> Message:
+        """The message for an engine. What role, text and calls cannot say (images and other parts, a name,
+        an upstream's own fields) is kept as sent for an upstream; text parts are joined, as some servers
+        (llama-cpp-python's) take content as a string only."""
+        calls = tuple(call.model_dump() for call in self.tool_calls or ())
+        media = self.has_media()
+        text = "" if media else self.text()
+        raw: dict[str, Any] | None = None
+        if media or self.name is not None or self.model_extra or self.tool_calls:
+            raw = self.model_dump(exclude_none=True)
+            if not media:
+                # As sent: an answer of calls only may come with "content": null or "".
+                raw["content"] = None if self.content is None else text
+        return Message(self.role, text, tool_calls=calls, tool_call_id=self.tool_call_id, raw=raw)
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: Str
+    description: Str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not tool_calls.FUNCTION_NAME.match(name):
+            raise ValueError(f"function name '{name}' must be 1-64 letters, digits, underscores or dashes")
+        return name
+
+
+class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class StreamOptions(BaseModel):
@@ -132,9 +200,13 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Float | None = Field(None, ge=-2, le=2)
     stream: Bool | None = False
     stream_options: StreamOptions | None = None
-    n: Int | None = Field(None, ge=1)
+    n: Int | None = Field(None, ge=1, le=MAX_N)
     user: Str | None = None
     logprobs: Bool | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: Bool | None = None
     mode: Str | None = None  # AimiChat: keys may only use "talk"
     response_format: dict[str, Any] | None = None
     _grammar: str | None = PrivateAttr(default=None)
@@ -168,14 +240,43 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="after")
     def _refuse_unsupported_values(self) -> ChatCompletionRequest:
-        if self.n not in (None, 1):
-            raise unsupported("n", "more than one choice (n > 1) is not supported by this server")
-        if self.logprobs:
-            raise unsupported("logprobs", "logprobs are not supported by this server")
-        self._grammar = self._build_grammar()  # refuses a response format it cannot honour
-        for message in self.messages:
-            message.text()  # raises for image or audio parts
+        if self.top_logprobs and not self.logprobs:
+            raise unsupported("top_logprobs", "top_logprobs needs 'logprobs': true")
+        self._check_tool_choice()
+        if self.calls_tools():
+            try:  # the embedded engines' grammar; an upstream constrains its own sampling
+                self._grammar = tool_calls.tool_grammar(self.tool_specs(), self.tool_choice, self.parallel_tool_calls)
+            except tool_calls.ToolError as exc:
+                raise unsupported("tools", str(exc)) from None
+        else:
+            self._grammar = self._build_grammar()  # refuses a response format it cannot honour
         return self
+
+    def _check_tool_choice(self) -> None:
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if not isinstance(name, str):
+                raise unsupported(
+                    "tool_choice", "use 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+                )
+            if name not in tool_calls.function_names(self.tool_specs()):
+                raise unsupported("tool_choice", f"the function '{name}' is not among the tools")
+        elif choice in ("required",) and not self.tools:
+            raise unsupported("tool_choice", "'required' needs at least one tool in 'tools'")
+
+    def tool_specs(self) -> tuple[JSON, ...]:
+        """The tools as sent (unknown fields kept, for an upstream)."""
+        return tuple(tool.model_dump(exclude_none=True) for tool in self.tools or ())
+
+    def calls_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def has_media(self) -> bool:
+        return any(message.has_media() for message in self.messages)
+
+    def choices(self) -> int:
+        return self.n or 1
 
     def passthrough(self) -> dict[str, Any]:
         """The fields an upstream model receives as sent (see ``PASS_THROUGH``)."""
@@ -198,7 +299,9 @@ class ChatCompletionRequest(BaseModel):
         """
         if not self.structured():
             return None
-        from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        from aimichat.engines.json_grammar import schema_grammar
 
         fmt = self.response_format or {}
         kind = fmt.get("type")
@@ -214,13 +317,12 @@ class ChatCompletionRequest(BaseModel):
         if not isinstance(schema, dict):
             raise unsupported("response_format", "'json_schema' needs {'name': ..., 'schema': {...}}")
         try:
-            grammar: str = json_schema_to_gbnf(json.dumps(schema))
-            return grammar
+            return schema_grammar(schema)
         except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise unsupported("response_format", f"this JSON schema cannot be turned into a grammar: {exc}") from None
 
     def engine_messages(self) -> list[Message]:
-        return [Message(m.role, m.text()) for m in self.messages]
+        return [m.engine_message() for m in self.messages]
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -242,15 +344,45 @@ class Usage(TypedDict):
     total_tokens: int
 
 
+class FunctionCallOut(TypedDict):
+    name: str
+    arguments: str  # a JSON text
+
+
+class ToolCallOut(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class TopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(TypedDict):
+    content: list[TokenLogprob] | None
+    refusal: NotRequired[None]
+
+
 class AssistantMessage(TypedDict):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the answer is tool calls only
+    tool_calls: NotRequired[list[ToolCallOut]]
 
 
 class Choice(TypedDict):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason
 
 
@@ -263,15 +395,28 @@ class ChatCompletion(TypedDict):
     usage: Usage
 
 
+class ChunkFunction(TypedDict, total=False):
+    name: str
+    arguments: str  # this piece of the arguments' JSON text
+
+
+class ChunkToolCall(TypedDict, total=False):
+    index: int
+    id: str
+    type: Literal["function"]
+    function: ChunkFunction
+
+
 class ChunkDelta(TypedDict, total=False):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ChunkToolCall]
 
 
 class ChunkChoice(TypedDict):
     index: int
     delta: ChunkDelta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: FinishReason | None
 
 

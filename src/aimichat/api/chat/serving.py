@@ -21,25 +21,47 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from starlette.concurrency import run_in_threadpool
 
 from aimichat.api.errors import APIError, engine_error
 from aimichat.api.metrics import Metrics
-from aimichat.engines.base import EngineError, Event, Finish, FinishReason, PreparedPrompt, SamplingParams
+from aimichat.engines.base import (
+    Delta,
+    EngineError,
+    Event,
+    Finish,
+    FinishReason,
+    PreparedPrompt,
+    SamplingParams,
+)
+from aimichat.engines.configs import EngineConfig
 from aimichat.keys import service as keys
 from aimichat.keys.service import Principal
 from aimichat.quota import ledger, pricing
 from aimichat.quota.backends import QuotaBackend
+from aimichat.quota.fairness import Fairness
 from aimichat.quota.ledger import RateLimit, Refusal, Reservation
 from aimichat.quota.pricing import Price
 from aimichat.registry.live import LiveModels, ModelLookupError, Served
 from aimichat.store.clock import Clock, iso_utc
 from aimichat.store.errors import STORE_UNAVAILABLE
 
-from .protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkDelta, Usage
+from .protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceLogprobs,
+    ChunkDelta,
+    ChunkToolCall,
+    TokenLogprob,
+    ToolCallOut,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +108,11 @@ class ChatService:
     clock: Clock
     default_max_tokens: int = 1024
     metrics: Metrics | None = None
+    # Told of each settlement (the usage alerts' worker): must neither block nor raise.
+    settled: Callable[[Reservation, int], None] | None = None
+    # Told of each refusal (the usage alerts' worker: a spent allotment is at 100%): the same contract.
+    refused: Callable[[Principal, Refusal], None] | None = None
+    fairness: Fairness | None = None  # the tiers' prompt and concurrency limits, round-robin turns between accounts
 
     async def complete(
         self,
@@ -97,9 +124,10 @@ class ChatService:
         """Answer one chat request. ``record`` receives the completion id and the credits charged.
         ``client_gone`` says, without waiting, whether the caller has hung up: a non-streaming answer then
         stops generating (a stream notices by itself, at its next write)."""
-        self._check_request(request)
+        self._check_request(request, principal)
         served = await self._model(request.model, principal)
         engine, model = served.engine, served.spec.name
+        _check_fields(request, served)
         if not keys.model_allowed(principal, model):
             raise APIError(
                 403,
@@ -109,26 +137,32 @@ class ChatService:
                 param="model",
             )
         assert engine is not None  # resolve() returns loaded models only
+        if self.fairness is not None:  # prepare() then refuses a prompt over the tier's size, generate() waits its turn
+            engine = await self.fairness.bind(engine, principal)
         price = self.models.catalog.price(
             principal.tier_name, model, pricing.tier_price(principal.cost_rule, principal.credits_per_1k_tokens)
         )
-        prompt = await engine.prepare(request.engine_messages())
+        tools = request.tool_specs() if request.calls_tools() else ()
+        prompt = await engine.prepare(request.engine_messages(), tools)
         max_tokens = min(request.requested_max_tokens() or self.default_max_tokens, prompt.max_completion_tokens)
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         # An engine that only estimates the prompt is reserved for at worst one token per UTF-8 byte,
         # so a prompt that counts higher than estimated is still paid for in full.
         prompt_bound = _prompt_upper_bound(prompt)
+        n = request.choices()  # every choice may use max_tokens: all of them are reserved for, and charged
         with anyio.CancelScope(shield=True):  # once the database has granted it, we must know about it
-            granted = await self._reserve(principal, completion_id, price, prompt_bound, max_tokens, model)
+            granted = await self._reserve(principal, completion_id, price, prompt_bound, max_tokens * n, model)
         if isinstance(granted, Refusal):
             if self.metrics:
                 self.metrics.refusals.inc()
+            if self.refused is not None:
+                self.refused(principal, granted)
             return granted
         affordable = pricing.affordable_completion(price, granted.credits, prompt_bound)
         if affordable is not None:  # never generate more than the reserved credits pay for
-            max_tokens = min(max_tokens, affordable)
-        call = OpenReservation(self, principal, granted, prompt, price, model, record or CallRecord())
-        events = engine.generate(prompt, _sampling(request, max(1, max_tokens)))
+            max_tokens = min(max_tokens, affordable // n)
+        call = OpenReservation(self, principal, granted, prompt, price, model, record or CallRecord(), request)
+        events = engine.generate(prompt, _sampling(request, max(1, max_tokens), served.spec.config))
         started = time.perf_counter()
         # Errors before the first token become plain HTTP errors; a caller that hangs up while its request
         # waits for the engine (queued, or reading the prompt) leaves the queue and pays nothing.
@@ -146,13 +180,20 @@ class ChatService:
             return CompletionStream(call.stream(first, events, include_usage), granted.rate_limit())
         return await call.collect(first, events, client_gone)
 
-    def _check_request(self, request: ChatCompletionRequest) -> None:
+    def _check_request(self, request: ChatCompletionRequest, principal: Principal) -> None:
         if request.mode not in (None, "talk"):
             raise APIError(
                 403,
                 f"Mode '{request.mode}' is not available: API keys give talk mode only.",
                 code="mode_not_allowed",
                 param="mode",
+            )
+        if request.choices() > principal.max_n:
+            raise APIError(
+                400,
+                f"n may be at most {principal.max_n} on the {principal.tier_name} plan; you asked for {request.n}.",
+                code="invalid_value",
+                param="n",
             )
 
     async def _model(self, name: str | None, principal: Principal) -> Served:
@@ -189,7 +230,7 @@ class ChatService:
         credits = pricing.final_charge(price, reservation.credits, prompt_tokens, completion)
         if self.metrics:
             self.metrics.observe_usage(prompt_tokens, completion, credits)
-        await run_in_threadpool(
+        done = await run_in_threadpool(
             lambda: self.quota.settle(
                 reservation,
                 credits=credits,
@@ -199,6 +240,8 @@ class ChatService:
                 now=self.clock(),
             )
         )
+        if done and self.settled is not None:
+            self.settled(reservation, credits)
         return credits
 
     async def release(self, reservation: Reservation) -> None:
@@ -220,6 +263,7 @@ class OpenReservation:
         price: Price,
         model: str,
         record: CallRecord,
+        request: ChatCompletionRequest | None = None,
     ) -> None:
         self.service = service
         self.principal = principal
@@ -233,6 +277,8 @@ class OpenReservation:
         self.delivered_tokens = 0
         self.tokens_refunded = 0  # given back to the key's tokens-per-minute at settlement
         self.closed = False  # settled or released
+        self.n = request.choices() if request else 1
+        self.logprobs = bool(request and request.logprobs)
         record.completion_id = self.id
 
     async def first_event(
@@ -303,7 +349,7 @@ class OpenReservation:
     async def collect(
         self, first: Event, events: AsyncGenerator[Event, None], client_gone: ClientGoneCheck | None = None
     ) -> Completion | ClientGone:
-        parts: list[str] = []
+        answers = [_Answer() for _ in range(self.n)]
         finish: Finish | None = None
         gone = False
         next_check = time.monotonic() + HANG_UP_CHECK_SECONDS  # a quick answer never pays for the check
@@ -313,7 +359,8 @@ class OpenReservation:
                 if isinstance(event, Finish):
                     finish = event
                     break
-                parts.append(event.text)
+                if event.index < len(answers):
+                    answers[event.index].add(event)
                 self.delivered_tokens += event.tokens
                 if client_gone is not None and time.monotonic() >= next_check:
                     next_check = time.monotonic() + HANG_UP_CHECK_SECONDS
@@ -338,14 +385,7 @@ class OpenReservation:
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(parts)},
-                    "logprobs": None,
-                    "finish_reason": finish.finish_reason,
-                }
-            ],
+            "choices": [answer.choice(i, finish.reason(i), self.logprobs) for i, answer in enumerate(answers)],
             "usage": _usage(finish),
         }
         return Completion(body, self.reservation.rate_limit(refunded, self.tokens_refunded))
@@ -355,13 +395,15 @@ class OpenReservation:
     ) -> AsyncIterator[bytes]:
         finish: Finish | None = None
         try:
-            yield self._chunk({"role": "assistant", "content": ""})
+            for index in range(self.n):
+                yield self._chunk({"role": "assistant", "content": ""}, index=index)
             event = first
             while True:
                 if isinstance(event, Finish):
                     finish = event
                     break
-                yield self._chunk({"content": event.text})
+                if event.text or event.tool_calls or event.logprobs or event.extra:
+                    yield self._delta_chunk(event)
                 # Counted once the chunk has gone out: the generator resumes only after it was sent.
                 self.delivered_tokens += event.tokens
                 event = await anext(events)
@@ -383,7 +425,8 @@ class OpenReservation:
             else:
                 refunded = await self._settle(finish)
         assert finish is not None  # the loop leaves only on a Finish or through the except above
-        yield self._chunk({}, finish_reason=finish.finish_reason)
+        for index in range(self.n):
+            yield self._chunk({}, finish_reason=finish.reason(index), index=index)
         if include_usage:
             rate = self.reservation.rate_limit(refunded, self.tokens_refunded)
             usage_chunk: ChatCompletionChunk = {
@@ -404,10 +447,70 @@ class OpenReservation:
             "choices": [],
         }
 
-    def _chunk(self, delta: ChunkDelta, finish_reason: FinishReason | None = None) -> bytes:
+    def _chunk(
+        self,
+        delta: ChunkDelta,
+        finish_reason: FinishReason | None = None,
+        index: int = 0,
+        logprobs: ChoiceLogprobs | None = None,
+    ) -> bytes:
         chunk = self._head()
-        chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        chunk["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
         return _sse(chunk)
+
+    def _delta_chunk(self, event: Delta) -> bytes:
+        delta: ChunkDelta = {}
+        if event.extra:
+            delta.update(event.extra)  # type: ignore[typeddict-item]  # an upstream's own fields, as sent
+        if event.text or not event.tool_calls:
+            delta["content"] = event.text
+        if event.tool_calls:
+            delta["tool_calls"] = [cast("ChunkToolCall", call) for call in event.tool_calls]
+        logprobs: ChoiceLogprobs | None = None
+        if self.logprobs and event.logprobs:
+            logprobs = {"content": cast("list[TokenLogprob]", list(event.logprobs))}
+        return self._chunk(delta, index=event.index, logprobs=logprobs)
+
+
+class _Answer:
+    """One choice of a non-streaming answer, put together from its deltas."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.calls: dict[int, ToolCallOut] = {}
+        self.logprobs: list[TokenLogprob] = []
+        self.extra: dict[str, Any] = {}
+
+    def add(self, delta: Delta) -> None:
+        self.parts.append(delta.text)
+        self.logprobs += cast("tuple[TokenLogprob, ...]", delta.logprobs)
+        for piece in delta.tool_calls:
+            function = piece.get("function") or {}
+            call = self.calls.setdefault(
+                int(piece.get("index", len(self.calls))),
+                {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            # The id and name come with a call's first piece; some servers (llama-cpp-python's) repeat them.
+            call["id"] = call["id"] or piece.get("id") or ""
+            call["function"]["name"] = call["function"]["name"] or function.get("name") or ""
+            call["function"]["arguments"] += function.get("arguments") or ""
+        for name, value in (delta.extra or {}).items():
+            # Text fields come in pieces (reasoning_content); anything else is kept as last sent.
+            before = self.extra.get(name)
+            self.extra[name] = before + value if isinstance(before, str) and isinstance(value, str) else value
+
+    def choice(self, index: int, finish_reason: FinishReason, logprobs: bool) -> Choice:
+        text = "".join(self.parts)
+        message: AssistantMessage = {"role": "assistant", "content": text if text or not self.calls else None}
+        message.update(self.extra)  # type: ignore[typeddict-item]  # an upstream's own fields, as sent
+        if self.calls:
+            message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": {"content": self.logprobs} if logprobs else None,
+            "finish_reason": finish_reason,
+        }
 
 
 DONE = b"data: [DONE]\n\n"
@@ -432,14 +535,47 @@ async def _unless_gone(waiting: Awaitable[Event], client_gone: ClientGoneCheck) 
         raise
 
 
-def _sampling(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def _check_fields(request: ChatCompletionRequest, served: Served) -> None:
+    """Refuse what the model cannot take: fields its settings refuse (``--refuse-fields``), and images, audio
+    and files, which reach only upstream models marked multimodal."""
+    config = served.spec.config
+    sent = request.model_fields_set | set(request.model_extra or {})
+    refused = [name for name in getattr(config, "refuse_fields", ()) if name in sent]
+    if refused:
+        raise APIError(
+            400,
+            f"The model '{served.spec.name}' does not take the parameter '{refused[0]}'; send the request without it.",
+            code="unsupported_parameter",
+            param=refused[0],
+        )
+    if request.has_media() and not getattr(config, "multimodal", False):
+        raise APIError(
+            400,
+            f"The model '{served.spec.name}' reads text only: content parts other than 'text' (images, audio, "
+            "files) need a model marked multimodal.",
+            code="unsupported_content",
+            param="messages",
+        )
+
+
+def _sampling(request: ChatCompletionRequest, max_tokens: int, config: EngineConfig) -> SamplingParams:
+    """The request's sampling; what it leaves out comes from the model's defaults (``models add
+    --temperature``), else OpenAI's 1.0: a small model answers everyday questions sensibly only cooler."""
+    temperature = config.temperature if config.temperature is not None else 1.0
+    top_p = config.top_p if config.top_p is not None else 1.0
     return SamplingParams(
+        n=request.choices(),
+        logprobs=bool(request.logprobs),
+        top_logprobs=request.top_logprobs or 0,
+        tools=request.tool_specs(),
+        tool_choice=request.tool_choice,
+        parallel_tool_calls=request.parallel_tool_calls,
         grammar=request.grammar(),
         response_format=request.response_format if request.structured() else None,
         extra=request.passthrough(),
         max_tokens=max_tokens,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
+        temperature=temperature if request.temperature is None else request.temperature,
+        top_p=top_p if request.top_p is None else request.top_p,
         stop=request.stop_sequences(),
         seed=request.seed,
         presence_penalty=request.presence_penalty or 0.0,

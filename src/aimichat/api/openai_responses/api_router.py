@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -17,7 +19,17 @@ from .serving import ResponseBody, ResponseStream, reshape
 router = APIRouter()
 
 
-@router.post("/v1/responses")
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The response object; with `stream: true`, OpenAI's server-sent events (`response.created` … "
+        "`response.completed`).",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    },
+    429: {"description": "The account's daily or monthly credits are spent (the API document's body)."},
+}
+
+
+@router.post("/v1/responses", responses=_RESPONSES)
 async def create_response(
     request: Request, body: ResponsesRequest, principal: Principal = Depends(require_key)
 ) -> Response:

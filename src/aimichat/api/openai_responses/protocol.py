@@ -1,16 +1,29 @@
-"""The request of ``POST /v1/responses`` and its translation into a chat completion request.
+"""The request of ``POST /v1/responses``, its translation into a chat completion request, and the shapes
+of what it answers.
 
 Stateless (``store: false``): ``previous_response_id`` and stored responses are refused with a 400 that
-says so. Function tools wait for tool calling in the chat service (issue 13) and are refused the same way.
+says so. Function tools are the chat service's tools in another shape:
+
+- a tool is flat here (``{"type": "function", "name", "description", "parameters", "strict"}``) and nested
+  under ``"function"`` in chat; other tool types (``web_search``, ``file_search``…) need OpenAI's own
+  services and are refused with a 400 naming the type;
+- ``tool_choice`` ``{"type": "function", "name": ...}`` is chat's ``{"type": "function", "function": {"name"}}``;
+- ``function_call`` input items are an assistant message's ``tool_calls`` (following calls, and the
+  assistant's text just before them, make one message, as the model wrote them) and a
+  ``function_call_output`` item is a ``tool`` message answering an earlier call's ``call_id``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Sequence
+from typing import Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from aimichat.api.chat.protocol import (
+    MAX_TOOLS,
     Bool,
     ChatCompletionRequest,
     Float,
@@ -19,17 +32,57 @@ from aimichat.api.chat.protocol import (
     first_lone_surrogate,
     unsupported,
 )
+from aimichat.engines import tools as tool_calls
 
 _REFUSED = {
     "previous_response_id": "Responses are not stored here (store: false), so there is no previous response "
     "to continue: send the whole conversation as 'input'.",
-    "tools": "Function tools are not supported by this server yet.",
-    "tool_choice": "Function tools are not supported by this server yet.",
     "reasoning": "Reasoning options are not supported by the models of this server.",
     "background": "Background responses are not supported by this server.",
     "conversation": "Conversations are not stored by this server: send the whole conversation as 'input'.",
 }
 _ROLES = {"user", "assistant", "system", "developer"}
+_TEXT_PARTS = ("input_text", "output_text", "text")
+_TOOL_CHOICES = ("none", "auto", "required")
+# A chat parameter as the Responses API calls it, for a 400 raised while validating the chat request.
+_PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+class FunctionTool(BaseModel):
+    """A function the model may call, in the Responses API's flat shape."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    name: Str
+    description: Str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: Bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not tool_calls.FUNCTION_NAME.match(name):
+            raise ValueError(f"function name '{name}' must be 1-64 letters, digits, underscores or dashes")
+        return name
+
+    def chat_tool(self) -> dict[str, Any]:
+        """The same tool as chat completions take it (nested under ``function``)."""
+        function = self.model_dump(exclude={"type"}, exclude_none=True)
+        return {"type": "function", "function": function}
+
+    def echo(self) -> FunctionToolOut:
+        """The tool as the response object repeats it."""
+        return {
+            "type": "function",
+            "name": self.name,
+            "description": self.description,
+            "parameters": self.parameters,
+            "strict": self.strict,
+        }
+
+
+ToolChoice: TypeAlias = Literal["none", "auto", "required"] | dict[str, Any]
 
 
 class ResponsesRequest(BaseModel):
@@ -46,6 +99,9 @@ class ResponsesRequest(BaseModel):
     text: dict[str, Any] | None = None
     user: Str | None = None
     metadata: dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: Bool | None = None
     _chat: ChatCompletionRequest | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
@@ -60,6 +116,10 @@ class ResponsesRequest(BaseModel):
                     raise unsupported(name, reason)
             if data.get("store") is True:
                 raise unsupported("store", "responses are not stored by this server: send 'store': false")
+            if isinstance(data.get("tools"), list):
+                for tool in data["tools"]:
+                    check_tool(tool)
+            check_tool_choice(data.get("tool_choice"))
         return data
 
     @model_validator(mode="after")
@@ -69,8 +129,10 @@ class ResponsesRequest(BaseModel):
             self._chat = self._chat_request()
         except ValidationError as exc:
             first = exc.errors()[0]
-            param = str(first.get("ctx", {}).get("param") or ".".join(str(p) for p in first.get("loc", ())))
-            raise unsupported(param or "input", first.get("msg", "invalid value")) from None
+            ctx = first.get("ctx") or {}
+            where = str(ctx.get("param") or ".".join(str(p) for p in first.get("loc", ())))
+            reason = str(ctx.get("reason") or first.get("msg", "invalid value")).removeprefix("Value error, ")
+            raise unsupported(_PARAMS.get(where.split(".")[0], where) or "input", reason) from None
         return self
 
     def chat_request(self) -> ChatCompletionRequest:
@@ -85,7 +147,7 @@ class ResponsesRequest(BaseModel):
         if isinstance(self.input, str):
             messages.append({"role": "user", "content": self.input})
         else:
-            messages += [_message(item) for item in self.input]
+            messages += chat_messages(self.input)
         body: dict[str, Any] = {
             "messages": messages,
             "model": self.model,
@@ -94,29 +156,136 @@ class ResponsesRequest(BaseModel):
             "top_p": self.top_p,
             "stream": bool(self.stream),
             "response_format": _response_format(self.text),
+            "tools": [tool.chat_tool() for tool in self.tools] if self.tools else None,
+            "tool_choice": chat_tool_choice(self.tool_choice),
+            "parallel_tool_calls": self.parallel_tool_calls,
         }
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         return ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
 
+    def echoed_tools(self) -> list[FunctionToolOut]:
+        return [tool.echo() for tool in self.tools or ()]
+
+
+def check_tool(tool: Any) -> None:
+    """Refuse a tool this server cannot run, naming its type (OpenAI's hosted tools need OpenAI's services)."""
+    if not isinstance(tool, dict):
+        return  # pydantic says what is wrong with it
+    kind = tool.get("type")
+    if kind == "function" and "name" not in tool and isinstance(tool.get("function"), dict):
+        raise unsupported(
+            "tools",
+            "a function tool of the Responses API is flat: {'type': 'function', 'name': ..., 'parameters': "
+            "{...}}, not nested under 'function' as in chat completions",
+        )
+    if kind != "function":
+        raise unsupported("tools", f"tools of type '{kind}' are not supported by this server: only 'function' tools")
+
+
+def check_tool_choice(choice: Any) -> None:
+    """Refuse a tool choice other than ``none``, ``auto``, ``required`` or one named function."""
+    if choice is None or choice in _TOOL_CHOICES:
+        return
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return
+    kind = f"'{choice.get('type')}' " if isinstance(choice, dict) else ""
+    raise unsupported(
+        "tool_choice",
+        f"the tool choice {kind}is not supported: use 'none', 'auto', 'required' or "
+        "{'type': 'function', 'name': ...}",
+    )
+
+
+def chat_tool_choice(choice: ToolChoice | None) -> str | dict[str, Any] | None:
+    """``tool_choice`` as chat completions take it."""
+    if isinstance(choice, dict):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+def chat_messages(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as chat messages.
+
+    A ``function_call`` item joins the assistant message just before it (its text, or the calls before it),
+    so one turn's text and calls stay one message, as the model wrote them; a ``function_call_output``
+    must answer a call made earlier in the input.
+    """
+    messages: list[dict[str, Any]] = []
+    calls: set[str] = set()
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "function_call":
+            call = _tool_call(item)
+            calls.add(call["id"])
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id = _string(item, "call_id", kind)
+            if call_id not in calls:
+                raise unsupported(
+                    "input",
+                    f"no function_call item with call_id '{call_id}' comes before its function_call_output",
+                )
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": _output(item.get("output"))})
+        else:
+            messages.append(_message(item))
+    return messages
+
+
+def _tool_call(item: dict[str, Any]) -> dict[str, Any]:
+    """A ``function_call`` item as a chat ``tool_calls`` entry (the call's ``call_id`` is its ``id``)."""
+    arguments = _string(item, "arguments", "function_call", empty=True)
+    try:
+        json.loads(arguments or "{}")
+    except ValueError:
+        raise unsupported("input", "the 'arguments' of a function_call item must be a JSON text") from None
+    function = {"name": _string(item, "name", "function_call"), "arguments": arguments}
+    return {"id": _string(item, "call_id", "function_call"), "type": "function", "function": function}
+
+
+def _string(item: dict[str, Any], field: str, kind: str, *, empty: bool = False) -> str:
+    value = item.get(field)
+    if not isinstance(value, str) or not (value or empty):
+        raise unsupported("input", f"a {kind} item needs '{field}' as a string")
+    return value
+
+
+def _output(output: Any) -> str:
+    """A function's output: a string, or ``input_text`` parts (joined)."""
+    if isinstance(output, str):
+        return output
+    if isinstance(output, list):
+        return _text(output, "a function_call_output's 'output'")
+    raise unsupported("input", "a function_call_output item needs 'output' as a string or input_text parts")
+
 
 def _message(item: dict[str, Any]) -> dict[str, Any]:
     """An input item as a chat message: ``{"role", "content"}`` with a string or ``input_text`` parts."""
     kind = item.get("type", "message")
-    if kind in ("function_call_output", "function_call"):
-        raise unsupported("input", "function calls are not supported by this server yet")
     role = item.get("role")
     if kind != "message" or role not in _ROLES:
-        raise unsupported("input", f"an input item must be a message with a role in {sorted(_ROLES)}")
+        raise unsupported(
+            "input",
+            f"an input item must be a message with a role in {sorted(_ROLES)}, a function_call or a "
+            f"function_call_output (not '{kind}')",
+        )
     content = item.get("content")
     if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
-                raise unsupported("input", "only text content parts (input_text) are supported")
-            texts.append(str(part.get("text", "")))
-        content = "".join(texts)
+        content = _text(content, "a message's content")
     return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def _text(parts: list[Any], what: str) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+            raise unsupported("input", f"only text content parts (input_text) are supported in {what}")
+        texts.append(str(part.get("text", "")))
+    return "".join(texts)
 
 
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -134,3 +303,42 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
             },
         }
     return dict(fmt)
+
+
+# Answer shapes. serving.py builds them as plain dicts; as TypedDicts mypy checks them where they are built.
+
+ItemStatus: TypeAlias = Literal["in_progress", "completed", "incomplete"]
+
+
+class FunctionToolOut(TypedDict):
+    type: Literal["function"]
+    name: str
+    description: str | None
+    parameters: dict[str, Any] | None
+    strict: bool | None
+
+
+class OutputText(TypedDict):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+
+
+class MessageItem(TypedDict):
+    type: Literal["message"]
+    id: str  # msg_…
+    status: ItemStatus
+    role: Literal["assistant"]
+    content: list[OutputText]
+
+
+class FunctionCallItem(TypedDict):
+    type: Literal["function_call"]
+    id: str  # fc_…: the item
+    call_id: str  # call_…: what a function_call_output answers
+    name: str
+    arguments: str  # a JSON text
+    status: ItemStatus
+
+
+OutputItem: TypeAlias = MessageItem | FunctionCallItem
