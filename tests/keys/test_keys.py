@@ -45,6 +45,7 @@ def test_keys_have_the_documented_shape_and_checksum():
         lambda k: "sk-" + k[9:],  # wrong prefix
         lambda k: k[:20] + "-" + k[21:],  # not base62
         lambda k: "",
+        lambda k: k[:-1] + "é",  # a non-ASCII checksum character (compare_digest refuses such a str)
     ],
 )
 def test_mistyped_keys_fail_the_checksum(mangle):

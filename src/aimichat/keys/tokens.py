@@ -33,7 +33,9 @@ def is_well_formed(key: str) -> bool:
     body, check = key[len(PREFIX) : -CHECKSUM_LEN], key[-CHECKSUM_LEN:]
     if any(c not in ALPHABET for c in body):
         return False
-    return secrets.compare_digest(check, _checksum(body))
+    # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so a 500, for a key whose
+    # checksum part holds one).
+    return secrets.compare_digest(check.encode("utf-8"), _checksum(body).encode("utf-8"))
 
 
 def hash_key(key: str) -> str:

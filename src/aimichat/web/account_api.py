@@ -6,7 +6,6 @@ refused here with 403 ``mode_not_allowed``: a leaked key must not be able to min
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import Annotated, Any
 
@@ -16,39 +15,17 @@ from starlette.concurrency import run_in_threadpool
 
 from aimichat.api.errors import APIError
 from aimichat.api.usage import usage_body
+from aimichat.keys import limits_input
 from aimichat.keys import service as keys
+from aimichat.keys.json import key_json
 from aimichat.quota import ledger, periods
-from aimichat.store.clock import iso_utc
-from aimichat.store.models import ApiKey
 
-from . import key_actions, key_input, usage_data
+from . import key_actions, usage_data
 from .deps import ApiUser, ApiWrite, RequestSession
 from .render import WebRoute
 
 router = APIRouter(prefix="/api/account", route_class=WebRoute, tags=["account"])
 KeyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
-
-
-def key_json(key: ApiKey, secret: str | None = None, now: dt.datetime | None = None) -> dict[str, Any]:
-    """A key as the account API shows it; ``secret`` only in the answer that creates the key. With
-    ``now``, ``old_secret_valid_until`` says until when a rotation's old secret still works."""
-    body: dict[str, Any] = {
-        "object": "api_key",
-        "id": key.id,
-        "name": key.name,
-        "prefix": key.prefix,
-        "created": iso_utc(key.created_at),
-        "last_used": iso_utc(key.last_used_at) if key.last_used_at else None,
-        "revoked": iso_utc(key.revoked_at) if key.revoked_at else None,
-        "status": keys.key_status(key),
-        "limits": keys.key_limits(key).as_json(),
-    }
-    if now is not None:
-        until = key_actions.grace_until(key, now)
-        body["old_secret_valid_until"] = iso_utc(until) if until else None
-    if secret:
-        body["key"] = secret
-    return body
 
 
 def _unknown(key_id: int) -> APIError:
@@ -72,7 +49,7 @@ async def _json_body(
 
 
 def _bad(exc: ValueError, default_param: str | None = None) -> APIError:
-    """A ValueError of the key service or of ``key_input`` as the API's 400 (``args[1]``: the field)."""
+    """A ValueError of the key service or of ``keys.limits_input`` as the API's 400 (``args[1]``: the field)."""
     message = str(exc.args[0] if exc.args else exc)
     param = exc.args[1] if len(exc.args) > 1 else default_param
     return APIError(400, f"{message[:1].upper()}{message[1:]}.", param=param)
@@ -83,11 +60,11 @@ def _offered(request: Request, tier: str) -> list[str]:
 
 
 def _limit_changes(request: Request, body: dict[str, Any], tier: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-    unknown = key_input.unknown_fields(body, allowed)
+    unknown = limits_input.unknown_fields(body, allowed)
     if unknown:
         raise APIError(400, f"Unknown field {unknown[0]!r}: send {', '.join(allowed)}.", param=unknown[0])
     try:
-        return key_input.limits_from_json(body, _offered(request, tier), request.app.state.clock())
+        return limits_input.limits_from_json(body, _offered(request, tier), request.app.state.clock())
     except ValueError as exc:
         raise _bad(exc) from None
 
@@ -110,7 +87,7 @@ async def create_key(request: Request, session: RequestSession, visitor: ApiWrit
         keys.clean_name(name)
     except ValueError as exc:
         raise APIError(400, f"Invalid key name: {exc}.", param="name") from None
-    changes = _limit_changes(request, body, visitor.user.tier.name, ("name", *key_input.LIMIT_FIELDS))
+    changes = _limit_changes(request, body, visitor.user.tier.name, ("name", *limits_input.LIMIT_FIELDS))
 
     def work() -> dict[str, Any]:
         created = keys.create_key(session, visitor.user, name, keys.KeyLimits(**changes))
@@ -126,7 +103,7 @@ async def create_key(request: Request, session: RequestSession, visitor: ApiWrit
 async def set_limits(request: Request, session: RequestSession, key_id: KeyId, visitor: ApiWrite) -> dict[str, Any]:
     """Change some limits of a key: the fields sent (``null`` removes a limit); those not sent stay."""
     body = await _json_body(request)
-    changes = _limit_changes(request, body, visitor.user.tier.name, key_input.LIMIT_FIELDS)
+    changes = _limit_changes(request, body, visitor.user.tier.name, limits_input.LIMIT_FIELDS)
 
     def work() -> dict[str, Any]:
         key = keys.get_key(session, key_id, visitor.user.id)
@@ -156,11 +133,11 @@ async def regenerate_key(request: Request, session: RequestSession, key_id: KeyI
     """A new secret for a live key (``{"grace": "24h"}``: the old one works that long; seconds also do),
     or a new key with the name and limits of a revoked one."""
     body = await _json_body(request, optional=True)
-    unknown = key_input.unknown_fields(body, ("grace",))
+    unknown = limits_input.unknown_fields(body, ("grace",))
     if unknown:
         raise APIError(400, f"Unknown field {unknown[0]!r}: send grace.", param=unknown[0])
     try:
-        grace = key_input.parse_grace(body.get("grace"))
+        grace = limits_input.parse_grace(body.get("grace"))
     except ValueError as exc:
         raise _bad(exc, "grace") from None
     now = request.app.state.clock()

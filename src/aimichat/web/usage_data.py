@@ -1,12 +1,10 @@
 """What the usage page and the account API show: per-day totals, per-key use today, per-model use over a
-range of days, the ledger as CSV, and the geometry of the 30-day bar chart (drawn as SVG on the server, so
-it needs no script)."""
+range of days, and the geometry of the 30-day bar chart (drawn as SVG on the server, so it needs no script).
+The date range and the ledger as CSV are ``quota.usage_report``'s."""
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,15 +12,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from aimichat.keys.service import KeyUse, use_by_key
-from aimichat.quota.ledger import LEGACY_MODEL, use_by_model
-from aimichat.store.models import ApiKey, UsageEvent
+from aimichat.quota.ledger import use_by_model
 
-MAX_RANGE_DAYS = 366
-
-
-class BadRange(ValueError):
-    """A CSV date range that cannot be served; the message says why."""
-
+# The date range and the CSV are the quota layer's (the admin API serves them too); the pages read them here.
+from aimichat.quota.usage_report import MAX_RANGE_DAYS as MAX_RANGE_DAYS
+from aimichat.quota.usage_report import BadRange as BadRange
+from aimichat.quota.usage_report import ledger_csv as ledger_csv
+from aimichat.quota.usage_report import parse_range as parse_range
+from aimichat.quota.usage_report import spreadsheet_safe as spreadsheet_safe
+from aimichat.store.models import UsageEvent
 
 # -- per day -------------------------------------------------------------------------------------
 
@@ -104,78 +102,3 @@ def keys_today(session: Session, account_id: int, day: dt.date) -> list[KeyUse]:
     if requests:
         uses.append(KeyUse(None, "Playground", None, int(requests), int(credits), None, False))
     return uses
-
-
-# -- CSV -----------------------------------------------------------------------------------------
-
-
-def parse_range(start: str | None, end: str | None, today: dt.date) -> tuple[dt.date, dt.date]:
-    """``start``/``end`` as YYYY-MM-DD (default: this month so far); inclusive, at most a year."""
-    try:
-        first = dt.date.fromisoformat(start) if start else today.replace(day=1)
-        last = dt.date.fromisoformat(end) if end else today
-    except ValueError:
-        raise BadRange("Dates must look like 2025-01-31.") from None
-    if last < first:
-        raise BadRange("The end date is before the start date.")
-    if (last - first).days >= MAX_RANGE_DAYS:
-        raise BadRange(f"Choose at most {MAX_RANGE_DAYS} days at a time.")
-    return first, last
-
-
-CSV_COLUMNS = [
-    "time_utc",
-    "day",
-    "request_id",
-    "key_id",
-    "key_name",
-    "key_prefix",
-    "status",
-    "credits",
-    "prompt_tokens",
-    "completion_tokens",
-    "model",  # last, so programs reading the columns by position before it existed still work
-]
-
-
-def ledger_csv(session: Session, account_id: int, first: dt.date, last: dt.date) -> str:
-    """The account's ledger rows from ``first`` to ``last`` (inclusive) as CSV, oldest first."""
-    rows = session.execute(
-        select(UsageEvent, ApiKey.name, ApiKey.prefix)
-        .join(ApiKey, ApiKey.id == UsageEvent.api_key_id, isouter=True)
-        .where(UsageEvent.account_id == account_id, UsageEvent.day >= first, UsageEvent.day <= last)
-        .order_by(UsageEvent.created_at, UsageEvent.id)
-    ).all()
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(CSV_COLUMNS)
-    for event, name, prefix in rows:
-        writer.writerow(
-            [
-                event.created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                event.day.isoformat(),
-                event.request_id,
-                event.api_key_id or "",
-                spreadsheet_safe(name if event.api_key_id else "playground"),
-                prefix or "",
-                event.status,
-                event.credits,
-                event.prompt_tokens,
-                event.completion_tokens,
-                spreadsheet_safe(event.model or LEGACY_MODEL),
-            ]
-        )
-    return out.getvalue()
-
-
-# What makes a spreadsheet read a cell as a formula or a command (OWASP's CSV injection list, plus "|" and ";"
-# that some import dialects treat as separators, and the full-width forms some spreadsheets normalise).
-_FORMULA_START = frozenset("=+-@\t\r|;\uff1d\uff0b\uff0d\uff20")
-# Invisible characters a spreadsheet skips before deciding (a zero-width space before "=" is still a formula).
-_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00a0 "
-
-
-def spreadsheet_safe(text: str) -> str:
-    """A key named "=HYPERLINK(...)" must open in a spreadsheet as text, not as a formula."""
-    visible = text.lstrip(_INVISIBLE)
-    return "'" + text if visible[:1] in _FORMULA_START else text

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from aimichat.alerts import service as alerts
 from aimichat.keys import service as keys
 from aimichat.quota import ledger, periods
 
@@ -36,6 +37,7 @@ def usage(request: Request, session: RequestSession, visitor: User) -> Response:
         today=today,
         month_start=periods.month_start(now),
         now=now,
+        alerts=alerts.alert_config(session, account.id),  # the thresholds form (web/alerts_pages.py)
     )
 
 

@@ -12,7 +12,9 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from aimichat.api.auth import require_key
+from aimichat.api.idempotency import OPENAPI, idempotent
 from aimichat.api.responses import quota_exceeded, rate_limit_headers
+from aimichat.idempotency.retries import account_owner
 from aimichat.keys.service import Principal
 from aimichat.quota.ledger import Refusal
 
@@ -34,14 +36,19 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_RESPONSES)
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_RESPONSES, openapi_extra=OPENAPI)
 async def chat_completions(
     request: Request, body: ChatCompletionRequest, principal: Principal = Depends(require_key)
 ) -> Response:
     record = CallRecord()
     request.state.call = record  # read by the access log once the answer is sent
-    result = await request.app.state.chat.complete(principal, body, record, client_gone=request.is_disconnected)
-    return chat_response(result)
+
+    async def answer() -> Response:
+        result = await request.app.state.chat.complete(principal, body, record, client_gone=request.is_disconnected)
+        return chat_response(result)
+
+    # With an Idempotency-Key, a retry gets the first answer and is charged once (docs/idempotency.md).
+    return await idempotent(request, account_owner(principal.account_id), answer)
 
 
 def chat_response(result: ChatResult) -> Response:
