@@ -6,8 +6,9 @@ credits-spent 429 body, which the chat router answers without raising.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,6 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
 from aimichat.engines.base import EngineError
+from aimichat.quota.fairness import TooManyConcurrent
+from aimichat.store.clock import iso_utc
 from aimichat.store.errors import STORE_UNAVAILABLE
 
 from .auth import presented_key, require_key
@@ -26,7 +29,7 @@ from .responses import api_error_response, error_response
 log = logging.getLogger(__name__)
 
 _HTTP_MESSAGES = {404: "Not found. See /v1/models and /v1/chat/completions.", 405: "Method not allowed."}
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "request_too_large"}
 
 
 def validation_message(errors: list[Any]) -> tuple[str, str | None]:
@@ -88,7 +91,12 @@ def _without_trailing_slash(request: Request) -> str | None:
 
 async def _http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 404 and (meant := _without_trailing_slash(request)) is not None:
+    meant = _without_trailing_slash(request) if exc.status_code == 404 else None
+    # A browser's mistyped page address gets the web pages' HTML 404 (web/not_found.py; None: answer JSON).
+    not_found_page = getattr(request.app.state, "not_found_page", None)
+    if exc.status_code == 404 and not_found_page is not None and (shown := await not_found_page(request, meant)):
+        return cast(Response, shown)
+    if meant is not None:
         return error_response(404, f"Not found. Did you mean {meant} (without the trailing slash)?", code="not_found")
     if exc.status_code == 404 and request.url.path.startswith("/v1/"):
         refused = await _refuse_key_outside_talk_mode(request)
@@ -98,6 +106,20 @@ async def _http(request: Request, exc: Exception) -> Response:
     message = _HTTP_MESSAGES.get(status) or (exc.detail if isinstance(exc.detail, str) else str(exc.detail))
     headers = dict(exc.headers) if exc.headers else None
     return error_response(status, message, code=_HTTP_CODES.get(status), headers=headers)
+
+
+async def _too_many_concurrent(request: Request, exc: Exception) -> Response:
+    """The spec's 429 body (as for spent credits): the account's tier runs this many requests at once."""
+    assert isinstance(exc, TooManyConcurrent)
+    retry_at = request.app.state.clock() + dt.timedelta(seconds=exc.retry_after)
+    body = {
+        "error": "Rate limit exceeded",
+        "message": exc.message,
+        "limit": exc.limit,
+        "used": exc.running,
+        "resetAt": iso_utc(retry_at),
+    }
+    return JSONResponse(body, status_code=429, headers={"Retry-After": str(exc.retry_after)})
 
 
 async def _store_unavailable(_: Request, exc: Exception) -> Response:
@@ -134,6 +156,21 @@ _ERROR_SCHEMA = {
 }
 
 
+_API_ERRORS = {
+    "400": "Invalid request.",
+    "401": "No valid API key.",
+    "403": "The key or account may not do this (disabled account, key scopes, mode).",
+    "404": "Unknown model or path.",
+    "408": "The request body was not received in time.",
+    "413": "The request body is too large.",
+    "503": "The model or the data store is unavailable; retry after `Retry-After` seconds.",
+}
+_RATE_LIMITED = (
+    "Credits spent, a key's rate limit, or too many concurrent requests for the account's plan "
+    "(the API document's body: error, message, limit, used, resetAt)."
+)
+
+
 def document_errors(app: FastAPI) -> None:
     """The OpenAPI document says what the server answers: a bad body is a 400 in OpenAI's error shape
     (FastAPI's default document promises a 422 with its own shape, which this server never sends)."""
@@ -144,7 +181,7 @@ def document_errors(app: FastAPI) -> None:
             return app.openapi_schema
         schema = build()
         error = {"$ref": "#/components/schemas/Error"}
-        for operations in schema.get("paths", {}).values():
+        for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
                 responses = operation.get("responses", {})
                 if responses.pop("422", None) is not None:
@@ -152,6 +189,11 @@ def document_errors(app: FastAPI) -> None:
                         "400",
                         {"description": "Invalid request", "content": {"application/json": {"schema": error}}},
                     )
+                if path.startswith("/v1/"):  # what any API call may answer (found by tests/fuzz)
+                    for status, description in _API_ERRORS.items():
+                        content = {"application/json": {"schema": error}}
+                        responses.setdefault(status, {"description": description, "content": content})
+                    responses.setdefault("429", {"description": _RATE_LIMITED})
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.pop("HTTPValidationError", None)
         components.pop("ValidationError", None)
@@ -166,6 +208,7 @@ def install(app: FastAPI) -> None:
     document_errors(app)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(TooManyConcurrent, _too_many_concurrent)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
     for exc_class in STORE_UNAVAILABLE:

@@ -1,8 +1,9 @@
-"""One pure-ASGI middleware for what every request needs: a body size limit, a request id and
-an access log line with secrets redacted (``?api_key=`` never reaches a log)."""
+"""One pure-ASGI middleware for what every request needs: a body size limit and read timeout, a request id
+and an access log line with secrets redacted (``?api_key=`` never reaches a log)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -24,7 +25,18 @@ class BodyTooLarge(HTTPException):
     """A body over the limit; raised from ``receive``, answered 413 ``request_too_large`` by the handlers."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"Request body too large: the limit is {limit} bytes.")
+        # Connection: close, or the connection would wait for the rest of a body nobody will read.
+        super().__init__(413, f"Request body too large: the limit is {limit} bytes.", headers={"Connection": "close"})
+
+
+class BodyTimeout(HTTPException):
+    """A body still incomplete ``seconds`` after its headers (a slow client holding a request open);
+    raised from ``receive``, answered 408 ``request_timeout``, and the connection is closed."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408, f"The request body was not received within {seconds:g} seconds.", headers={"Connection": "close"}
+        )
 
 
 def redact_query(query: str) -> str:
@@ -34,9 +46,10 @@ def redact_query(query: str) -> str:
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int = 1024 * 1024):
+    def __init__(self, app: ASGIApp, max_body_bytes: int = 1024 * 1024, body_timeout: float = 30.0):
         self.app = app
         self.max_body = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,10 +67,19 @@ class RequestMiddleware:
             return
 
         received = 0
+        body_deadline = asyncio.get_running_loop().time() + self.body_timeout
+        body_done = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # what comes now is a disconnect, which may take as long as it likes
+                return await receive()
+            try:
+                async with asyncio.timeout_at(body_deadline):  # the whole body, not each piece: slow drips too
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(self.body_timeout) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
@@ -87,7 +109,11 @@ class RequestMiddleware:
             {
                 "type": "http.response.start",
                 "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})

@@ -89,7 +89,8 @@ async def readyz(request: Request) -> JSONResponse:
     database = results[0].as_json()
     body: dict[str, Any] = {
         "status": "",
-        "engine": stats.as_json(),
+        # Requests waiting for their turn in the fairness gate (quota/fairness.py) are queued too.
+        "engine": stats.as_json() | {"queued": stats.queued + state.fairness.waiting(state.engine)},
         "models": [m.as_json() for m in models],
         "database": database,
     }

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Connection,
     Select,
     Update,
+    and_,
     bindparam,
     case,
     cast,
@@ -863,24 +864,27 @@ def _settle_in_one_statement(
     minute of tokens) in one statement, atomic on its own: one round trip, in autocommit or not."""
     key, key_id = reservation.key, reservation.key_id
     day = periods.as_datetime(reservation.day)
+    # Rows are refunded in the order a reservation takes them (the key's minute of tokens, day and month,
+    # then the account's day and month): in any other order two requests of one account, one reserving and
+    # one settling, can each hold a row the other waits for, and PostgreSQL aborts one as a deadlock.
     targets: list[str] = []
-    if refund:
-        targets.append("day")
-        params |= {"p_account": reservation.account_id, "p_refund": refund, "p_start_day": reservation.day}
-        if reservation.month is not None:
-            targets.append("month")
-            params["p_start_month"] = reservation.month
     if key_id is not None:
         params["p_key"] = key_id
+        if tokens_back and key.minute is not None:
+            targets.append("key_tpm")
+            params |= {"p_w_tpm": key.minute, "p_back_tpm": tokens_back}
         if refund and key.daily_cap is not None:
             targets.append("key_day")
             params |= {"p_w_day": day, "p_back_day": refund}
         if refund and key.monthly_cap is not None:
             targets.append("key_month")
             params |= {"p_w_month": day.replace(day=1), "p_back_month": refund}
-        if tokens_back and key.minute is not None:
-            targets.append("key_tpm")
-            params |= {"p_w_tpm": key.minute, "p_back_tpm": tokens_back}
+    if refund:
+        targets.append("day")
+        params |= {"p_account": reservation.account_id, "p_refund": refund, "p_start_day": reservation.day}
+        if reservation.month is not None:
+            targets.append("month")
+            params["p_start_month"] = reservation.month
     try:
         changed = bool(conn.execute(_settle_statement(tuple(targets)), params).scalar())
         conn.commit()
@@ -895,6 +899,9 @@ def _settle_statement(targets: tuple[str, ...]) -> Select[Any]:
     settled = _SETTLE.cte("settled")
     done = exists(select(settled.c.id))
     refunds: list[CTE] = []
+    # PostgreSQL runs the sub-statements of one WITH in no set order; each refund waiting for a count of the
+    # one before it (always true, but evaluated first) makes them take their row locks in ``targets`` order.
+    after: Any = done
     for target in targets:
         statement: Update
         if target in ("day", "month"):
@@ -919,7 +926,9 @@ def _settle_statement(targets: tuple[str, ...]) -> Select[Any]:
                 )
                 .values(used=KeyCounter.used - bindparam(f"p_back_{kind}"))
             )
-        refunds.append(statement.where(done).cte(f"refund_{target}"))
+        refund = statement.where(after).returning(literal(1).label("one")).cte(f"refund_{target}")
+        refunds.append(refund)
+        after = and_(done, select(func.count()).select_from(refund).scalar_subquery() >= 0)
     query = select(func.count()).select_from(settled)
     for cte in refunds:
         query = query.add_cte(cte)
