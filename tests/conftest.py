@@ -39,6 +39,7 @@ from fixtures import (  # noqa: F401 (fixtures registered for pytest, helpers re
     reused_postgres,
     serve_app,
     server,
+    smtp_server,
     sqlite_url,
     sse_events,
     sse_text,

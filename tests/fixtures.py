@@ -12,11 +12,15 @@
 - ``server``: the app in-process over ``database`` with a scripted engine; ``api_server``: one per module
   over SQLite, with an account and its key (``.key``).
 - ``sse_events`` / ``iter_sse``: the one SSE parser; ``migration_diff``: the one models-versus-migrations check.
+- ``smtp_server``: a real SMTP server (aiosmtpd) in-process: ``.url`` for AIMICHAT_SMTP_URL, ``.messages`` the
+  mails it received (``email.message.EmailMessage``), ``.wait(n)`` for mails sent after a response.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import email
+import email.policy
 import functools
 import json
 import os
@@ -25,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -450,3 +455,71 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppClient]:
         client.key = make_key(db, API_EMAIL)
         yield client
     db.dispose()
+
+
+# -- mail ----------------------------------------------------------------------------------------
+
+
+class SmtpServer:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1, in its own thread. It takes mail only after AUTH with the
+    credentials in ``url`` (so a sender that drops them fails); ``messages`` are the mails it received."""
+
+    USER, PASSWORD = "aimichat", "smtp-secret"
+
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+            ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
+                self.USER.encode(),
+                self.PASSWORD.encode(),
+            )
+            return AuthResult(success=ok, handled=False)  # handled=False: aiosmtpd answers 535 itself
+
+        self.messages: list[EmailMessage] = []
+        self.port = free_port()
+        # starttls=false said outright: this loopback server offers no TLS, and credentials over smtp:// would
+        # otherwise require it (docs/email.md).
+        self.url = f"smtp://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}?starttls=false"
+        self._received = threading.Condition()
+        self._controller = Controller(
+            self,
+            hostname="127.0.0.1",
+            port=self.port,
+            authenticator=authenticate,
+            auth_require_tls=False,  # a test server on the loopback; real ones are reached over TLS
+        )
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if not session.authenticated:  # (aiosmtpd's auth_required=True warns about plain-text AUTH)
+            return "530 5.7.0 Authentication required"
+        # SMTP carries CRLF line ends; a mail program shows plain lines, and so do these messages.
+        message = email.message_from_bytes(envelope.content.replace(b"\r\n", b"\n"), policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        with self._received:
+            self.messages.append(message)
+            self._received.notify_all()
+        return "250 Message accepted for delivery"
+
+    def wait(self, count: int = 1, timeout: float = 10) -> list[EmailMessage]:
+        """The mails received once there are at least ``count`` (mail leaves after the response that caused it)."""
+        with self._received:
+            assert self._received.wait_for(lambda: len(self.messages) >= count, timeout), (
+                f"expected {count} mail(s), got {len(self.messages)}"
+            )
+            return list(self.messages)
+
+    def __enter__(self) -> SmtpServer:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    """A real SMTP server in-process: set ``AIMICHAT_SMTP_URL`` (``smtp_url=``) to its ``.url``."""
+    with SmtpServer() as server:
+        yield server

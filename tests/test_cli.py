@@ -80,6 +80,9 @@ def test_a_fresh_database_has_the_free_tier(run):
             "rpm": None,
             "tpm": None,
             "max_keys": None,
+            "max_concurrent": None,
+            "max_prompt_tokens": None,
+            "max_n": None,
         }
     ]
 

@@ -13,7 +13,9 @@ from fastapi import FastAPI
 from sqlalchemy import event
 
 from aimichat.accounts import service as accounts
-from aimichat.api import handlers, key, system, usage
+from aimichat.alerts.watch import AlertWorker
+from aimichat.api import handlers, key, keys_report, system, usage
+from aimichat.api.admin import api_router as admin_router
 from aimichat.api.chat import api_router as chat_router
 from aimichat.api.chat.serving import ChatService
 from aimichat.api.metrics import Metrics
@@ -23,13 +25,17 @@ from aimichat.api.openai_responses import api_router as responses_router
 from aimichat.config import PUBLIC_MODEL_ID, Settings
 from aimichat.engines import configs
 from aimichat.engines.base import Engine
+from aimichat.idempotency.retries import Retries
 from aimichat.keys.cache import PrincipalCache
+from aimichat.mail import build_mailer
 from aimichat.quota import sweeper
 from aimichat.quota.backends import QuotaBackend, RedisQuota, SqlQuota
+from aimichat.quota.fairness import Fairness, TierLimitsCache
 from aimichat.registry.catalog import settings_model
 from aimichat.registry.live import EngineFactory, LiveModels
 from aimichat.store.clock import Clock, utcnow
 from aimichat.store.db import Database
+from aimichat.web import admin_audit
 from aimichat.web.site import install as install_web
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,7 @@ def create_app(
     database = database or Database.from_settings(settings)  # with its database_* timeouts
 
     principals = PrincipalCache(settings.key_cache_seconds)
+    tier_limits = TierLimitsCache(database)
     models = LiveModels(
         settings, database, default_engine=engine, factory=engine_factory, default_auto_threads=auto_threads
     )
@@ -89,21 +96,29 @@ def create_app(
         # lookups on the request path use Core connections and never clear it.
         event.listen(database.sessions, "after_commit", principals.clear)
         event.listen(database.sessions, "after_commit", models.mark_stale)
+        event.listen(database.sessions, "after_commit", tier_limits.clear)
         # Reservations their requests never settled (a replica killed mid-stream) are settled each minute.
         sweeping = asyncio.create_task(
             sweeper.sweep_every(
                 sweeper.SWEEP_INTERVAL, database, lambda: app.state.quota, clock, settings.reservation_ttl
             )
         )
+        cleaning = asyncio.create_task(app.state.retries.clean_every())  # expired Idempotency-Key answers
+        await app.state.alerts.start()  # usage alerts and webhook deliveries, off the request path
         try:
             await models.start()
             yield
         finally:
+            await app.state.alerts.close()
             sweeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeping
+            cleaning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cleaning
             event.remove(database.sessions, "after_commit", principals.clear)
             event.remove(database.sessions, "after_commit", models.mark_stale)
+            event.remove(database.sessions, "after_commit", tier_limits.clear)
             await models.close(keep=None if close_engine else engine)
 
     # No trailing-slash redirects: Starlette's would echo the whole URL, ?api_key= included, in Location,
@@ -117,6 +132,7 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.settings = settings
+    app.state.mailer = build_mailer(settings)  # SMTP, or the log when no AIMICHAT_SMTP_URL is set
     app.state.engine = engine  # aimichat-1 as the settings define it
     app.state.models = models
     app.state.database = database
@@ -125,15 +141,45 @@ def create_app(
     app.state.started = int(time.time())
     app.state.metrics = Metrics(models)
     app.state.quota = build_quota(settings, database)
-    app.state.chat = ChatService(models, app.state.quota, clock, settings.default_max_tokens, metrics=app.state.metrics)
+    # Per-account fairness on this replica's engines (quota/fairness.py): tier limits, round-robin turns.
+    app.state.fairness = Fairness(tier_limits, max_waiting=settings.max_queue, timeout=settings.queue_timeout)
+    app.state.retries = Retries(
+        database, clock, settings.idempotency_ttl, settings.idempotency_wait, lease=settings.reservation_ttl
+    )
+    app.state.alerts = AlertWorker(
+        database,
+        clock,
+        lambda: getattr(app.state, "mailer", None),
+        timeout=settings.webhook_timeout,
+        retry_base=settings.alert_retry_seconds,
+        allow_private=settings.webhook_allow_private,
+    )
+    app.state.chat = ChatService(
+        models,
+        app.state.quota,
+        clock,
+        settings.default_max_tokens,
+        metrics=app.state.metrics,
+        settled=app.state.alerts.settled,  # usage alerts: checked off the request path
+        refused=app.state.alerts.refused,  # a spent allotment: its 100% alert
+        fairness=app.state.fairness,
+    )
 
     handlers.install(app)
     app.include_router(chat_router.router)
     app.include_router(responses_router.router)
     app.include_router(usage.router)
     app.include_router(key.router)
+    app.include_router(keys_report.router)
     app.include_router(system.router)
     app.include_router(metrics_router)
+    app.include_router(admin_router.router)  # /admin/v1: admin keys only
     install_web(app)  # account pages, account API and their static files
-    app.add_middleware(RequestMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.include_router(admin_audit.router)
+    app.add_middleware(admin_audit.WebActor)  # the audit log's actor on the web pages: the visitor's account
+    app.add_middleware(
+        RequestMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout=settings.body_timeout,
+    )
     return app

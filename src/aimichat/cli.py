@@ -29,8 +29,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aimichat.accounts import service as accounts
+from aimichat.audit import service as audit
 from aimichat.config import Settings, env_var
 from aimichat.engines.configs import EmbeddedConfig, EngineConfig
+from aimichat.keys import admin_keys
 from aimichat.keys import service as keys
 from aimichat.quota import ledger
 from aimichat.registry import service as registry
@@ -45,7 +47,8 @@ from aimichat.registry.catalog import (
 )
 from aimichat.store.clock import iso_utc, utcnow
 from aimichat.store.db import Database
-from aimichat.store.models import Account, ApiKey, ModelRecord, Tier
+from aimichat.store.models import Account, AdminKey, ApiKey, ModelRecord, Tier
+from aimichat.web import sessions
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -63,6 +66,7 @@ def _session() -> Iterator[Session]:
     database = Database.from_settings(settings)
     database.upgrade()
     session = database.session()
+    audit.act_as(session, audit.CLI)  # every change made here is the command line's in the audit log
     try:
         accounts.ensure_default_tier(session, settings.default_tier)
         yield session
@@ -219,6 +223,7 @@ def serve(log_level: str, workers: int, **options: Any) -> None:
     import uvicorn
 
     from aimichat.app import create_app, prepare_database
+    from aimichat.server import guarded_protocol
 
     overrides = _given(options)
     settings = Settings(**overrides)
@@ -244,8 +249,11 @@ def serve(log_level: str, workers: int, **options: Any) -> None:
         # Each worker builds its own app from the environment, so hand the CLI's choices down that way.
         os.environ.update({env_var(name): str(value) for name, value in overrides.items()})
         database.dispose()
+        # Each worker imports the guarded protocol by name and reads its limits from that environment too.
+        common["http"] = "aimichat.server:FromEnvironment"
         uvicorn.run("aimichat.app:create_app", factory=True, workers=workers, **common)
     else:
+        common["http"] = guarded_protocol(settings)  # header and send timeouts, connections per address
         uvicorn.run(create_app(settings, database=database), **common)
 
 
@@ -328,6 +336,9 @@ def _tier_dict(tier: Tier) -> dict[str, Any]:
         "rpm": tier.rpm,
         "tpm": tier.tpm,
         "max_keys": tier.max_keys,
+        "max_concurrent": tier.max_concurrent,
+        "max_prompt_tokens": tier.max_prompt_tokens,
+        "max_n": tier.max_n,
     }
 
 
@@ -356,6 +367,13 @@ def _access(models: list[str] | None) -> str:
 @click.option("--rpm", metavar="N", help="Default requests per minute of each key ('' removes).")
 @click.option("--tpm", metavar="N", help="Default tokens per minute of each key ('' removes).")
 @click.option("--max-keys", metavar="N", help="Most active keys an account may have ('' removes).")
+@click.option("--max-concurrent", metavar="N", help="Requests an account may run at once; more get 429 ('' removes).")
+@click.option(
+    "--max-prompt-tokens",
+    metavar="N",
+    help="Longest prompt (tokens) a request may send; longer gets 400 ('' removes: the model's context).",
+)
+@click.option("--max-n", metavar="N", help="Most choices (n) a request may ask for ('' removes: 4).")
 @click.option(
     "--models",
     metavar="A,B,...",
@@ -373,6 +391,9 @@ def tiers_set(
     rpm: str | None,
     tpm: str | None,
     max_keys: str | None,
+    max_concurrent: str | None,
+    max_prompt_tokens: str | None,
+    max_n: str | None,
 ) -> None:
     """Create or update a tier; --models or --all-models also set the models it may use. Updating an
     existing tier changes only what is given."""
@@ -382,25 +403,19 @@ def tiers_set(
         {"monthly_credits": monthly_credits, "cost_rule": cost_rule, "credits_per_1k_tokens": credits_per_1k_tokens}
     )
     with _session() as session:
-        existing = next((t for t in accounts.list_tiers(session) if t.name == name), None)
-        if existing is None and daily_credits is None:
+        if daily_credits is None and not any(t.name == name for t in accounts.list_tiers(session)):
             raise click.UsageError("a new tier needs --daily-credits")
-        current = _tier_dict(existing) if existing is not None else {}
-        tier = accounts.set_tier(
-            session,
-            name,
-            daily_credits=daily_credits if daily_credits is not None else current["daily_credits"],
-            monthly_credits=given.get("monthly_credits", current.get("monthly_credits")),
-            cost_rule=given.get("cost_rule", current.get("cost_rule", cost_rule)),
-            credits_per_1k_tokens=given.get(
-                "credits_per_1k_tokens", current.get("credits_per_1k_tokens", credits_per_1k_tokens)
-            ),
-        )
-        limits = {
-            k: _optional_int(v, k) for k, v in (("rpm", rpm), ("tpm", tpm), ("max_keys", max_keys)) if v is not None
+        options = {
+            "rpm": rpm,
+            "tpm": tpm,
+            "max_keys": max_keys,
+            "max_concurrent": max_concurrent,
+            "max_prompt_tokens": max_prompt_tokens,
+            "max_n": max_n,
         }
-        if limits:
-            accounts.set_tier_limits(session, name, **limits)
+        limits = {k: _optional_int(v, k) for k, v in options.items() if v is not None}
+        credits = {"daily_credits": daily_credits} if daily_credits is not None else {}
+        tier = accounts.save_tier(session, name, {**credits, **given, **limits})
         if models is not None or all_models:
             registry.set_tier_models(session, name, None if all_models else (models or "").split(","))
         click.echo(f"tier {tier.name}: {tier.daily_credits} daily credits, {tier.cost_rule}; {_access(tier.models)}")
@@ -451,7 +466,8 @@ def _account_dict(account: Account) -> dict[str, Any]:
     prompt=True,
     hide_input=True,
     confirmation_prompt=True,
-    help="At least 8 characters. Left out, it is asked for; on the command line it is visible to ps.",
+    help="At least 8 characters, not a common password. Left out, it is asked for; on the command line it is "
+    "visible to ps.",
 )
 @click.option(
     "--tier", default=lambda: Settings().default_tier, show_default="the default_tier setting", help="Tier name."
@@ -515,6 +531,32 @@ def accounts_enable(email: str) -> None:
         click.echo(f"enabled {email}")
 
 
+@accounts_group.command("set-password")
+@click.argument("email")
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the password from the first line of standard input.")
+def accounts_set_password(email: str, from_stdin: bool) -> None:
+    """Set a new password for someone locked out, and log the account out of every browser.
+
+    The password is asked for twice, not echoed; --stdin reads it from a pipe instead (never put it on
+    the command line, where ps shows it). The sign-up rules apply: 8+ characters, not a common password.
+    """
+    if from_stdin:
+        password = _read_password()
+    else:
+        password = click.prompt("New password", hide_input=True, confirmation_prompt=True)
+    with _session() as session:
+        account = accounts.set_password(session, email, password)
+        ended = sessions.end_all(session, account.id)
+    click.echo(f"set a new password for {account.email}; ended {ended} browser session{'s' if ended != 1 else ''}")
+
+
+def _read_password() -> str:
+    line = sys.stdin.readline().rstrip("\r\n")
+    if not line:
+        raise click.UsageError("--stdin: the first line of standard input is empty")
+    return line
+
+
 @accounts_group.command("set-admin")
 @click.argument("email")
 def accounts_set_admin(email: str) -> None:
@@ -522,6 +564,20 @@ def accounts_set_admin(email: str) -> None:
     with _session() as session:
         accounts.set_admin(session, email, True)
         click.echo(f"{email} is now an admin")
+
+
+@accounts_group.command("reset-link")
+@click.argument("email")
+def accounts_reset_link(email: str) -> None:
+    """Print a password reset link for EMAIL's account, to hand over yourself: it works once, for 1 hour,
+    and setting a password with it also confirms the address. For when email is off (docs/email.md)."""
+    from aimichat.web import email_flows
+
+    settings = Settings()
+    with _session() as session:
+        link = email_flows.operator_reset_link(session, email, base=email_flows.link_base(settings), now=utcnow())
+    click.echo(f"a password reset link for {email.strip().lower()}, working once for 1 hour:", err=True)
+    click.echo(link)
 
 
 # -- keys ----------------------------------------------------------------------------------------
@@ -691,6 +747,92 @@ def keys_revoke(key_id: int) -> None:
         click.echo(f"revoked key {key.id} ({key.name})")
 
 
+# -- admin keys and the audit log ----------------------------------------------------------------
+
+
+@cli.group("admin-keys")
+def admin_keys_group() -> None:
+    """Keys of the admin API (/admin/v1, see docs/admin-api.md). A key is shown once, when it is created."""
+
+
+def _admin_key_dict(key: AdminKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "created": _when(key.created_at),
+        "last_used": _when(key.last_used_at),
+        "status": admin_keys.status(key),
+    }
+
+
+@admin_keys_group.command("create")
+@click.option("--name", required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the new key, its id and prefix as JSON.")
+def admin_keys_create(name: str, as_json: bool) -> None:
+    """Create an admin key; the key alone is the last line of output (with --json: an object with it)."""
+    with _session() as session:
+        created = admin_keys.create(session, name)
+        row = _admin_key_dict(created.key)
+    if as_json:
+        return _echo_json({**row, "key": created.secret})
+    click.echo(f"created admin key {row['id']} ({row['name']}); it will not be shown again:", err=True)
+    click.echo(created.secret)
+
+
+@admin_keys_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def admin_keys_list(as_json: bool) -> None:
+    """List the admin keys (never the keys themselves)."""
+    with _session() as session:
+        rows = [_admin_key_dict(k) for k in admin_keys.list_admin_keys(session)]
+    if as_json:
+        return _echo_json(rows)
+    _echo_rows(
+        ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "STATUS"),
+        [(r["id"], r["name"], r["prefix"] + "…", r["created"], r["last_used"], r["status"]) for r in rows],
+        "No admin keys: aimichat admin-keys create --name NAME",
+    )
+
+
+@admin_keys_group.command("revoke")
+@click.argument("key_id", type=int)
+def admin_keys_revoke(key_id: int) -> None:
+    """Revoke an admin key by id: it stops working at once."""
+    with _session() as session:
+        key = admin_keys.revoke(session, key_id)
+        click.echo(f"revoked admin key {key.id} ({key.name})")
+
+
+@cli.command("audit")
+@click.option("--actor", help="Only changes by this actor: account:ID, admin_key:ID, cli, system.")
+@click.option("--action", help="Only this action, e.g. key.revoked.")
+@click.option("--target", help="Only changes to this, e.g. key:12, account:7, tier:free.")
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--per-page", type=click.IntRange(1, audit.MAX_PER_PAGE), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def audit_cmd(
+    actor: str | None, action: str | None, target: str | None, page: int, per_page: int, as_json: bool
+) -> None:
+    """The audit log, newest first: who changed accounts, tiers, prices, models and keys, and when."""
+    with _session() as session:
+        found = audit.list_events(session, actor=actor, action=action, target=target, page=page, per_page=per_page)
+        rows = [audit.event_json(e) for e in found.events]
+    if as_json:
+        return _echo_json(rows)
+    _echo_rows(
+        ("ID", "WHEN", "ACTOR", "ACTION", "TARGET", "DETAIL"),
+        [
+            (r["id"], r["created"], r["actor"], r["action"], r["target"],
+             " ".join(f"{k}={json.dumps(v)}" for k, v in r["detail"].items()))
+            for r in rows
+        ],
+        "No changes recorded" + (" match these filters" if actor or action or target else ""),
+    )  # fmt: skip
+    if found.has_more:
+        click.echo(f"(more: --page {page + 1})", err=True)
+
+
 # -- usage ---------------------------------------------------------------------------------------
 
 
@@ -721,11 +863,51 @@ def usage_cmd(email: str, as_json: bool) -> None:
         )
 
 
+# -- usage alerts --------------------------------------------------------------------------------
+
+
+@cli.group("alerts")
+def alerts_group() -> None:
+    """Usage alert thresholds of accounts (docs/alerts.md)."""
+
+
+def _alerts_line(email: str, config: Any) -> str:
+    at = "at " + ", ".join(f"{p}%" for p in config.percents) if config.percents else "off"
+    return f"{email}: alerts {at}; email {'on' if config.email else 'off'}"
+
+
+@alerts_group.command("set")
+@click.argument("email")
+@click.option("--at", "percents", metavar="P,P,...", help="Thresholds, percent of each allotment ('' turns off).")
+@click.option("--email/--no-email", "by_email", default=None, help="Also alert by email (default: as it was).")
+def alerts_set(email: str, percents: str | None, by_email: bool | None) -> None:
+    """Set an account's alert thresholds (default 80,100) and whether they also go by email."""
+    from aimichat.alerts import service as alert_service
+
+    with _session() as session:
+        account = accounts.get_account(session, email)
+        parsed = alert_service.parse_percents(percents) if percents is not None else None
+        config = alert_service.set_alert_config(session, account.id, utcnow(), percents=parsed, email=by_email)
+        click.echo(_alerts_line(account.email, config))
+
+
+@alerts_group.command("show")
+@click.argument("email")
+def alerts_show(email: str) -> None:
+    """An account's alert thresholds."""
+    from aimichat.alerts import service as alert_service
+
+    with _session() as session:
+        account = accounts.get_account(session, email)
+        config = alert_service.alert_config(session, account.id)
+        click.echo(_alerts_line(account.email, config))
+
+
 # -- models --------------------------------------------------------------------------------------
 
 DISCOVERY_TIMEOUT = 3.0  # seconds: the CLI only reports what a source lists; every replica asks it itself
 EMBEDDED_ONLY = ("gguf", "parallel", "threads", "load_on_demand", "idle_unload")
-UPSTREAM_ONLY = ("upstream_model", "api_key_env")
+UPSTREAM_ONLY = ("upstream_model", "api_key_env", "multimodal", "strip_fields", "refuse_fields")
 
 
 @cli.group("models")
@@ -781,6 +963,13 @@ def _engine_of(embedded: bool, urls: str | None, given: dict[str, Any]) -> str:
     "(never the key itself: the registry is readable by every replica and is exported as a file).",
 )
 @click.option(
+    "--multimodal", is_flag=True, default=None, help="[upstream] It reads images, audio and files: pass them on."
+)
+@click.option(
+    "--strip-fields", metavar="A,B,...", help="[upstream] Request fields removed before the request goes upstream."
+)
+@click.option("--refuse-fields", metavar="A,B,...", help="[upstream] Request fields answered with a 400.")
+@click.option(
     "--context-length",
     type=int,
     help="Context window in tokens (an embedded model's default: AIMICHAT_CONTEXT_LENGTH).",
@@ -788,6 +977,8 @@ def _engine_of(embedded: bool, urls: str | None, given: dict[str, Any]) -> str:
 @click.option(
     "--system-prompt", metavar="TEXT", help="Used when a request sends none (default: AIMICHAT_SYSTEM_PROMPT)."
 )
+@click.option("--temperature", type=float, help="Sampling temperature when a request sends none (default: 1.0).")
+@click.option("--top-p", type=float, help="Nucleus sampling (top_p) when a request sends none (default: 1.0).")
 def models_add(name: str, embedded: bool, urls: str | None, **options: Any) -> None:
     """Add a model, or redefine one (aimichat-1 included): --embedded or --upstream URL."""
     given = _given(options)
@@ -829,11 +1020,42 @@ def _details(config: EngineConfig) -> str:
         parts += [f"{config.threads} threads"] if config.threads else []
         parts += ["loaded on demand"] if config.load_on_demand else []
         parts += [f"unloaded after {config.idle_unload:g}s idle"] if config.idle_unload else []
-        return ", ".join(parts)
+        return ", ".join(parts + _sampling_details(config))
     parts = [", ".join(config.urls)]
     parts += [f"model {config.upstream_model}"] if config.upstream_model else []
     parts += [f"key from ${config.api_key_env}"] if config.api_key_env else []
-    return ", ".join(parts)
+    return ", ".join(parts + _sampling_details(config))
+
+
+def _sampling_details(config: EngineConfig) -> list[str]:
+    parts = [f"temperature {config.temperature:g}"] if config.temperature is not None else []
+    return parts + ([f"top_p {config.top_p:g}"] if config.top_p is not None else [])
+
+
+def _optional_float(value: str, name: str) -> float | None:
+    """A number option where an empty value means "none"."""
+    if value.strip() == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number", param_hint=_option(name)) from None
+
+
+@models_group.command("set")
+@click.argument("name")
+@click.option("--temperature", metavar="T", help="Sampling temperature when a request sends none ('' removes: 1.0).")
+@click.option("--top-p", metavar="P", help="Nucleus sampling (top_p) when a request sends none ('' removes: 1.0).")
+def models_set(name: str, **options: str | None) -> None:
+    """Change a registered model's default sampling; its other settings stay. aimichat-1 as the settings
+    define it takes AIMICHAT_DEFAULT_TEMPERATURE and AIMICHAT_DEFAULT_TOP_P instead."""
+    changes = {k: _optional_float(v, k) for k, v in options.items() if v is not None}
+    if not changes:
+        raise click.UsageError("give --temperature or --top-p")
+    with _session() as session:
+        record = registry.set_sampling(session, name, changes)
+        config = config_from_record(record.engine, record.config)
+    click.echo(f"model {name}: {record.engine}, {_details(config)}")
 
 
 @dataclass(frozen=True)
@@ -1176,6 +1398,39 @@ def reservations_sweep(ttl: int | None, as_json: bool) -> None:
     click.echo(format_table(header, rows, max_default=200))
     charged, refunded = sum(s.charged for s in swept), sum(s.refunded for s in swept)
     click.echo(f"settled {len(swept)} reservation(s): {charged} credits charged, {refunded} refunded")
+
+
+# -- mail ----------------------------------------------------------------------------------------
+
+
+@cli.group("mail")
+def mail_group() -> None:
+    """The mail AimiChat sends (AIMICHAT_SMTP_URL, AIMICHAT_MAIL_FROM; docs/email.md)."""
+
+
+@mail_group.command("test")
+@click.option("--to", "to", required=True, metavar="ADDRESS", help="Where to send the test mail.")
+def mail_test(to: str) -> None:
+    """Send a test mail through the configured SMTP server, to check the settings (without one: exit 1)."""
+    import asyncio
+
+    from aimichat.mail import MailError, build_mailer
+
+    settings = Settings()
+    try:
+        mailer = build_mailer(settings)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    text = "This is a test mail from AimiChat: its SMTP settings work.\n"
+    try:
+        asyncio.run(mailer.send(to, "AimiChat test mail", text))
+    except MailError as exc:
+        raise click.ClickException(str(exc)) from None
+    if mailer.enabled:
+        click.echo(f"sent a test mail to {to} from {settings.mail_from}")
+    else:
+        click.echo("email is off (no AIMICHAT_SMTP_URL): nothing was sent", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PUBLIC_MODEL_ID = "aimichat-1"
 ENV_PREFIX = "AIMICHAT_"
+# What a page may link to as the support contact: a mailto: or a web address, never javascript: or data:.
+SUPPORT_EMAIL = re.compile(r"^[^@\s<>\"']+@[^@\s<>\"']+\.[^@\s<>\"']+$")
+SUPPORT_URL = re.compile(r"^https?://[^\s<>\"']+$", re.IGNORECASE)
 
 
 def env_var(name: str) -> str:
@@ -78,6 +82,17 @@ class Settings(BaseSettings):
         "You are AimiChat, a helpful, concise assistant.",
         description="System prompt used when the caller sends none.",
     )
+    default_temperature: float = Field(
+        0.2,
+        ge=0.0,
+        le=2.0,
+        description="aimichat-1's sampling temperature when a request sends none (OpenAI's default is 1.0; "
+        "the bundled small model answers everyday questions sensibly more often cooler: docs/models.md). "
+        "With AIMICHAT_ENGINE=upstream it applies only when set.",
+    )
+    default_top_p: float = Field(
+        0.9, gt=0.0, le=1.0, description="aimichat-1's nucleus sampling (top_p) when a request sends none."
+    )
     repeat_penalty: float = Field(
         1.1, ge=0.0, description="Penalty on tokens the model just produced; 1.0 turns it off."
     )
@@ -117,6 +132,30 @@ class Settings(BaseSettings):
 
     drain_timeout: int = Field(30, ge=0, description="Seconds running streams may take to finish after SIGTERM.")
     max_body_bytes: int = Field(1024 * 1024, description="Largest accepted request body.")
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client may take to send a request's line and headers (from its first byte, or "
+        "from the connection); then the connection is closed (slowloris).",
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a client may take to send a request's whole body once its headers are in; "
+        "then 408 and the connection is closed.",
+    )
+    send_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client may leave an answer unread (its receive window full) before the "
+        "connection is dropped and the request ends (charged for what was delivered).",
+    )
+    max_connections_per_address: int = Field(
+        64,
+        ge=0,
+        description="Open connections one client address may hold; more are refused with 429 and closed "
+        "(0: no cap). Trusted proxies (AIMICHAT_TRUSTED_PROXIES) are not capped: the proxy caps its clients.",
+    )
     trusted_proxies: str = Field(
         "127.0.0.1",
         description="Comma-separated addresses of reverse proxies whose X-Forwarded-For names the client "
@@ -136,6 +175,26 @@ class Settings(BaseSettings):
         "within this time (0: never cache).",
     )
     default_tier: str = Field("free", description="Tier given to new accounts.")
+    support_contact: str | None = Field(
+        None,
+        description="Where people get help (an email address or an https:// URL), shown on the plan, docs "
+        "and error pages.",
+    )
+    admin_rpm: int = Field(
+        600, ge=1, description="Requests a minute each admin key may make to the admin API (/admin/v1); more get 429."
+    )
+    smtp_url: SecretStr | None = Field(
+        None,
+        description="SMTP server for the mail AimiChat sends: smtp://user:pass@host:587?starttls=true, or "
+        "smtps://user:pass@host:465 for implicit TLS (docs/email.md). Unset: each mail is written to the log.",
+    )
+    mail_from: str = Field(
+        "AimiChat <noreply@localhost>", description="From address of the mail AimiChat sends (one the server accepts)."
+    )
+    email_verification: bool = Field(
+        False,
+        description="Sign-ups must follow an emailed link before they may make API keys or use the playground.",
+    )
     reservation_ttl: int = Field(
         900,
         ge=1,
@@ -143,6 +202,49 @@ class Settings(BaseSettings):
         "is settled by the sweeper: per-request prices keep their credits, per-token ones charge the prompt. "
         "Must exceed the longest request.",
     )
+    idempotency_ttl: int = Field(
+        86400,
+        ge=60,
+        description="Seconds an answer to a request sent with an Idempotency-Key is kept (the completion text "
+        "included) and replayed to retries with the same key; then it is deleted (docs/idempotency.md).",
+    )
+    idempotency_wait: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds a retry waits for the first request with its Idempotency-Key to finish; then "
+        "409 idempotency_key_in_progress.",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Accept webhook URLs whose host is a loopback, private or link-local address (refused "
+        "by default: a webhook must not reach into the server's own network).",
+    )
+    webhook_timeout: float = Field(
+        5.0,
+        gt=0,
+        le=30,  # alerts.delivery.MAX_DEADLINE: a delivery's claim (its LEASE, 60 s) must outlast the attempt
+        description="Seconds a webhook receiver may take to answer, the whole attempt (connect, send, status "
+        "line) included; at most 30.",
+    )
+    alert_retry_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Pause before a failed alert delivery's first retry; each next pause is 4 times longer, "
+        "8 attempts in all (docs/alerts.md).",
+    )
+    key_reports_per_minute: int = Field(
+        60, ge=1, description="Keys one client address may report leaked (POST /v1/keys/report) per minute."
+    )
+
+    @field_validator("support_contact")
+    @classmethod
+    def _contact(cls, value: str | None) -> str | None:
+        value = (value or "").strip()
+        if not value:
+            return None
+        if not (SUPPORT_URL.match(value) or SUPPORT_EMAIL.match(value)):
+            raise ValueError("give an email address (help@example.com) or an http(s):// URL")
+        return value
 
     def resolved_database_url(self) -> str:
         """The configured database URL, or the SQLite file in ``data_dir``."""

@@ -157,15 +157,19 @@ def test_sign_up_generate_use_revoke_regenerate(page, server):
     assert key_row(page, "laptop").locator(".badge").inner_text() == "Revoked"
     assert chat(server, key).status_code == 401
 
-    page.once("dialog", lambda d: d.accept())
-    key_row(page, "laptop").get_by_role("button", name="Regenerate").click()
+    # A revoked key stays revoked: no Regenerate on it; a new key takes its place.
+    assert key_row(page, "laptop").get_by_role("button", name="Regenerate").count() == 0
+    page.get_by_label("Key name").fill("laptop")
+    page.get_by_role("button", name="Generate key").click()
     new_key = page.locator("#new-key").inner_text()
-    assert new_key != key and "New key for “laptop”" in page.locator("#new-key-title").inner_text()
+    assert new_key != key and "Your new key “laptop”" in page.locator("#new-key-title").inner_text()
     assert chat(server, new_key).status_code == 200
     assert chat(server, key).status_code == 401
     shot(page, "key-regenerated")
     page.goto("/keys")
     assert key_row(page, "laptop").count() == 2, "the revoked key stays listed"
+    badges = key_row(page, "laptop").locator(".badge").all_inner_texts()
+    assert badges == ["Active", "Revoked"], "active keys first"
     assert new_key not in page.content(), "never shown again"
     shot(page, "keys")
 

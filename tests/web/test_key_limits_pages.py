@@ -307,16 +307,15 @@ def test_regenerate_with_grace_keeps_both_secrets_until_it_ends(clocked):
         assert key_row(clocked.db, key_id).key_hash == before
 
 
-def test_regenerating_a_revoked_key_makes_a_new_one_with_its_limits(server):
+def test_a_revoked_key_is_not_regenerated(server):
     with Browser(server) as b:
         b.sign_up("revived@example.com")
         key_id, old = b.generate_key("revived", daily_cap="7", rpm="9")
         b.post(f"/keys/{key_id}/revoke", {"confirm": "yes"})
-        new_id, new, page = b.regenerate(key_id, grace="7d")  # no grace for a revoked key: it stays revoked
-        assert new_id != key_id and "stays revoked" in page.text
-        row = key_row(server.db, new_id)
-        assert (row.name, row.daily_cap, row.rpm) == ("revived", 7, 9)
-        assert chat(server, old).status_code == 401 and chat(server, new).status_code == 200
+        for confirm in ("", "yes"):  # refused before the confirmation page too: there is nothing to confirm
+            refused = b.post(f"/keys/{key_id}/regenerate", {"confirm": confirm, "grace": "7d"})
+            assert refused.status_code == 409 and "revoked and stays revoked" in refused.text
+        assert count(server.db) == 1 and chat(server, old).status_code == 401
 
 
 # -- CSRF and ownership --------------------------------------------------------------------------
@@ -428,6 +427,6 @@ def test_the_plan_caps_the_number_of_keys_on_the_form(server):
         assert r.status_code == 400 and "allows 1 active keys" in r.text
         b.post(f"/keys/{key_id}/revoke", {"confirm": "yes"})
         b.generate_key("second")
-        refused = b.post(f"/keys/{key_id}/regenerate", {"confirm": "yes"})  # would make a second active key
+        refused = b.post("/keys", {"name": "third"})
         assert refused.status_code == 400 and "allows 1 active keys" in refused.text
     assert count(server.db) == 2

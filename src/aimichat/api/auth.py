@@ -7,8 +7,8 @@ import datetime as dt
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
+from aimichat.keys import admin_keys, tokens
 from aimichat.keys import service as keys
-from aimichat.keys import tokens
 from aimichat.keys.service import Principal
 from aimichat.store.clock import iso_utc
 from aimichat.store.db import Database
@@ -43,6 +43,8 @@ async def require_key(request: Request) -> Principal:
     """FastAPI dependency: a live key of an enabled account, or a 401/403 in OpenAI's shape."""
     state = request.app.state
     key = presented_key(request, state.settings.allow_query_key)
+    if key and admin_keys.is_well_formed(key):
+        raise await _admin_key_refused(state.database, key)
     if not key or not tokens.is_well_formed(key):  # refused before any database work
         raise invalid_api_key()
 
@@ -71,6 +73,22 @@ async def require_key(request: Request) -> Principal:
         )
     request.state.principal = principal
     return principal
+
+
+async def _admin_key_refused(database: Database, key: str) -> APIError:
+    """A live admin key is told it belongs to the admin API (403); any other admin-looking string is a 401."""
+
+    def live() -> bool:
+        with database.connect(single_statement=True) as conn:
+            return admin_keys.exists(conn, key)
+
+    if not await run_in_threadpool(live):
+        return invalid_api_key()
+    return APIError(
+        403,
+        "Admin keys cannot call the chat API: they are for /admin/v1/... Use an API key (aimichat_...) here.",
+        code="admin_key_not_allowed",
+    )
 
 
 def _lookup(database: Database, key: str, now: dt.datetime) -> Principal | None:

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from aimichat.audit import service as audit
 from aimichat.store.clock import iso_utc, utcnow
 from aimichat.store.models import Account, ApiKey, Tier, UsageEvent
 
@@ -54,6 +55,7 @@ class KeyLimits:
 
 
 NO_LIMITS = KeyLimits()
+DEFAULT_MAX_N = 4  # choices (n) a request may ask for where its tier sets no max_n
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Principal:
     limits: KeyLimits = NO_LIMITS  # the key's own, with the tier's rpm/tpm where the key sets none
     key_name: str | None = None
     grace_until: dt.datetime | None = None  # authenticated by the secret a rotation replaced, valid until then
+    max_n: int = DEFAULT_MAX_N  # the most choices one request of the tier may ask for
 
     @property
     def has_key_limits(self) -> bool:
@@ -107,6 +110,8 @@ def create_key(session: Session, account: Account, name: str, limits: KeyLimits 
     _store_limits(key, limits)
     session.add(key)
     session.flush()
+    shown = {k: v for k, v in limits.as_json().items() if v is not None}
+    audit.note(session, "key.created", f"key:{key.id}", {"account_id": account.id, "name": name, **shown})
     return CreatedKey(key, secret)
 
 
@@ -156,8 +161,11 @@ def set_limits(session: Session, key_id: int, account_id: int | None = None, **c
     unknown = set(changes) - set(KeyLimits.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown limit(s): {', '.join(sorted(unknown))}")
-    _store_limits(key, check_limits(replace(key_limits(key), **changes)))
+    limits = check_limits(replace(key_limits(key), **changes))
+    _store_limits(key, limits)
     session.flush()
+    changed = {k: v for k, v in limits.as_json().items() if k in changes}
+    audit.note(session, "key.limits_changed", f"key:{key.id}", {"account_id": key.account_id, **changed})
     return key
 
 
@@ -182,6 +190,8 @@ def rotate_key(
         key.previous_hash, key.previous_valid_until = None, None
     key.key_hash, key.prefix = tokens.hash_key(secret), tokens.display_prefix(secret)
     session.flush()
+    until = iso_utc(key.previous_valid_until) if key.previous_valid_until else None
+    audit.note(session, "key.rotated", f"key:{key.id}", {"account_id": key.account_id, "old_valid_until": until})
     return CreatedKey(key, secret)
 
 
@@ -234,6 +244,7 @@ def revoke_key(session: Session, key_id: int, account_id: int | None = None) -> 
     if key.revoked_at is None:
         key.revoked_at = utcnow()
         session.flush()
+        audit.note(session, "key.revoked", f"key:{key.id}", {"account_id": key.account_id, "name": key.name})
     return key
 
 
@@ -310,6 +321,7 @@ _PRINCIPAL = (
         ApiKey.previous_valid_until,
         Tier.rpm.label("tier_rpm"),
         Tier.tpm.label("tier_tpm"),
+        Tier.max_n.label("tier_max_n"),
         Account.id.label("account_id"),
         Account.email,
         Account.disabled,
@@ -373,6 +385,7 @@ def _principal(row: Any, grace_until: dt.datetime | None) -> Principal:
         limits=limits,
         key_name=row.key_name,
         grace_until=grace_until,
+        max_n=row.tier_max_n or DEFAULT_MAX_N,
     )
 
 
@@ -397,6 +410,7 @@ def principal_for(
         monthly_credits=tier.monthly_credits,
         cost_rule=tier.cost_rule,
         credits_per_1k_tokens=tier.credits_per_1k_tokens,
+        max_n=tier.max_n or DEFAULT_MAX_N,
     )
 
 

@@ -94,14 +94,23 @@ class Catalog:
 
 
 def settings_model(settings: Settings) -> ModelSpec:
-    """``aimichat-1`` as today's settings define it (AIMICHAT_ENGINE, AIMICHAT_MODEL_PATH, AIMICHAT_UPSTREAM_*)."""
+    """``aimichat-1`` as today's settings define it (AIMICHAT_ENGINE, AIMICHAT_MODEL_PATH, AIMICHAT_UPSTREAM_*,
+    AIMICHAT_DEFAULT_TEMPERATURE and _TOP_P)."""
     config: EngineConfig
+    temperature: float | None = settings.default_temperature
+    top_p: float | None = settings.default_top_p
     if settings.engine == "upstream":
         from aimichat.engines.openai_upstream import parse_urls
 
-        config = UpstreamConfig(urls=tuple(parse_urls(settings.upstream_url)), upstream_model=settings.upstream_model)
+        urls = tuple(parse_urls(settings.upstream_url))
+        # The defaults were measured on the bundled model: an upstream's own model keeps the server's (or
+        # OpenAI's) defaults unless the operator set these settings.
+        given = settings.model_fields_set
+        temperature = temperature if "default_temperature" in given else None
+        top_p = top_p if "default_top_p" in given else None
+        config = UpstreamConfig(urls, settings.upstream_model, temperature=temperature, top_p=top_p)
     else:
-        config = EmbeddedConfig(gguf=settings.model_path)
+        config = EmbeddedConfig(gguf=settings.model_path, temperature=temperature, top_p=top_p)
     return ModelSpec(DEFAULT_MODEL, config, "settings")
 
 

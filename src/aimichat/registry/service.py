@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import tomli_w
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from aimichat.audit import service as audit
 from aimichat.engines.configs import EmbeddedConfig, EngineConfig, UpstreamConfig
 from aimichat.quota.pricing import Price
 from aimichat.store.clock import utcnow
@@ -54,6 +55,8 @@ def add_embedded(
     system_prompt: str | None = None,
     load_on_demand: bool = False,
     idle_unload: float | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
 ) -> ModelRecord:
     """Add (or redefine) a model run in-process from a GGUF file. The file is checked where it is
     served: a replica without it reports the model unready."""
@@ -65,6 +68,7 @@ def add_embedded(
         raise ValueError("threads must be at least 1")
     if idle_unload is not None and idle_unload <= 0:
         raise ValueError("idle unload must be a positive number of seconds")
+    check_sampling(temperature, top_p)
     try:
         path = Path(gguf).expanduser().resolve() if gguf else None
     except RuntimeError as exc:  # "~nosuchuser/x": pathlib cannot expand it
@@ -77,6 +81,8 @@ def add_embedded(
         system_prompt=system_prompt,
         load_on_demand=load_on_demand,
         idle_unload=idle_unload,
+        temperature=temperature,
+        top_p=top_p,
     )
     return _put(session, name, config)
 
@@ -90,18 +96,83 @@ def add_upstream(
     api_key_env: str | None = None,
     system_prompt: str | None = None,
     context_length: int | None = None,
+    multimodal: bool = False,
+    strip_fields: str | Sequence[str] = (),
+    refuse_fields: str | Sequence[str] = (),
+    temperature: float | None = None,
+    top_p: float | None = None,
 ) -> ModelRecord:
-    """Add (or redefine) a model served by OpenAI-compatible servers: the first URL first, the rest on failure."""
+    """Add (or redefine) a model served by OpenAI-compatible servers: the first URL first, the rest on failure.
+    ``multimodal``: it reads images and other content parts; ``strip_fields`` / ``refuse_fields``: request
+    fields removed before the request goes upstream / refused with a 400."""
     if context_length is not None and context_length < 1:
         raise ValueError("context length must be a positive number of tokens")
+    check_sampling(temperature, top_p)
     config = UpstreamConfig(
         urls=tuple(_urls(urls)),
         upstream_model=upstream_model,
         api_key_env=_env_name(api_key_env),
         system_prompt=system_prompt,
         context_length=context_length,
+        multimodal=multimodal,
+        strip_fields=_field_names(strip_fields),
+        refuse_fields=_field_names(refuse_fields),
+        temperature=temperature,
+        top_p=top_p,
     )
     return _put(session, name, config)
+
+
+SAMPLING = ("temperature", "top_p")
+
+
+def check_sampling(temperature: float | None, top_p: float | None) -> None:
+    """A model's default sampling takes the values a request may send (OpenAI's ranges; NaN is in none)."""
+    if temperature is not None and not (_number(temperature) and 0 <= temperature <= 2):
+        raise ValueError("temperature must be a number between 0 and 2")
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
+        raise ValueError("top_p must be a number above 0 and at most 1")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)  # a TOML `true` is no temperature
+
+
+def set_sampling(session: Session, name: str, changes: Mapping[str, float | None]) -> ModelRecord:
+    """Change a registered model's default sampling: the ``temperature`` and ``top_p`` a request that sends
+    none gets (None removes one: OpenAI's 1.0); its other settings stay."""
+    unknown = sorted(set(changes) - set(SAMPLING))
+    if unknown:
+        raise ValueError(f"not a sampling setting: {', '.join(unknown)}")
+    check_sampling(changes.get("temperature"), changes.get("top_p"))
+    record = session.scalar(select(ModelRecord).where(ModelRecord.name == name, ModelRecord.enabled))
+    if record is None and name == DEFAULT_MODEL:
+        raise ValueError(
+            f"{name} is defined by the settings: set AIMICHAT_DEFAULT_TEMPERATURE and AIMICHAT_DEFAULT_TOP_P, "
+            f"or redefine it with `aimichat models add {name} ...`"
+        )
+    if record is None:
+        raise ValueError(f"no model named {name!r} in the registry (a discovered model takes its source's defaults)")
+    config = config_from_record(record.engine, record.config or {})
+    temperature = changes.get("temperature", config.temperature)  # a None given removes it
+    top_p = changes.get("top_p", config.top_p)
+    return _put(session, name, replace(config, temperature=temperature, top_p=top_p))
+
+
+FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,63}$")
+
+
+def _field_names(names: str | Sequence[str]) -> tuple[str, ...]:
+    """Request field names, from a list or a comma-separated string."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    cleaned = tuple(dict.fromkeys(name.strip() for name in items if name.strip()))
+    bad = [name for name in cleaned if not FIELD_NAME.match(name)]
+    if bad:
+        raise ValueError(f"not a request field name: {', '.join(bad)}")
+    protected = {"messages", "model", "stream"} & set(cleaned)
+    if protected:
+        raise ValueError(f"{', '.join(sorted(protected))} cannot be stripped or refused")
+    return cleaned
 
 
 def _urls(urls: str | Sequence[str]) -> list[str]:
@@ -134,6 +205,7 @@ def _put(session: Session, name: str, config: EngineConfig) -> ModelRecord:
     record.enabled = True
     record.updated_at = now
     bump(session)
+    audit.note(session, "model.saved", f"model:{name}", {"engine": config.kind})
     return record
 
 
@@ -161,6 +233,7 @@ def remove_model(session: Session, name: str) -> bool:
     session.execute(delete(ModelAlias).where(ModelAlias.model == name))
     session.execute(delete(ModelPrice).where(ModelPrice.model == name))
     bump(session)
+    audit.note(session, "model.hidden" if hidden else "model.removed", f"model:{name}")
     return hidden
 
 
@@ -171,6 +244,7 @@ def restore_model(session: Session, name: str) -> None:
         raise ValueError(f"{name!r} is not hidden")
     session.delete(record)
     bump(session)
+    audit.note(session, "model.restored", f"model:{name}")
 
 
 def add_alias(session: Session, name: str, alias: str) -> ModelAlias:
@@ -212,6 +286,7 @@ def _set_alias(session: Session, name: str, alias: str) -> ModelAlias:
     row.model = name
     session.add(row)
     bump(session)
+    audit.note(session, "alias.added", f"alias:{alias}", {"model": name})
     return row
 
 
@@ -221,6 +296,7 @@ def remove_alias(session: Session, alias: str) -> None:
         raise ValueError(f"no alias named {alias!r}")
     session.delete(row)
     bump(session)
+    audit.note(session, "alias.removed", f"alias:{alias}", {"model": row.model})
 
 
 # -- sources (discovery) -------------------------------------------------------------------------
@@ -240,6 +316,8 @@ def add_source(
     source.urls = _urls(urls)
     source.api_key_env = _env_name(api_key_env)
     bump(session)
+    # Not the URLs: one may carry a password (http://user:pass@host).
+    audit.note(session, "source.saved", f"source:{prefix}", {"urls": len(source.urls), "api_key_env": api_key_env})
     return source
 
 
@@ -249,6 +327,7 @@ def remove_source(session: Session, prefix: str) -> None:
         raise ValueError(f"no discovered upstream with prefix {prefix!r}")
     session.delete(source)
     bump(session)
+    audit.note(session, "source.removed", f"source:{prefix}")
 
 
 def _sources(session: Session) -> list[ModelSource]:
@@ -263,6 +342,7 @@ def set_tier_models(session: Session, tier: str, models: Iterable[str] | None) -
     row = _tier(session, tier)
     row.models = None if models is None else sorted({check_name(m.strip()) for m in models if m.strip()})
     bump(session)
+    audit.note(session, "tier.models_changed", f"tier:{tier}", {"models": row.models})
     return row
 
 
@@ -300,6 +380,8 @@ def set_price(
     row.per_request, row.prompt_per_1m, row.completion_per_1m = per_request, prompt_per_1m, completion_per_1m
     session.add(row)
     bump(session)
+    prices = {"per_request": per_request, "prompt_per_1m": prompt_per_1m, "completion_per_1m": completion_per_1m}
+    audit.note(session, "price.set", f"price:{tier}/{model}", prices)
     return row
 
 
@@ -309,6 +391,7 @@ def remove_price(session: Session, tier: str, model: str) -> None:
         raise ValueError(f"tier {tier!r} has no price for {model!r}")
     session.delete(row)
     bump(session)
+    audit.note(session, "price.removed", f"price:{tier}/{model}")
 
 
 @dataclass(frozen=True)
@@ -401,6 +484,7 @@ def import_toml(session: Session, text: str) -> dict[str, int]:
     except (TypeError, AttributeError) as exc:  # a value of the wrong kind (a string where a table belongs…)
         raise ValueError(f"not a registry file: {exc}") from None
     bump(session)
+    audit.note(session, "registry.imported", "registry", dict(counts))
     return counts
 
 
@@ -454,8 +538,13 @@ def _strings(value: Any, what: str) -> list[str]:
     return value
 
 
-_EMBEDDED_KEYS = {"gguf", "parallel", "context_length", "threads", "system_prompt", "load_on_demand", "idle_unload"}
-_UPSTREAM_KEYS = {"urls", "upstream_model", "api_key_env", "system_prompt", "context_length"}
+_EMBEDDED_KEYS = {
+    "gguf", "parallel", "context_length", "threads", "system_prompt", "load_on_demand", "idle_unload", *SAMPLING,
+}  # fmt: skip
+_UPSTREAM_KEYS = {
+    "urls", "upstream_model", "api_key_env", "system_prompt", "context_length", "multimodal", "strip_fields",
+    "refuse_fields", *SAMPLING,
+}  # fmt: skip
 
 
 def _add_from_file(session: Session, name: str, item: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy.orm import Session
 
 from aimichat.keys import service as keys
+from aimichat.keys.json import grace_until as grace_until  # the key pages read it here
 from aimichat.keys.service import CreatedKey, Principal
 from aimichat.quota import ledger, periods
 from aimichat.quota.backends import QuotaBackend
@@ -41,10 +42,16 @@ def regenerate(
     return Regenerated(created, "rotated", old_prefix, created.key.previous_valid_until)
 
 
-def grace_until(key: ApiKey, now: dt.datetime) -> dt.datetime | None:
-    """Until when the secret a rotation replaced still works (None: it no longer does)."""
-    until = key.previous_valid_until
-    return until if key.previous_hash and until and until > now and key.revoked_at is None else None
+def check_regenerable(key: ApiKey) -> None:
+    """The key pages regenerate live keys only: "Regenerate" on a revoked key would quietly bring a credential
+    its owner stopped back to life under the same name. ValueError for a revoked one."""
+    if key.revoked_at is not None:
+        raise ValueError("this key is revoked and stays revoked, so it cannot be regenerated; generate a new key")
+
+
+def in_list_order(listed: list[ApiKey]) -> list[ApiKey]:
+    """The keys list: active keys first, then revoked ones, newest first within each."""
+    return sorted(listed, key=lambda key: (key.revoked_at is not None, -key.id))
 
 
 def principal_of(key: ApiKey) -> Principal:

@@ -52,7 +52,7 @@ def _keys_page(
         "keys.html",
         status=status,
         title="API keys",
-        keys=keys.list_keys(session, visitor.user.id),
+        keys=key_actions.in_list_order(keys.list_keys(session, visitor.user.id)),
         base=base_url(request),
         status_of=keys.key_status,
         summary_of=key_input.summary,
@@ -170,6 +170,10 @@ def keys_regenerate(
     grace: str = Form(""),
 ) -> Response:
     key = _own_key(session, key_id, visitor)
+    try:
+        key_actions.check_regenerable(key)
+    except ValueError as exc:  # refused before asking: there is nothing to confirm
+        raise WebError(409, "Revoked keys stay revoked", _sentence(exc)) from None
     try:
         span = key_input.grace_choice(grace)
     except ValueError as exc:

@@ -3,11 +3,13 @@ includes with what each costs)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, BackgroundTasks, Form, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from . import auth, devices, sessions
+from aimichat.accounts import service as accounts
+
+from . import auth, devices, sessions, verify
 from .deps import (
     AnyForm,
     AnyVisitor,
@@ -46,14 +48,19 @@ def signup_page(request: Request, visitor: AnyVisitor) -> Response:
 
 @router.post("/signup")
 def signup(
-    request: Request, session: RequestSession, visitor: AnyForm, email: str = Form(""), password: str = Form("")
+    request: Request,
+    session: RequestSession,
+    visitor: AnyForm,
+    background: BackgroundTasks,
+    email: str = Form(""),
+    password: str = Form(""),
 ) -> Response:
     """Sign up, then log in. The answer is the same whether the email was free (the account is made) or
     already had an account (nothing is done): a redirect to the log-in page, which says what to do either
     way. Telling "that email is taken" would tell anybody which emails have accounts (docs/web.md)."""
     state = request.app.state
     try:
-        auth.sign_up(
+        account = auth.sign_up(
             session,
             email,
             password,
@@ -63,13 +70,36 @@ def signup(
         )
     except auth.Refused as exc:
         session.rollback()  # nothing of a refused sign-up is kept
+        field = field_at_fault(email, password) if exc.status == 400 else None
         response = page(
-            request, visitor, "signup.html", status=exc.status, title="Sign up", error=exc.message, email=email
+            request,
+            visitor,
+            "signup.html",
+            status=exc.status,
+            title="Sign up",
+            error=exc.message,
+            error_field=field,
+            email=email,
         )
         if exc.retry_after:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
+    verify.send_first(request, session, account, background)  # the confirmation link, when verification is on
     return redirect("/login?signed_up=1")
+
+
+def field_at_fault(email: str, password: str) -> str | None:
+    """The sign-up field a refusal concerns, so the page says it next to that field: "email" or "password"
+    (the accounts' rules, checked in the order sign-up checks them), None when both pass."""
+    try:
+        accounts.normalize_email(email)
+    except accounts.AccountError:
+        return "email"
+    try:
+        accounts.check_password_strength(password)
+    except accounts.AccountError:
+        return "password"
+    return None
 
 
 @router.get("/login")

@@ -20,6 +20,7 @@ from starlette.types import Scope
 from aimichat.config import PUBLIC_MODEL_ID
 
 from .deps import Visitor, apply_pre_cookie
+from .support import contact
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
@@ -96,6 +97,7 @@ def page(
         account=visitor.account,
         csrf_token=visitor.csrf_token,
         title=title,
+        support=contact(request.app.state.settings),  # the plan, docs and error pages name it when set
         **context,
     )
     response = HTMLResponse(html, status_code=status)
