@@ -16,7 +16,7 @@ import textwrap
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -40,7 +40,6 @@ from aimichat.registry.catalog import (
     Discovered,
     ModelSpec,
     config_from_record,
-    context_length,
     make_price,
     read_catalog,
     read_sources,
@@ -906,8 +905,6 @@ def alerts_show(email: str) -> None:
 # -- models --------------------------------------------------------------------------------------
 
 DISCOVERY_TIMEOUT = 3.0  # seconds: the CLI only reports what a source lists; every replica asks it itself
-EMBEDDED_ONLY = ("gguf", "parallel", "threads", "load_on_demand", "idle_unload")
-UPSTREAM_ONLY = ("upstream_model", "api_key_env", "multimodal", "strip_fields", "refuse_fields")
 
 
 @cli.group("models")
@@ -928,8 +925,8 @@ def _engine_of(embedded: bool, urls: str | None, given: dict[str, Any]) -> str:
     """``embedded`` or ``upstream``, refusing options of the other kind: a silently ignored option misleads."""
     if embedded == (urls is not None):
         raise click.UsageError("give exactly one of --embedded and --upstream URL[,URL...]")
-    engine, foreign = ("embedded", UPSTREAM_ONLY) if embedded else ("upstream", EMBEDDED_ONLY)
-    wrong = [_option(name) for name in foreign if name in given]
+    engine = "embedded" if embedded else "upstream"
+    wrong = [_option(name) for name in registry.foreign_settings(engine, given)]  # the service's rule
     if wrong:
         raise click.UsageError(f"{', '.join(wrong)} cannot be used with --{engine}")
     return engine
@@ -984,10 +981,7 @@ def models_add(name: str, embedded: bool, urls: str | None, **options: Any) -> N
     given = _given(options)
     engine = _engine_of(embedded, urls, given)
     with _session() as session:
-        if engine == "embedded":
-            record = registry.add_embedded(session, name, **given)
-        else:
-            record = registry.add_upstream(session, name, urls or "", **given)
+        record = registry.add_model(session, name, engine, given if embedded else {**given, "urls": urls or ""})
         config = config_from_record(record.engine, record.config)
     click.echo(f"model {name}: {engine}, {_details(config)}")
     if isinstance(config, EmbeddedConfig) and not _gguf_here(config):
@@ -1103,29 +1097,15 @@ def _failure(exc: Exception) -> str:
 
 
 def _model_row(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
-    """A model as ``models list --json`` shows it: what it is, where from, whether this host can tell it is ready,
-    then its engine's settings (null: the server's setting of the same name)."""
+    """A model as ``models list --json`` shows it (``registry.model_json``, as the admin API does), with
+    whether this host can tell it is ready."""
     config = spec.config
     ready: bool | None = None  # an upstream: unknown without asking it
     if isinstance(config, EmbeddedConfig):
         ready = _gguf_here(config)
     elif spec.origin == "discovered":
         ready = True  # its source listed it just now
-    engine_settings = {
-        key: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-        for key, value in asdict(config).items()
-        if key != "context_length"
-    }
-    return {
-        "name": spec.name,
-        "engine": spec.kind,
-        "origin": spec.origin,
-        "aliases": list(spec.aliases),
-        "ready": ready,
-        "context_length": context_length(spec, settings),
-        "source": spec.source,
-        **engine_settings,
-    }
+    return {**registry.model_json(spec, settings), "ready": ready}
 
 
 @models_group.command("list")

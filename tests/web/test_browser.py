@@ -308,6 +308,7 @@ def test_docs_page(page, server):
 
 def test_keyboard_alone(page, server):
     page.goto("/signup")
+    expect(page.locator("#email")).to_be_focused()  # the page focuses it once loaded: typing before would be lost
     page.keyboard.type("keys@example.com")  # the Email field has focus on arrival
     page.keyboard.press("Tab")
     page.keyboard.type(PASSWORD)

@@ -11,7 +11,7 @@ import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,13 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from aimichat.audit import service as audit
+from aimichat.config import Settings
 from aimichat.engines.configs import EmbeddedConfig, EngineConfig, UpstreamConfig
 from aimichat.quota.pricing import Price
 from aimichat.store.clock import utcnow
 from aimichat.store.models import ModelAlias, ModelPrice, ModelRecord, ModelSource, RegistryVersion, Tier
 
-from .catalog import DEFAULT_MODEL, check_name, config_from_record, make_price
+from .catalog import DEFAULT_MODEL, ModelSpec, check_name, config_from_record, context_length, make_price
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_PER_REQUEST = 2**31 - 1  # the column is a 32-bit integer on PostgreSQL
@@ -237,6 +238,31 @@ def remove_model(session: Session, name: str) -> bool:
     return hidden
 
 
+def hidden_models(session: Session) -> list[str]:
+    """The built-in or discovered models ``remove_model`` hid (``restore_model`` serves them again)."""
+    query = select(ModelRecord.name).where(ModelRecord.enabled.is_(False)).order_by(ModelRecord.name)
+    return list(session.scalars(query))
+
+
+def model_json(spec: ModelSpec, settings: Settings) -> dict[str, Any]:
+    """A model as ``models list --json`` and the admin API show it: what it is, where from, its context
+    window, then its engine's settings (null: the server's setting of the same name)."""
+    engine_settings = {
+        key: str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        for key, value in asdict(spec.config).items()
+        if key != "context_length"
+    }
+    return {
+        "name": spec.name,
+        "engine": spec.kind,
+        "origin": spec.origin,
+        "aliases": list(spec.aliases),
+        "context_length": context_length(spec, settings),
+        "source": spec.source,
+        **engine_settings,
+    }
+
+
 def restore_model(session: Session, name: str) -> None:
     """Serve a hidden built-in or discovered model again."""
     record = session.scalar(select(ModelRecord).where(ModelRecord.name == name, ModelRecord.enabled.is_(False)))
@@ -328,6 +354,11 @@ def remove_source(session: Session, prefix: str) -> None:
     session.delete(source)
     bump(session)
     audit.note(session, "source.removed", f"source:{prefix}")
+
+
+def list_sources(session: Session) -> list[ModelSource]:
+    """The discovered upstreams, in the order they were registered."""
+    return _sources(session)
 
 
 def _sources(session: Session) -> list[ModelSource]:
@@ -548,20 +579,34 @@ _UPSTREAM_KEYS = {
 
 
 def _add_from_file(session: Session, name: str, item: dict[str, Any]) -> None:
-    engine = item["engine"]
     settings = {k: v for k, v in item.items() if k not in ("name", "engine", "aliases")}
+    add_model(session, name, item["engine"], settings)
+
+
+def foreign_settings(engine: str, given: Iterable[str]) -> list[str]:
+    """The settings in ``given`` that a model of ``engine`` does not take: refused rather than ignored,
+    since a setting silently ignored misleads (an api_key_env on an embedded model protects nothing)."""
     allowed = {"embedded": _EMBEDDED_KEYS, "upstream": _UPSTREAM_KEYS}.get(engine)
     if allowed is None:
-        raise ValueError(f"model {name!r}: engine must be 'embedded' or 'upstream', got {engine!r}")
-    extra = set(settings) - allowed
+        raise ValueError(f"engine must be 'embedded' or 'upstream', got {engine!r}")
+    return sorted(set(given) - allowed)
+
+
+def add_model(session: Session, name: str, engine: str, settings: Mapping[str, Any]) -> ModelRecord:
+    """Add (or redefine) a model of ``engine`` with ``settings`` (``add_embedded``'s or ``add_upstream``'s
+    keywords, ``urls`` among an upstream's): what the registry file, the CLI and the admin API add."""
+    try:
+        extra = foreign_settings(engine, settings)
+    except ValueError as exc:
+        raise ValueError(f"model {name!r}: {exc}") from None
     if extra:
-        raise ValueError(f"model {name!r}: unknown key(s) for an {engine} model: {', '.join(sorted(extra))}")
+        raise ValueError(f"model {name!r}: unknown key(s) for an {engine} model: {', '.join(extra)}")
+    given = dict(settings)
     try:
         if engine == "embedded":
-            add_embedded(session, name, **settings)
-        else:
-            add_upstream(session, name, settings.pop("urls", []), **settings)
-    except TypeError as exc:
+            return add_embedded(session, name, **given)
+        return add_upstream(session, name, given.pop("urls", []), **given)
+    except TypeError as exc:  # a value of the wrong kind (a string where a number belongs…)
         raise ValueError(f"model {name!r}: {exc}") from None
 
 

@@ -34,10 +34,16 @@ from .protocol import (
     AccountUpdate,
     AlertsBody,
     AlertsSet,
+    AliasAdd,
     KeyCreate,
     KeyLimitsBody,
     KeyRotate,
+    ModelAdd,
+    ModelList,
     PriceSet,
+    SamplingSet,
+    SourceAdd,
+    SourceBody,
     TierBody,
     TierSave,
     UsageBody,
@@ -282,6 +288,118 @@ def set_price(session: AdminSession, tier: str, model: str, body: PriceSet) -> d
 def remove_price(session: AdminSession, tier: str, model: str) -> Response:
     serving.remove_price(session, tier, model)
     return Response(status_code=204)
+
+
+# -- the model registry --------------------------------------------------------------------------
+# The fixed paths (aliases, sources, export, import) come before /models/{name}: a model's name may hold "/".
+
+ModelName = Annotated[str, Path(max_length=128)]
+TOML = {"requestBody": {"required": True, "content": {"application/toml": {"schema": {"type": "string"}}}}}
+
+
+def _committed(session: Session, work: Callable[[], object]) -> None:
+    """``work`` then the commit, in the thread pool: the answer is then read from this replica's catalog,
+    which a commit marks stale, so it shows the change."""
+    work()
+    session.commit()
+
+
+async def _model_answer(request: Request, name: str) -> dict[str, Any]:
+    models = request.app.state.models
+    catalog = await models.current()
+    spec = catalog.models.get(name)
+    if spec is None:  # removed by another request since this one's commit
+        raise APIError(404, f"The model {name!r} was removed meanwhile.", code="model_not_found", param="name")
+    status = {s.name: s for s in models.status()}.get(name)
+    return serving.model_body(spec, request.app.state.settings, status)
+
+
+@router.get("/models")
+async def list_models(request: Request, session: AdminSession) -> ModelList:
+    """Every model served (aimichat-1, the registry's, the discovered ones) with its settings and its state
+    on this replica; ``hidden``: the models removed that ``POST /models/{name}/restore`` serves again."""
+    models = request.app.state.models
+    catalog = await models.current()
+    statuses = models.status()  # on the event loop, where the engines' state changes
+    return await run_in_threadpool(serving.list_models, session, catalog, statuses, request.app.state.settings)
+
+
+@router.post("/models", status_code=201)
+async def add_model(request: Request, session: AdminSession, body: ModelAdd) -> dict[str, Any]:
+    """Add a model, or redefine one (``aimichat models add``): served by every replica within
+    ``AIMICHAT_REGISTRY_POLL_SECONDS``; the answer is the model as this replica lists it."""
+    await run_in_threadpool(_committed, session, lambda: serving.add_model(session, body))
+    return await _model_answer(request, body.name)
+
+
+@router.post("/models/aliases", status_code=201)
+def add_alias(session: AdminSession, body: AliasAdd) -> dict[str, Any]:
+    """Make ``alias`` another name of ``model`` (``aimichat models alias MODEL ALIAS``)."""
+    return serving.add_alias(session, body.alias, body.model)
+
+
+@router.delete("/models/aliases/{alias:path}", status_code=204, response_class=Response)
+def remove_alias(session: AdminSession, alias: str) -> Response:
+    serving.remove_alias(session, alias)
+    return Response(status_code=204)
+
+
+@router.get("/models/sources")
+async def list_sources(request: Request, session: AdminSession) -> dict[str, Any]:
+    """The discovered upstreams, each with the models this replica serves of it now."""
+    catalog = await request.app.state.models.current()
+    return {"object": "list", "data": await run_in_threadpool(serving.list_sources, session, catalog)}
+
+
+@router.post("/models/sources", status_code=201)
+def add_source(request: Request, session: AdminSession, body: SourceAdd) -> SourceBody:
+    """Serve every model an OpenAI-compatible server lists, as ``prefix`` + its id (``aimichat models
+    discover``); every replica reads its list within ``AIMICHAT_REGISTRY_POLL_SECONDS``."""
+    return serving.add_source(session, body, request.app.state.models.catalog)
+
+
+@router.delete("/models/sources/{prefix:path}", status_code=204, response_class=Response)
+def remove_source(session: AdminSession, prefix: str) -> Response:
+    """Stop serving a discovered upstream's models; ``/models/sources/`` is the one without a prefix."""
+    serving.remove_source(session, prefix)
+    return Response(status_code=204)
+
+
+@router.get("/models/export", response_class=Response, responses={200: {"content": {"application/toml": {}}}})
+def export_models(session: AdminSession) -> Response:
+    """The registry as the TOML file ``aimichat models export`` writes (models, aliases, sources, tier
+    access, prices)."""
+    headers = {"Content-Disposition": 'attachment; filename="aimichat-models.toml"'}
+    return Response(serving.export_toml(session), media_type="application/toml; charset=utf-8", headers=headers)
+
+
+@router.post("/models/import", openapi_extra=TOML)
+async def import_models(request: Request, session: AdminSession) -> dict[str, Any]:
+    """Make the registry exactly what the TOML body says (``aimichat models import``): all or nothing;
+    what the file leaves out goes."""
+    body = await request.body()
+    return await run_in_threadpool(serving.import_toml, session, body)
+
+
+@router.patch("/models/{name:path}")
+async def set_sampling(request: Request, session: AdminSession, name: ModelName, body: SamplingSet) -> dict[str, Any]:
+    """Change a registered model's default sampling (``aimichat models set``): the fields sent, ``null``
+    removing one; its other settings stay."""
+    await run_in_threadpool(_committed, session, lambda: serving.set_sampling(session, name, body))
+    return await _model_answer(request, name)
+
+
+@router.delete("/models/{name:path}")
+def remove_model(session: AdminSession, name: ModelName) -> dict[str, Any]:
+    """Stop serving a model everywhere, with its aliases and prices; aimichat-1 and discovered models are
+    hidden instead (``"hidden": true``; ``POST /models/{name}/restore`` serves them again)."""
+    return serving.remove_model(session, name)
+
+
+@router.post("/models/{name:path}/restore")
+def restore_model(session: AdminSession, name: ModelName) -> dict[str, Any]:
+    """Serve a hidden model again (``aimichat models restore``)."""
+    return serving.restore_model(session, name)
 
 
 # -- usage and the audit log ---------------------------------------------------------------------

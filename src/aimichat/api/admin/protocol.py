@@ -3,7 +3,7 @@ shapes of its answers (TypedDicts that mypy checks the built bodies against)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
@@ -93,6 +93,62 @@ class AlertsSet(_Body):
     email: bool | None = Field(None, description="Also alert by email to the account's address (webhooks always).")
 
 
+class ModelAdd(_Body):
+    """A model to add, or to redefine (``aimichat models add``): ``engine`` and that engine's settings. A
+    setting left out is the server's (``AIMICHAT_*`` of the same name); a setting of the other engine is
+    a 400, as an option silently ignored would mislead."""
+
+    name: str = Field(max_length=128, examples=["llama-70b"])
+    engine: Literal["embedded", "upstream"]
+    # embedded
+    gguf: str | None = Field(None, max_length=4096, description="[embedded] The GGUF file, on every replica.")
+    parallel: int | None = Field(None, description="[embedded] Requests answered together (1 to 256).")
+    threads: int | None = Field(None, ge=1, le=_LARGEST, description="[embedded] CPU threads.")
+    load_on_demand: bool | None = Field(None, description="[embedded] Load at the first request, not at start.")
+    idle_unload: float | None = Field(None, allow_inf_nan=False, description="[embedded] Unload after N idle seconds.")
+    # upstream
+    urls: list[str] | None = Field(
+        None, max_length=16, description="[upstream] OpenAI-compatible base URLs: the first, the rest on failure."
+    )
+    upstream_model: str | None = Field(None, max_length=256, description="[upstream] The name sent upstream.")
+    api_key_env: str | None = Field(
+        None, max_length=128, description="[upstream] The NAME of the variable holding its key (never the key)."
+    )
+    multimodal: bool | None = Field(None, description="[upstream] It reads images, audio and files.")
+    strip_fields: list[str] | None = Field(None, max_length=64, description="[upstream] Request fields removed.")
+    refuse_fields: list[str] | None = Field(None, max_length=64, description="[upstream] Request fields refused (400).")
+    # both
+    context_length: int | None = Field(None, le=_LARGEST, description="Context window in tokens.")
+    system_prompt: str | None = Field(None, max_length=100_000, description="Used when a request sends none.")
+    temperature: float | None = Field(None, allow_inf_nan=False, description="Default temperature (0 to 2).")
+    top_p: float | None = Field(None, allow_inf_nan=False, description="Default top_p (above 0, at most 1).")
+
+    def settings(self) -> dict[str, Any]:
+        """The engine settings sent (``null`` as good as left out)."""
+        return {k: v for k, v in self.model_dump(exclude={"name", "engine"}).items() if v is not None}
+
+
+class SamplingSet(_Body):
+    """A model's default sampling: a field sent sets it (``null`` removes it: OpenAI's 1.0), one left out stays."""
+
+    temperature: float | None = Field(None, allow_inf_nan=False, description="0 to 2.")
+    top_p: float | None = Field(None, allow_inf_nan=False, description="Above 0, at most 1.")
+
+
+class AliasAdd(_Body):
+    alias: str = Field(max_length=128, examples=["gpt-4o-mini"])
+    model: str = Field(max_length=128, examples=["aimichat-1"])
+
+
+class SourceAdd(_Body):
+    """An upstream registered as a whole (``aimichat models discover``): every model its ``/models`` lists
+    is served as ``prefix`` + its id. Registering a prefix again replaces its URLs."""
+
+    urls: list[str] = Field(min_length=1, max_length=16, examples=[["http://127.0.0.1:11434/v1"]])
+    prefix: str = Field("", max_length=64, examples=["ollama/"])
+    api_key_env: str | None = Field(None, max_length=128, description="The NAME of the variable holding its key.")
+
+
 LIMIT_FIELDS = tuple(KeyLimits.__dataclass_fields__)
 
 
@@ -157,3 +213,17 @@ class UsageRow(TypedDict):
 
 # "from" is a Python keyword: the functional form names the field as the API does.
 UsageBody = TypedDict("UsageBody", {"object": Literal["list"], "from": str, "to": str, "data": list[UsageRow]})
+
+
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    hidden: list[str]
+
+
+class SourceBody(TypedDict):
+    object: Literal["model_source"]
+    prefix: str
+    urls: list[str]
+    api_key_env: str | None
+    models: list[str]  # what this replica serves of it now (empty until it is first read)

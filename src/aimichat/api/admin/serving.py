@@ -19,11 +19,14 @@ from aimichat.accounts import service as accounts
 from aimichat.alerts import service as alerts
 from aimichat.api.errors import APIError
 from aimichat.audit import service as audit
+from aimichat.config import Settings
 from aimichat.keys import limits_input
 from aimichat.keys import service as keys
 from aimichat.keys.json import key_json
 from aimichat.quota import usage_report
 from aimichat.registry import service as registry
+from aimichat.registry.catalog import Catalog, ModelSpec
+from aimichat.registry.live import ModelStatus
 from aimichat.store.clock import iso_utc
 from aimichat.store.models import Account, Tier
 
@@ -38,7 +41,12 @@ from .protocol import (
     KeyCreate,
     KeyLimitsBody,
     KeyRotate,
+    ModelAdd,
+    ModelList,
     PriceSet,
+    SamplingSet,
+    SourceAdd,
+    SourceBody,
     TierBody,
     TierSave,
     UsageBody,
@@ -183,6 +191,102 @@ def set_price(session: Session, tier: str, model: str, body: PriceSet) -> dict[s
 def remove_price(session: Session, tier: str, model: str) -> None:
     with refusals():
         registry.remove_price(session, tier, model)
+
+
+# -- the model registry --------------------------------------------------------------------------
+
+
+def model_body(spec: ModelSpec, settings: Settings, status: ModelStatus | None) -> dict[str, Any]:
+    """A model as ``aimichat models list --json`` shows it, with its state on this replica (``state``
+    null: not set up here yet)."""
+    return {
+        "object": "model",
+        **registry.model_json(spec, settings),
+        "ready": status.ready if status else None,
+        "state": status.state if status else None,
+        "error": status.error if status else None,
+    }
+
+
+def list_models(session: Session, catalog: Catalog, statuses: list[ModelStatus], settings: Settings) -> ModelList:
+    by_name = {s.name: s for s in statuses}
+    data = [model_body(spec, settings, by_name.get(spec.name)) for spec in catalog.models.values()]
+    return {"object": "list", "data": data, "hidden": registry.hidden_models(session)}
+
+
+def add_model(session: Session, body: ModelAdd) -> None:
+    """What ``aimichat models add`` does: add a model, or redefine one (its aliases and prices stay)."""
+    with refusals():
+        registry.add_model(session, body.name, body.engine, body.settings())
+
+
+def set_sampling(session: Session, name: str, body: SamplingSet) -> None:
+    """What ``aimichat models set`` does: the default sampling sent (null removes one); the rest stays."""
+    if not body.model_fields_set:
+        raise APIError(400, "Send temperature, top_p or both.")
+    with refusals():
+        registry.set_sampling(session, name, body.model_dump(include=body.model_fields_set))
+
+
+def remove_model(session: Session, name: str) -> dict[str, Any]:
+    """Stop serving a model; aimichat-1 and discovered models are hidden instead (``hidden``: true)."""
+    with refusals("name"):
+        hidden = registry.remove_model(session, name)
+    return {"object": "model", "name": name, "deleted": True, "hidden": hidden}
+
+
+def restore_model(session: Session, name: str) -> dict[str, Any]:
+    with refusals("name"):
+        registry.restore_model(session, name)
+    return {"object": "model", "name": name, "deleted": False, "hidden": False}
+
+
+def add_alias(session: Session, alias: str, model: str) -> dict[str, Any]:
+    with refusals():
+        registry.add_alias(session, model, alias)
+    return {"object": "model_alias", "alias": alias, "model": model}
+
+
+def remove_alias(session: Session, alias: str) -> None:
+    with refusals("alias"):
+        registry.remove_alias(session, alias)
+
+
+def _source_body(prefix: str, urls: list[str], api_key_env: str | None, catalog: Catalog) -> SourceBody:
+    served = [spec.name for spec in catalog.models.values() if spec.origin == "discovered" and spec.source == prefix]
+    return {"object": "model_source", "prefix": prefix, "urls": urls, "api_key_env": api_key_env, "models": served}
+
+
+def list_sources(session: Session, catalog: Catalog) -> list[SourceBody]:
+    return [_source_body(s.prefix, list(s.urls), s.api_key_env, catalog) for s in registry.list_sources(session)]
+
+
+def add_source(session: Session, body: SourceAdd, catalog: Catalog) -> SourceBody:
+    """What ``aimichat models discover`` registers; every replica reads the source's list on its own."""
+    with refusals():
+        source = registry.add_source(session, body.urls, prefix=body.prefix, api_key_env=body.api_key_env)
+    return _source_body(source.prefix, list(source.urls), source.api_key_env, catalog)
+
+
+def remove_source(session: Session, prefix: str) -> None:
+    with refusals("prefix"):
+        registry.remove_source(session, prefix)
+
+
+def export_toml(session: Session) -> str:
+    return registry.export_toml(session)
+
+
+def import_toml(session: Session, body: bytes) -> dict[str, Any]:
+    """Make the registry exactly what the file says, all or nothing (the session is not committed on a 400)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        message = "The registry file must be UTF-8 text (TOML, as GET /admin/v1/models/export gives it)."
+        raise APIError(400, message) from None
+    with refusals():
+        counts = registry.import_toml(session, text)
+    return {"object": "registry_import", **counts}
 
 
 # -- keys ----------------------------------------------------------------------------------------
