@@ -269,7 +269,7 @@ def test_forms_without_the_csrf_token_are_refused(server):
 def test_only_admins_reach_the_models_pages(server):
     with server.client() as anonymous:
         r = anonymous.get("/admin/models")
-        assert r.status_code == 303 and r.headers["location"] == "/login?next=/admin/models"
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=/admin/models&reason=login"
     with logged_in(server, USER) as member:
         assert member.get("/admin/models").status_code == 403
         assert member.get("/admin/models/edit?name=aimichat-1").status_code == 403

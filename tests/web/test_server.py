@@ -394,7 +394,7 @@ def test_pages_need_a_session(server):
     with server.client() as c:
         for path in ("/keys", "/usage", "/plan", "/playground", "/account", "/admin", "/usage.csv"):
             r = c.get(path)
-            assert r.status_code == 303 and r.headers["location"] == f"/login?next={path}", path
+            assert r.status_code == 303 and r.headers["location"] == f"/login?next={path}&reason=login", path
         assert c.get("/docs").status_code == 200 and c.get("/").status_code == 200
         assert c.get("/login?next=//evil.example").status_code == 200
     make_account(server.db, "next@example.com", password=PASSWORD)

@@ -8,6 +8,8 @@ the keyboard.
 from __future__ import annotations
 
 import datetime as dt
+from types import MappingProxyType
+from urllib.parse import urlencode
 
 from sqlalchemy.orm import Session
 
@@ -107,6 +109,41 @@ def change_password(
         raise Refused(_sentence(str(exc))) from None
     sessions.end_all(session, account.id)
     return sessions.start(session, account, now)
+
+
+# -- why the log-in page is shown -------------------------------------------------------------------
+
+# What each page needs a log-in for, by its first path segment. The log-in URL carries only a reason code
+# and the page's path, never the words: a crafted link cannot put its own message on the log-in page.
+PAGE_WORDS = MappingProxyType(
+    {
+        "keys": "Log in to see your API keys",
+        "usage": "Log in to see your usage",
+        "playground": "Log in to use the playground",
+        "account": "Log in to see your account",
+        "plan": "Log in to see your plan",
+        "webhooks": "Log in to see your webhooks",
+        "verify": "Log in to confirm your email",
+        "admin": "Log in to open the admin pages",
+    }
+)
+REASONS = ("login", "expired")
+
+
+def login_url(target: str, *, expired: bool) -> str:
+    """Where a page that needs a log-in sends the visitor: /login with why, and ``target`` to come back to
+    (none for "/" or a POST, which has no page to come back to)."""
+    query = {"next": target} if target and target != "/" else {}
+    query["reason"] = "expired" if expired else "login"
+    return "/login?" + urlencode(query, safe="/")
+
+
+def login_notice(target: str, reason: str) -> str:
+    """What the log-in page says about why it is shown: "" unless ``reason`` is one of :data:`REASONS`."""
+    if reason not in REASONS:
+        return ""
+    words = PAGE_WORDS.get(target.lstrip("/").split("/", 1)[0].split("?", 1)[0], "Log in to continue")
+    return f"Your session expired. {words}." if reason == "expired" else f"{words}."
 
 
 def _check_throttle(session: Session, email: str, address: str, now: dt.datetime, device: str | None) -> None:

@@ -53,6 +53,7 @@ class Visitor:
     secure: bool
     new_pre_token: bool = False  # the pre-log-in CSRF cookie must be (re)set on this response
     session_id: int | None = None  # the web_sessions row of a logged-in visitor (new keys are handed off to it)
+    session_expired: bool = False  # a session cookie came but no live session has it: log-in says so
 
     @property
     def is_admin(self) -> bool:
@@ -129,7 +130,8 @@ def get_visitor(request: Request, session: RequestSession) -> Visitor:
     else:
         pre = request.cookies.get(cookie_name(PRE_COOKIE, secure)) or ""
         fresh = not (32 <= len(pre) <= 128)
-        visitor = Visitor(None, None, secrets.token_urlsafe(32) if fresh else pre, secure, new_pre_token=fresh)
+        token_value = secrets.token_urlsafe(32) if fresh else pre
+        visitor = Visitor(None, None, token_value, secure, new_pre_token=fresh, session_expired=bool(token))
     request.state.visitor = visitor
     return visitor
 
@@ -195,15 +197,17 @@ AdminForm = Annotated[Visitor, Depends(admin_form)]
 # -- JSON ----------------------------------------------------------------------------------------
 
 
+# The playground shows this with a log-in link (static/playground.js, by its code "session_required").
+LOGGED_OUT = "You are not logged in, or your session expired. Log in at /login, then try again."
+
+
 def api_user(request: Request, session: RequestSession) -> Visitor:
     """The account API takes a browser session; an API key is refused outright (keys are talk-only)."""
     if presented_key(request, allow_query=True):
         raise mode_not_allowed("The account API")
     visitor = get_visitor(request, session)
     if visitor.account is None:
-        raise APIError(
-            401, "Log in first: the account API takes a browser session, not an API key.", code="session_required"
-        )
+        raise APIError(401, LOGGED_OUT, code="session_required")
     return visitor
 
 

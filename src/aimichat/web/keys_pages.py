@@ -15,12 +15,14 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from aimichat.keys import service as keys
+from aimichat.quota import ledger
 from aimichat.store.models import ApiKey
 
 from . import key_actions, key_handoff, key_input
 from .deps import PostedForm, RequestSession, User, UserForm, Visitor, WebError
 from .key_input import GRACE_CHOICES, LimitsForm
 from .render import WebRoute, base_url, page, redirect
+from .usage_pages import credits_spent
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 KeyId = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -60,8 +62,15 @@ def _keys_page(
         values=values or LimitsForm(),
         offered=_offered(request, visitor),
         tier=visitor.user.tier,
+        spent=_spent(request, session, visitor),
         **context,
     )
+
+
+def _spent(request: Request, session: Session, visitor: Visitor) -> str:
+    now = request.app.state.clock()
+    spent = credits_spent(ledger.summary(session, keys.principal_for(visitor.user), now), now)
+    return spent.message if spent else ""
 
 
 @router.get("/keys")

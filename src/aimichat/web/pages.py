@@ -103,10 +103,14 @@ def field_at_fault(email: str, password: str) -> str | None:
 
 
 @router.get("/login")
-def login_page(request: Request, visitor: AnyVisitor, next: str = "", signed_up: bool = False) -> Response:
+def login_page(
+    request: Request, visitor: AnyVisitor, next: str = "", signed_up: bool = False, reason: str = ""
+) -> Response:
     if visitor.account:
         return redirect(safe_next(next))
-    return page(request, visitor, "login.html", title="Log in", next=safe_next(next, ""), signed_up=signed_up)
+    target = safe_next(next, "")
+    notice = auth.login_notice(target, reason)
+    return page(request, visitor, "login.html", title="Log in", next=target, signed_up=signed_up, notice=notice)
 
 
 @router.post("/login")

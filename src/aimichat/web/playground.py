@@ -28,11 +28,11 @@ from aimichat.keys import service as keys
 from aimichat.quota import ledger
 from aimichat.quota.ledger import Refusal
 from aimichat.registry.catalog import Catalog
-from aimichat.store.clock import iso_utc
 
 from .deps import ApiWrite, RequestSession, User, UserForm, Visitor, posted_form
 from .models_view import current_catalog, offers
 from .render import WebRoute, page
+from .usage_pages import credits_spent, time_left, utc
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 MAX_MESSAGES = 40  # a conversation is resent whole each turn; keep it bounded
@@ -108,7 +108,9 @@ def _page(
     remaining: int | None = None,
 ) -> Response:
     account = visitor.user
-    s = ledger.summary(session, keys.principal_for(account), request.app.state.clock())
+    now = request.app.state.clock()
+    s = ledger.summary(session, keys.principal_for(account), now)
+    spent = credits_spent(s, now)
     left = s.rate_limit.remaining if remaining is None else remaining
     choices = offers(catalog, request.app.state.settings, account.tier)
     return page(
@@ -124,6 +126,7 @@ def _page(
         tier=account.tier,
         models=choices,
         chosen=_chosen(catalog, account.tier.name, model),
+        spent=spent.message if spent else "",
     )
 
 
@@ -188,7 +191,8 @@ async def playground_post(
         failure = exc if isinstance(exc, APIError) else engine_error(exc)
         return await _answer(request, visitor, session, **shown, error=failure.message, status=failure.status)
     if isinstance(result, Refusal):
-        error = f"{result.message}. Credits come back at {iso_utc(result.reset_at)}."
+        now = request.app.state.clock()
+        error = f"{result.message}. Credits come back at {utc(result.reset_at)} ({time_left(result.reset_at, now)})."
         return await _answer(request, visitor, session, **shown, error=error, status=429)
     assert isinstance(result, Completion)  # no hang-up check was asked for
     reply = result.body["choices"][0]["message"]["content"] or ""

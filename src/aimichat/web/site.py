@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
 from fastapi import Depends, FastAPI, Request
 from starlette.responses import Response
 
@@ -12,6 +10,7 @@ from . import (
     admin,
     admin_models,
     alerts_pages,
+    auth,
     docs_page,
     keys_pages,
     not_found,
@@ -49,7 +48,7 @@ def _visitor(request: Request) -> Visitor:
 
 async def _login_required(request: Request, _: Exception) -> Response:
     target = request.url.path if request.method == "GET" else ""
-    return redirect("/login" + (f"?next={quote(target)}" if target and target != "/" else ""))
+    return redirect(auth.login_url(target, expired=_visitor(request).session_expired))
 
 
 async def _csrf_failed(request: Request, _: Exception) -> Response:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -15,6 +18,43 @@ from .render import WebRoute, page
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 CHART_DAYS = 30
+
+
+def utc(moment: dt.datetime) -> str:
+    """A moment as every page shows it (the templates' ``utc`` filter): "2026-12-01 00:00 UTC"."""
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def time_left(moment: dt.datetime, now: dt.datetime) -> str:
+    """How long until ``moment``, as /usage says it: "in 3 h 12 min", or "in 2 d 5 h" a day or more ahead."""
+    secs = max(0, int((moment - now).total_seconds()))
+    if secs >= 86400:
+        return f"in {secs // 86400} d {(secs % 86400) // 3600} h"
+    return f"in {secs // 3600} h {(secs % 3600) // 60} min"
+
+
+@dataclass(frozen=True)
+class Spent:
+    """The account's credits are spent for ``period`` ("today" or "this month") until ``reset_at``."""
+
+    period: str
+    reset_at: dt.datetime
+    message: str
+
+
+def credits_spent(summary: ledger.UsageSummary, now: dt.datetime) -> Spent | None:
+    """The banner of /keys and the playground when the day's (or the month's) credits are all used; the
+    month wins when both are, since its reset is the later one and nothing works before it."""
+    if summary.monthly_limit is not None and summary.month_used >= summary.monthly_limit:
+        period, reset_at = "this month", summary.month_reset
+    elif summary.day_used >= summary.daily_limit:
+        period, reset_at = "today", summary.day_reset
+    else:
+        return None
+    message = (
+        f"Your credits for {period} are spent: every key gets 429 until {utc(reset_at)} ({time_left(reset_at, now)})."
+    )
+    return Spent(period, reset_at, message)
 
 
 @router.get("/usage")
@@ -37,6 +77,7 @@ def usage(request: Request, session: RequestSession, visitor: User) -> Response:
         today=today,
         month_start=periods.month_start(now),
         now=now,
+        until=lambda moment: time_left(moment, now),
         alerts=alerts.alert_config(session, account.id),  # the thresholds form (web/alerts_pages.py)
     )
 

@@ -39,6 +39,16 @@
     errorBox.hidden = !message;
   }
 
+  // A lapsed session: say so in plain words, with a link that brings the person back here after log-in.
+  function showLoggedOut() {
+    var link = document.createElement("a");
+    link.href = "/login?next=/playground&reason=expired";
+    link.textContent = "Log in again";
+    errorBox.textContent = "Your session expired, so this message was not sent. ";
+    errorBox.append(link, " and send it once more.");
+    errorBox.hidden = false;
+  }
+
   function errorMessage(body, status) {
     if (body && typeof body.error === "object" && body.error) return body.error.message;
     if (body && body.message) return body.message + (body.resetAt ? ". Credits come back at " + body.resetAt + "." : ".");
@@ -85,6 +95,11 @@
       });
       if (!response.ok) {
         var body = await response.json().catch(function () { return null; });
+        if (response.status === 401 && body && body.error && body.error.code === "session_required") {
+          var lost = new Error("");
+          lost.loggedOut = true;
+          throw lost;
+        }
         throw new Error(errorMessage(body, response.status));
       }
       await readEvents(response, function (event) {
@@ -100,7 +115,12 @@
       if (!out.textContent) reply.remove();
     } catch (err) {
       if (!out.textContent) reply.remove();
-      showError(err.message);
+      if (err.loggedOut) {
+        showLoggedOut();
+        input.value = text; // kept, to send again after log-in
+      } else {
+        showError(err.message);
+      }
     } finally {
       reply.classList.remove("pending");
       send.disabled = false;
