@@ -114,7 +114,8 @@ def test_slowloris_connections_are_closed_after_the_header_timeout_while_others_
 ) -> None:
     with guarded(db, tmp_path) as server:
         results, normal = _attack(server, 200, CHAT, b"X-Slow: y\r\n")
-        assert normal < 0.5  # 200 slowloris connections open meanwhile
+        # Served before the 1 s header timeout could have freed anything (0.57 s seen once with CI's load on 2 cores).
+        assert normal < 0.8  # 200 slowloris connections open meanwhile
         for took, answer in results:
             assert 0.9 < took < 3, took  # the header timeout is 1 s; nobody held on longer
             status, error = error_of(answer)
@@ -134,7 +135,7 @@ def test_slow_bodies_get_a_408_after_the_body_timeout_while_others_are_served(db
     head = CHAT + b"Content-Type: application/json\r\nContent-Length: 10000\r\n\r\n{"
     with guarded(db, tmp_path) as server:
         results, normal = _attack(server, 100, head, b" ")
-        assert normal < 0.5
+        assert normal < 0.8  # well before the body timeout: not held by the slow ones
         for took, answer in results:
             assert 0.9 < took < 3, took
             status, error = error_of(answer)
