@@ -19,7 +19,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from typing_extensions import TypedDict  # pydantic reads typing's TypedDict only from Python 3.12
 
 from aimichat.api.chat.protocol import (
@@ -27,12 +27,12 @@ from aimichat.api.chat.protocol import (
     Bool,
     ChatCompletionRequest,
     Float,
+    FunctionSpec,
     Int,
     Str,
     first_lone_surrogate,
     unsupported,
 )
-from aimichat.engines import tools as tool_calls
 
 _REFUSED = {
     "previous_response_id": "Responses are not stored here (store: false), so there is no previous response "
@@ -48,23 +48,12 @@ _TOOL_CHOICES = ("none", "auto", "required")
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
-class FunctionTool(BaseModel):
-    """A function the model may call, in the Responses API's flat shape."""
+class FunctionTool(FunctionSpec):
+    """A function the model may call, in the Responses API's flat shape: chat's function and its ``type``."""
 
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["function"]
-    name: Str
-    description: Str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: Bool | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, name: str) -> str:
-        if not tool_calls.FUNCTION_NAME.match(name):
-            raise ValueError(f"function name '{name}' must be 1-64 letters, digits, underscores or dashes")
-        return name
 
     def chat_tool(self) -> dict[str, Any]:
         """The same tool as chat completions take it (nested under ``function``)."""
