@@ -20,6 +20,7 @@ from aimichat.accounts import service as accounts
 from aimichat.engines.base import EngineBusy
 from aimichat.quota.fairness import (
     AdmissionGate,
+    Fairness,
     PromptOverTierLimit,
     TierLimits,
     check_prompt_size,
@@ -179,9 +180,11 @@ def test_an_account_over_its_tiers_concurrency_gets_the_specs_429_and_pays_nothi
     make_account(database, "pair@example.com", tier="pair")
     make_account(database, "free@example.com")
     key, free_key = make_key(database, "pair@example.com"), make_key(database, "free@example.com")
-    engine = ScriptedEngine(first_token_delay=0.5)
+    # Long enough that the two running requests are still running when the third one arrives, even on a
+    # loaded CI machine (at 0.5 s and a fixed 0.25 s wait, the third once overtook the second).
+    engine = ScriptedEngine(first_token_delay=2.0)
 
-    async def run(url: str) -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+    async def run(url: str, fairness: Fairness) -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
 
             async def chat(k: str) -> httpx.Response:
@@ -190,13 +193,14 @@ def test_an_account_over_its_tiers_concurrency_gets_the_specs_429_and_pays_nothi
                 )
 
             running = [asyncio.create_task(chat(key)) for _ in range(2)]
-            await asyncio.sleep(0.25)  # both are with the engine
+            while sum(fairness.in_flight.values()) < 2:  # both are with the engine
+                await asyncio.sleep(0.01)
             refused = await chat(key)
             free = await chat(free_key)  # another account is not limited by this one's requests
             return await asyncio.gather(*running), refused, free
 
     with _serve(database, tmp_path, engine) as server:
-        done, refused, free = asyncio.run(run(server.url))
+        done, refused, free = asyncio.run(run(server.url, server.app.state.fairness))
         assert [r.status_code for r in done] == [200, 200] and free.status_code == 200
         assert refused.status_code == 429
         assert refused.headers["Retry-After"] == "1"
