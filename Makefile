@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: run test lint format bench install browser clean
 
@@ -10,7 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# llama-cpp-python compiles from source the first time (about 5 minutes on 2 cores); pip caches the wheel.
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Portable x86-64 kernels (AVX2/FMA), not -march=native: on a VM whose CPU lists AMX and AVX-512 that it
+	# does not run, a native build dies with SIGILL at the first decode (seen here 2026-11-30).
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
