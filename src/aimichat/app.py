@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy import event
 
 from aimichat.accounts import service as accounts
 from aimichat.alerts.watch import AlertWorker
@@ -33,6 +32,7 @@ from aimichat.quota.backends import QuotaBackend, RedisQuota, SqlQuota
 from aimichat.quota.fairness import Fairness, TierLimitsCache
 from aimichat.registry.catalog import settings_model
 from aimichat.registry.live import EngineFactory, LiveModels
+from aimichat.store.changes import on_cached_change
 from aimichat.store.clock import Clock, utcnow
 from aimichat.store.db import Database
 from aimichat.web import admin_audit
@@ -53,9 +53,10 @@ def build_engine(settings: Settings) -> Engine:
 
 
 def build_quota(settings: Settings, database: Database) -> QuotaBackend:
+    durable = settings.durable_settlements
     if settings.redis_url:
-        return RedisQuota.from_url(database, settings.redis_url, settings.redis_prefix)
-    return SqlQuota(database)
+        return RedisQuota.from_url(database, settings.redis_url, settings.redis_prefix, durable_settlements=durable)
+    return SqlQuota(database, durable_settlements=durable)
 
 
 def prepare_database(database: Database, settings: Settings) -> None:
@@ -94,9 +95,7 @@ def create_app(
         prepare_database(database, settings)
         # Keys, accounts, tiers and the registry change through ORM sessions (web pages, tests); key
         # lookups on the request path use Core connections and never clear it.
-        event.listen(database.sessions, "after_commit", principals.clear)
-        event.listen(database.sessions, "after_commit", models.mark_stale)
-        event.listen(database.sessions, "after_commit", tier_limits.clear)
+        stop_watching = on_cached_change(database.sessions, principals.clear, models.mark_stale, tier_limits.clear)
         # Reservations their requests never settled (a replica killed mid-stream) are settled each minute.
         sweeping = asyncio.create_task(
             sweeper.sweep_every(
@@ -116,9 +115,7 @@ def create_app(
             cleaning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await cleaning
-            event.remove(database.sessions, "after_commit", principals.clear)
-            event.remove(database.sessions, "after_commit", models.mark_stale)
-            event.remove(database.sessions, "after_commit", tier_limits.clear)
+            stop_watching()
             await models.close(keep=None if close_engine else engine)
 
     # No trailing-slash redirects: Starlette's would echo the whole URL, ?api_key= included, in Location,

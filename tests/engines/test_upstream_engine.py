@@ -142,19 +142,22 @@ async def _collect(engine: UpstreamEngine, limit: int | None = None) -> tuple[li
         await engine.close()
 
 
-def test_each_upstream_chunk_is_one_delta_and_the_finish_carries_its_usage(upstream):
+@pytest.mark.parametrize("http", ["aiohttp", "httpx"])
+def test_each_upstream_chunk_is_one_delta_and_the_finish_carries_its_usage(upstream, http):
+    """The same events over either connection pool (AIMICHAT_UPSTREAM_HTTP): the parity of the two."""
     upstream.reset()
     upstream.default = "ok"
-    events, _ = asyncio.run(_collect(UpstreamEngine(upstream.url)))
+    events, _ = asyncio.run(_collect(UpstreamEngine(upstream.url, http_client=http)))
     assert events[:-1] == [Delta(piece, 1) for piece in upstream.pieces]
     assert events[-1] == Finish("stop", 42, 7, estimated=False)
     assert "model" not in upstream.requests[-1]  # no model configured: the upstream's default
 
 
-def test_closing_the_stream_closes_the_upstream_connection(upstream):
+@pytest.mark.parametrize("http", ["aiohttp", "httpx"])
+def test_closing_the_stream_closes_the_upstream_connection(upstream, http):
     upstream.reset()
     upstream.default = "trickle"
-    engine = UpstreamEngine(upstream.url, timeouts=UpstreamTimeouts(first_token=2, between_tokens=2))
+    engine = UpstreamEngine(upstream.url, timeouts=UpstreamTimeouts(first_token=2, between_tokens=2), http_client=http)
     events, closed = asyncio.run(_collect(engine, limit=3))
     assert len(events) == 3 and upstream.disconnects
     assert upstream.disconnects[0] - closed < 1.0

@@ -267,3 +267,28 @@ def test_postgresql_one_statement_takes_a_limited_keys_counters_all_or_nothing(r
     refused = reserve(database, p)
     assert isinstance(refused, Refusal) and refused.message == "Key daily credit limit reached"
     database.dispose()
+
+
+def test_postgresql_a_settlement_need_not_wait_for_its_flush_and_the_connection_keeps_waiting(reused_postgres):
+    """``wait_for_flush=False`` turns ``synchronous_commit`` off for the settlement's own transaction (inside
+    its one statement), never for the pooled connection: the reservation that next uses it still waits."""
+    database = reused_postgres.fresh()
+    make_account(database, daily=10)
+    p = principal(database)
+    first, second = reserve(database, p), reserve(database, p)
+    with database.connect(single_statement=True) as conn:
+        assert ledger.settle(
+            conn, first, credits=1, prompt_tokens=5, completion_tokens=0, now=NOON, wait_for_flush=False
+        )
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+        assert not ledger.settle(
+            conn, first, credits=1, prompt_tokens=5, completion_tokens=0, now=NOON, wait_for_flush=False
+        )
+    with database.connect() as conn:  # in a transaction of its own, as the sweeper settles
+        assert ledger.settle(
+            conn, second, credits=0, prompt_tokens=5, completion_tokens=0, now=NOON, wait_for_flush=False
+        )
+        assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "on"
+    assert ledger_total(database, p.account_id, NOON.date()) == (1, 1)
+    relaxed = str(ledger._settle_statement((), False).compile(dialect=conn.dialect))
+    assert "set_config" in relaxed and "set_config" not in str(ledger._settle_statement((), True))

@@ -135,6 +135,7 @@ def build_engine(name: str, config: EngineConfig, settings: Settings, *, threads
             breaker_failures=settings.upstream_breaker_failures,
             breaker_cooldown=settings.upstream_breaker_cooldown,
             strip_fields=config.strip_fields,
+            http_client=settings.upstream_http,
         )
     from .llama import LlamaEngine
 

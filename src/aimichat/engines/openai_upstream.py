@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import httpx
 
+from . import upstream_http
 from .base import (
     JSON,
     Delta,
@@ -56,6 +57,7 @@ from .base import (
     with_default_system_prompt,
 )
 from .breaker import CircuitBreaker
+from .upstream_http import HttpClientKind
 
 if TYPE_CHECKING:
     from aimichat.config import Settings
@@ -344,6 +346,7 @@ class UpstreamEngine:
         breaker_cooldown: float = 30.0,
         max_connections: int = 256,
         strip_fields: Sequence[str] = (),
+        http_client: HttpClientKind = "aiohttp",
     ):
         self.model_id = model_id
         self.strip_fields = tuple(strip_fields)  # request fields never sent to this upstream
@@ -351,6 +354,7 @@ class UpstreamEngine:
         self.system_prompt = system_prompt
         self.timeouts = timeouts
         self.max_connections = max_connections
+        self.http_client = http_client
         self._api_key = api_key
         self._upstreams = [
             _Upstream(url, CircuitBreaker(breaker_failures, breaker_cooldown)) for url in parse_urls(urls)
@@ -376,6 +380,7 @@ class UpstreamEngine:
             ),
             breaker_failures=settings.upstream_breaker_failures,
             breaker_cooldown=settings.upstream_breaker_cooldown,
+            http_client=settings.upstream_http,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -395,7 +400,9 @@ class UpstreamEngine:
         # read, so an upstream's keep-alive pings cannot stretch them.
         timeout = httpx.Timeout(connect=self.timeouts.connect, read=None, write=self.timeouts.connect, pool=None)
         limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=32, keepalive_expiry=30)
-        return httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits)
+        return httpx.AsyncClient(
+            headers=headers, timeout=timeout, limits=limits, transport=upstream_http.transport(self.http_client, limits)
+        )
 
     async def _probe(self, upstream: _Upstream) -> None:
         """Tell /readyz early whether an upstream answers at all; the breaker only learns from real requests."""

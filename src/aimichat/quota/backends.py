@@ -127,8 +127,9 @@ def _stale_status(credits: int) -> str:
 
 
 class SqlQuota:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, durable_settlements: bool = False) -> None:
         self.database = database
+        self.durable_settlements = durable_settlements  # see ledger.settle's wait_for_flush
 
     def reserve(
         self,
@@ -172,6 +173,7 @@ class SqlQuota:
                 completion_tokens=completion_tokens,
                 now=now,
                 estimated=estimated,
+                wait_for_flush=self.durable_settlements,
             )
 
     def release(self, reservation: Reservation, *, now: dt.datetime) -> bool:
@@ -407,19 +409,24 @@ class _Counters:
 
 
 class RedisQuota:
-    def __init__(self, database: Database, client: redis.Redis, prefix: str = "aimichat") -> None:
+    def __init__(
+        self, database: Database, client: redis.Redis, prefix: str = "aimichat", *, durable_settlements: bool = False
+    ) -> None:
         self.database = database
         self.redis = client
         self.prefix = prefix
+        self.durable_settlements = durable_settlements  # see ledger.settle's wait_for_flush
         self._reserve = client.register_script(_RESERVE)
         self._seed_script = client.register_script(_SEED)
         self._refund = client.register_script(_REFUND)
         self._refused: dict[tuple[int, int | None], float] = {}  # principal -> until when to check first
 
     @classmethod
-    def from_url(cls, database: Database, url: str, prefix: str = "aimichat") -> RedisQuota:
+    def from_url(
+        cls, database: Database, url: str, prefix: str = "aimichat", *, durable_settlements: bool = False
+    ) -> RedisQuota:
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=10)
-        return cls(database, client, prefix)
+        return cls(database, client, prefix, durable_settlements=durable_settlements)
 
     def _counters(self, account_id: int, now: dt.datetime, key_id: int | None = None) -> _Counters:
         return _Counters(self.prefix, account_id, now, key_id)
@@ -609,6 +616,7 @@ class RedisQuota:
                     now=now,
                     estimated=estimated,
                     refund_counters=False,
+                    wait_for_flush=self.durable_settlements,
                 )
         except Exception:
             self._drop_counters(reservation)  # the row may be settled without its refund: rebuild from it
