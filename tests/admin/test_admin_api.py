@@ -214,6 +214,9 @@ def test_tiers_prices_account_changes_limits_and_rotation(admin, sqlite_server):
     assert (changed["daily_credits"], changed["monthly_credits"], changed["rpm"]) == (50, 900, 7)  # the rest stays
     assert changed["models"] == ["aimichat-1"]
     assert admin.put("/tiers/team", json={"monthly_credits": None}).json()["monthly_credits"] is None
+    # Only the monthly limit may be removed: the others always have a value (a 400, not a 500).
+    for field in ("daily_credits", "cost_rule", "credits_per_1k_tokens"):
+        assert "cannot be empty" in assert_error(admin.put("/tiers/team", json={field: None}), 400)
     assert {t["name"] for t in admin.get("/tiers").json()} == {"free", "team"}
 
     price = admin.put("/prices/team/aimichat-1", json={"per_request": 3})

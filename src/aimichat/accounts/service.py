@@ -81,6 +81,9 @@ def save_tier(session: Session, name: str, changes: Mapping[str, Any]) -> Tier:
     credits = {f: changes[f] for f in TIER_CREDITS if f in changes}
     if credits.get("daily_credits", 0) is None or (existing is None and "daily_credits" not in credits):
         raise AccountError("a new tier needs daily credits" if existing is None else "daily credits cannot be empty")
+    empty = [f for f in ("cost_rule", "credits_per_1k_tokens") if f in credits and credits[f] is None]
+    if empty:  # only monthly_credits may be removed (no monthly limit); these always have a value
+        raise AccountError(f"{empty[0].replace('_', ' ')} cannot be empty")
     if existing is None or credits:
         current = {f: getattr(existing, f) for f in TIER_CREDITS} if existing is not None else {}
         set_tier(session, name, **{**current, **credits})
