@@ -101,6 +101,14 @@ def test_tiers_accounts_and_keys_round_trip(run):
         "--credits-per-1k-tokens",
         "2",
     )
+    changed = json.loads(run("tiers", "set", "pro", "--rpm", "30", "--json").output)
+    assert (changed["name"], changed["daily_credits"], changed["rpm"], changed["cost_rule"]) == (
+        "pro",
+        5000,
+        30,
+        "per_token",
+    )
+    assert changed == next(t for t in json.loads(run("tiers", "list", "--json").output) if t["name"] == "pro")
     run("accounts", "create", "Ada@Example.com", "--password", "long enough", "--tier", "pro")
     accounts = json.loads(run("accounts", "list", "--json").output)
     assert [(a["email"], a["tier"]) for a in accounts] == [("ada@example.com", "pro")]

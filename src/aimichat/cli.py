@@ -379,6 +379,7 @@ def _access(models: list[str] | None) -> str:
     help="The only models this tier may use (comma-separated public names). Left out: access is unchanged.",
 )
 @click.option("--all-models", is_flag=True, help="Let this tier use every model again (what a new tier may).")
+@click.option("--json", "as_json", is_flag=True, help="Print the tier as JSON (as one row of `tiers list --json`).")
 def tiers_set(
     name: str,
     daily_credits: int | None,
@@ -393,6 +394,7 @@ def tiers_set(
     max_concurrent: str | None,
     max_prompt_tokens: str | None,
     max_n: str | None,
+    as_json: bool = False,
 ) -> None:
     """Create or update a tier; --models or --all-models also set the models it may use. Updating an
     existing tier changes only what is given."""
@@ -417,6 +419,8 @@ def tiers_set(
         tier = accounts.save_tier(session, name, {**credits, **given, **limits})
         if models is not None or all_models:
             registry.set_tier_models(session, name, None if all_models else (models or "").split(","))
+        if as_json:
+            return _echo_json(_tier_dict(tier))
         click.echo(f"tier {tier.name}: {tier.daily_credits} daily credits, {tier.cost_rule}; {_access(tier.models)}")
 
 
