@@ -71,7 +71,8 @@ def test_web_changes_are_recorded_as_the_logged_in_account(sqlite_server):
             browser.post(f"/admin/accounts/{user_id}/tier", data={"tier": "pro", "csrf_token": token}).status_code
             == 303
         )
-        assert browser.post(f"/admin/accounts/{user_id}/disable", data={"csrf_token": token}).status_code == 303
+        disabled = browser.post(f"/admin/accounts/{user_id}/disable", data={"confirm": "yes", "csrf_token": token})
+        assert disabled.status_code == 303
 
     with server.client() as browser:  # a sign-up has nobody logged in: the new account made itself
         page = browser.get("/signup").text
@@ -214,7 +215,7 @@ def test_the_audit_page_is_for_admins_and_filters(sqlite_server):
         assert browser.get("/admin/audit").status_code == 403
     with server.client() as browser:
         token = log_in(browser, "boss@example.com")
-        browser.post("/admin/accounts/2/disable", data={"csrf_token": token})
+        browser.post("/admin/accounts/2/disable", data={"confirm": "yes", "csrf_token": token})
         page = browser.get("/admin/audit", params={"actor": f"account:{admin_id}"})
         assert page.status_code == 200
         assert "script-src 'self'" in page.headers["content-security-policy"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
+from browser_kit import CHROMIUM, Watched, browser_fixture, live_server, log_in
 from playwright.sync_api import expect
 from sqlalchemy import select
 from web_helpers import PASSWORD, chat
@@ -26,39 +26,17 @@ from scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 PAGES = ["/keys", "/usage", "/plan", "/playground", "/docs", "/account"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("web")
-    db = Database(f"sqlite:///{tmp / 'aimichat.db'}")
     # A reply that arrives word by word, as a model's does, for the playground to stream.
-    with serve_app(ScriptedEngine(token_delay=0.01), db, tmp) as live:
+    with live_server(tmp_path_factory, "web", ScriptedEngine(token_delay=0.01)) as live:
         yield live
-    db.dispose()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        tool_missing("Debian's chromium is not installed (make browser)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield chromium
-        chromium.close()
+browser = browser_fixture()
 
 
 @pytest.fixture
@@ -67,16 +45,6 @@ def context(browser, server):
     ctx.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
     yield ctx
     ctx.close()
-
-
-class Watched:
-    """A page whose console errors and script exceptions (CSP violations among them) are collected."""
-
-    def __init__(self, page):
-        self.page = page
-        self.errors: list[str] = []
-        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
-        page.on("pageerror", lambda e: self.errors.append(str(e)))
 
 
 @pytest.fixture
@@ -89,14 +57,6 @@ def page(context):
 def shot(page, name: str) -> None:
     OUTPUT.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(OUTPUT / f"web-{name}.png"), full_page=True)
-
-
-def log_in(page, email: str, password: str = PASSWORD) -> None:
-    page.goto("/login")
-    page.get_by_label("Email").fill(email)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Log in").click()
-    page.wait_for_url("**/keys")
 
 
 def key_row(page, name: str):
@@ -406,6 +366,7 @@ def test_admin_pages(page, server):
     assert "tier pro" in page.locator(".alert.success").inner_text()
     row = page.locator("tr", has=page.get_by_role("rowheader", name="member@example.com"))
     row.get_by_role("button", name="Disable").click()
+    page.get_by_role("button", name="Disable account").click()  # the confirmation step
     row = page.locator("tr", has=page.get_by_role("rowheader", name="member@example.com"))
     assert row.locator(".badge").last.inner_text() == "Disabled"
     shot(page, "admin")

@@ -166,7 +166,7 @@ def test_daily_series_and_chart(database):
     chart = usage_data.bar_chart(series)
     assert len(chart.bars) == 30 and chart.top_value == 10 and chart.total == 13
     tallest = max(chart.bars, key=lambda b: b.height)
-    assert tallest.credits == 7 and tallest.y + tallest.height == chart.height and tallest.height == 70
+    assert tallest.value == 7 and tallest.y + tallest.height == chart.height and tallest.height == 70
     assert all(b.height >= 1 for b in chart.bars) and all(a.x < b.x for a, b in itertools.pairwise(chart.bars))
 
 

@@ -483,14 +483,16 @@ def test_admin_changes_tier_and_disables_accounts(server):
         assert page.status_code == 200 and "user@example.com" in page.text
         user_id = int(
             re.search(
-                r'<tr id="account-(\d+)"[^>]*>\s*<th scope="row" data-label="Email">user@example.com', page.text
+                r'<tr id="account-(\d+)"[^>]*>\s*<th scope="row" data-label="Email"[^>]*><a [^>]*>user@example.com',
+                page.text,
             ).group(1)
         )
         assert admin.post(f"/admin/accounts/{user_id}/tier", {"tier": "pro"}).status_code == 303
         assert admin.post(f"/admin/accounts/{user_id}/tier", {"tier": "nope"}).status_code == 400
         assert "1,000 a day" in user.get("/plan").text
 
-        assert admin.post(f"/admin/accounts/{user_id}/disable").status_code == 303
+        assert admin.post(f"/admin/accounts/{user_id}/disable").status_code == 200  # the confirmation step
+        assert admin.post(f"/admin/accounts/{user_id}/disable", {"confirm": "yes"}).status_code == 303
         assert chat(server, key).status_code == 403
         assert user.get("/keys").status_code == 303, "its sessions ended"
         assert user.log_in("user@example.com").status_code == 403
@@ -499,7 +501,7 @@ def test_admin_changes_tier_and_disables_accounts(server):
         assert chat(server, key).status_code == 200
         own_id = int(
             re.search(
-                r'<tr id="account-(\d+)"[^>]*>\s*<th scope="row" data-label="Email">admin@example.com',
+                r'<tr id="account-(\d+)"[^>]*>\s*<th scope="row" data-label="Email"[^>]*><a [^>]*>admin@example.com',
                 admin.get("/admin").text,
             ).group(1)
         )

@@ -12,6 +12,7 @@ from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
@@ -20,6 +21,7 @@ from aimichat.engines.base import EngineError
 from aimichat.quota.fairness import TooManyConcurrent
 from aimichat.store.clock import iso_utc
 from aimichat.store.errors import STORE_UNAVAILABLE
+from aimichat.store.text import holds_nul
 
 from .auth import presented_key, require_key
 from .chat.protocol import INVALID_TEXT, UNSUPPORTED_PARAMETER
@@ -132,6 +134,29 @@ async def _store_unavailable(_: Request, exc: Exception) -> Response:
     )
 
 
+NUL_TITLE = "Text with a NUL character"
+NUL_MESSAGE = (
+    "The request holds a NUL character (U+0000) in its text, which cannot be stored or looked up. "
+    "Remove it and try again."
+)
+
+
+async def _data_error(request: Request, exc: Exception) -> Response:
+    """A value the database refused. NUL in a text parameter (PostgreSQL's text cannot hold it; psycopg
+    refuses it before sending) comes from the caller's input: a 400, in the shape of the path's family (the
+    pages' HTML error page, through ``app.state.error_page``; the APIs' JSON). The services refuse control
+    characters where their text comes in; this is the net under any input they do not check yet. Any other
+    DataError is the server's: re-raised, it becomes the 500 of :func:`_unexpected`."""
+    assert isinstance(exc, sa_exc.DataError)
+    if not holds_nul(exc.params):
+        raise exc
+    log.warning("refused a NUL character in %s %s", request.method, request.url.path)
+    error_page = getattr(request.app.state, "error_page", None)  # web/site.py's (None: no pages installed)
+    if error_page is not None and (shown := await error_page(request, 400, NUL_TITLE, NUL_MESSAGE)):
+        return cast(Response, shown)
+    return error_response(400, NUL_MESSAGE, code="invalid_text")
+
+
 async def _unexpected(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "The server had an error while processing your request.", type="server_error")
@@ -213,4 +238,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http)
     for exc_class in STORE_UNAVAILABLE:
         app.add_exception_handler(exc_class, _store_unavailable)
+    app.add_exception_handler(sa_exc.DataError, _data_error)
     app.add_exception_handler(Exception, _unexpected)

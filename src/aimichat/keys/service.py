@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from aimichat.audit import service as audit
 from aimichat.store.clock import iso_utc, utcnow
 from aimichat.store.models import Account, ApiKey, Tier, UsageEvent
+from aimichat.store.text import control_refusal
 
 from . import tokens
 
@@ -220,11 +221,15 @@ def model_allowed(principal: Principal, model: str) -> bool:
 
 
 def clean_name(name: str) -> str:
+    """A key's name as stored: runs of white space (tabs and line breaks too) become one space; ValueError for
+    an empty or long name, or one holding another control character (NUL: PostgreSQL's text cannot hold it)."""
     name = " ".join(name.split())
     if not name:
         raise ValueError("a key needs a name")
     if len(name) > 100:
         raise ValueError("key names are at most 100 characters")
+    if (refused := control_refusal(name, "key names")) is not None:
+        raise ValueError(refused)
     return name
 
 

@@ -8,15 +8,18 @@ the keyboard.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from types import MappingProxyType
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from sqlalchemy.orm import Session
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 
 from aimichat.accounts import service as accounts
 from aimichat.store.models import Account
 
-from . import devices, sessions, throttle
+from . import devices, key_input, sessions, throttle
 
 
 class Refused(Exception):
@@ -132,18 +135,66 @@ REASONS = ("login", "expired")
 
 def login_url(target: str, *, expired: bool) -> str:
     """Where a page that needs a log-in sends the visitor: /login with why, and ``target`` to come back to
-    (none for "/" or a POST, which has no page to come back to)."""
+    (none for "/" or "", a POST with no page to come back to: see :func:`return_target`)."""
     query = {"next": target} if target and target != "/" else {}
     query["reason"] = "expired" if expired else "login"
     return "/login?" + urlencode(query, safe="/")
+
+
+DRAFT_WORDS = "Log in and your form comes back as you typed it, to send again"
 
 
 def login_notice(target: str, reason: str) -> str:
     """What the log-in page says about why it is shown: "" unless ``reason`` is one of :data:`REASONS`."""
     if reason not in REASONS:
         return ""
+    if key_input.is_draft(target):  # a key form met a lapsed session: nothing was done, nothing is lost
+        kept = f"Nothing was changed. {DRAFT_WORDS}."
+        return f"Your session expired before your form was sent. {kept}" if reason == "expired" else kept
     words = PAGE_WORDS.get(target.lstrip("/").split("/", 1)[0].split("?", 1)[0], "Log in to continue")
     return f"Your session expired. {words}." if reason == "expired" else f"{words}."
+
+
+def from_this_site(fetch_site: str | None, origin: str | None, own: Collection[str]) -> bool:
+    """Did the browser say a POST came from a page of this very site? ``Sec-Fetch-Site`` when it sent one
+    (current browsers do, on https and on localhost), else ``Origin`` against ``own`` (:func:`own_origins`).
+    Neither header: no. A cross-site form arrives without the SameSite=Lax session cookie, so it looks like a
+    lapsed session; this is what tells it from the person's own form."""
+    if fetch_site is not None:
+        return fetch_site.strip().lower() == "same-origin"
+    return origin is not None and origin.strip().lower() in own
+
+
+def own_origins(request: Request) -> frozenset[str]:
+    """This site's origins, lower case: the one the request was sent to, and ``AIMICHAT_PUBLIC_URL``'s."""
+    origins = {f"{request.url.scheme}://{request.url.netloc}"}
+    public = request.app.state.settings.public_url
+    if public:
+        parts = urlsplit(public)
+        origins.add(f"{parts.scheme}://{parts.netloc}")
+    return frozenset(origin.lower() for origin in origins)
+
+
+async def return_target(request: Request, draft_key: str | None = None) -> str:
+    """Where the log-in page sends back a visitor whom ``request`` found logged out: the page of a GET; for a
+    key form POSTed after the session lapsed, that form's page filled in with what was typed
+    (``key_input.draft_target``, never the CSRF token, signed with ``draft_key``: the browser's pre-log-in
+    CSRF secret), so nothing typed is lost and nothing is done without a fresh token; only the page when the
+    browser did not say the form came from this site (:func:`from_this_site`); "" for any other POST, or a
+    body that is not a readable form."""
+    if request.method == "GET":
+        return request.url.path
+    kind = request.headers.get("content-type", "")
+    if not kind.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        return ""
+    try:
+        form = await request.form()  # read already, and cached, when the route took Form fields
+    except (HTTPException, ClientDisconnect):  # a malformed body: there is nothing to keep
+        return ""
+    headers = request.headers
+    if not from_this_site(headers.get("sec-fetch-site"), headers.get("origin"), own_origins(request)):
+        draft_key = None  # another site's form: its fields must never come back filled in
+    return key_input.draft_target(request.url.path, form, key=draft_key, now=request.app.state.clock())
 
 
 def _check_throttle(session: Session, email: str, address: str, now: dt.datetime, device: str | None) -> None:

@@ -1,5 +1,6 @@
 """What the key pages and the account API do to a key beyond the service's single calls: regenerate on the
-app's clock, and where a key stands against its caps and its account's (what ``GET /v1/key`` reports)."""
+app's clock, rename, which keys the list shows, and where a key stands against its caps and its account's
+(what ``GET /v1/key`` reports)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass, replace
 
 from sqlalchemy.orm import Session
 
+from aimichat.audit import service as audit
 from aimichat.keys import service as keys
 from aimichat.keys.json import grace_until as grace_until  # the key pages read it here
 from aimichat.keys.service import CreatedKey, Principal
@@ -16,6 +18,9 @@ from aimichat.quota.backends import QuotaBackend
 from aimichat.store.models import ApiKey
 
 from .key_handoff import Kind
+from .key_input import key_name
+
+RECENTLY_REVOKED = dt.timedelta(days=7)  # the list keeps a revoked key in view this long, then hides it
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,44 @@ def check_regenerable(key: ApiKey) -> None:
 def in_list_order(listed: list[ApiKey]) -> list[ApiKey]:
     """The keys list: active keys first, then revoked ones, newest first within each."""
     return sorted(listed, key=lambda key: (key.revoked_at is not None, -key.id))
+
+
+@dataclass(frozen=True)
+class KeyList:
+    """What the keys list shows: ``keys`` in list order, and how many revoked keys the list leaves out unless
+    asked for them ("Show revoked keys (N)"; with ``show_revoked``, what "Hide old revoked keys" hides)."""
+
+    keys: list[ApiKey]
+    old_revoked: int
+
+
+def key_list(listed: list[ApiKey], now: dt.datetime, *, show_revoked: bool) -> KeyList:
+    """The keys list: every active key, and the revoked ones revoked within :data:`RECENTLY_REVOKED` (so a key
+    just revoked stays in view, marked so) or all of them with ``show_revoked``. Old revoked keys would
+    otherwise bury the live ones as keys are rotated over the years."""
+    ordered = in_list_order(listed)
+
+    def old(key: ApiKey) -> bool:
+        return key.revoked_at is not None and now - key.revoked_at >= RECENTLY_REVOKED
+
+    kept = ordered if show_revoked else [key for key in ordered if not old(key)]
+    return KeyList(kept, sum(1 for key in ordered if old(key)))
+
+
+def rename(session: Session, key: ApiKey, name: str) -> bool:
+    """Give ``key`` a new name, under the rules of a new key's (ValueError naming "name"); True when it changed.
+
+    Only the name changes: the key's id, secret, limits and what it used stay, and so do past audit rows
+    and usage (both refer to the key by id). A revoked key stays as it was revoked."""
+    new = key_name(name)
+    if key.revoked_at is not None:
+        raise ValueError("this key is revoked and stays as it was; generate a new key")
+    if new == key.name:
+        return False
+    old, key.name = key.name, new
+    session.flush()
+    audit.note(session, "key.renamed", f"key:{key.id}", {"account_id": key.account_id, "from": old, "to": new})
+    return True
 
 
 def principal_of(key: ApiKey) -> Principal:

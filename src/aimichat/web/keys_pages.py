@@ -1,9 +1,16 @@
-"""The API keys pages: generate (with optional limits), list, a page per key (its limits and where it
-stands), edit limits, revoke and regenerate (with a grace period), as plain HTML forms.
+"""The API keys pages: generate (with optional limits), list (revoked keys of long ago behind "Show revoked
+keys"), a page per key (its limits and where it stands), rename, edit limits, revoke and regenerate (with a
+grace period), as plain HTML forms.
 
 A new key follows post/redirect/get: the POST hands the secret off to the browser session
 (``key_handoff``) and redirects to ``/keys?shown=<token>``, the one page that shows it. Reloading that
 page, or going back to the form, shows the list again and makes nothing.
+
+A key form posted after the session lapsed is not lost: the log-in page carries it (``key_input.draft_target``)
+and after the log-in these pages show it filled in (``?draft=1&...&at=...&sig=...``), to be sent again with a
+fresh CSRF token. Nothing is made or changed until then. A draft is made only from this site's own forms and
+shown only in the browser that signed it, for 30 minutes (``key_input.genuine_draft``); its notice, not the
+form's button, has focus, so no single key press sends values the person has not looked at.
 """
 
 from __future__ import annotations
@@ -19,9 +26,9 @@ from aimichat.quota import ledger
 from aimichat.store.models import ApiKey
 
 from . import key_actions, key_handoff, key_input
-from .deps import PostedForm, RequestSession, User, UserForm, Visitor, WebError
+from .deps import PRE_COOKIE, PostedForm, RequestSession, User, UserForm, Visitor, WebError, cookie_name
 from .key_input import GRACE_CHOICES, LimitsForm
-from .render import WebRoute, base_url, page, redirect
+from .render import WebRoute, base_url, page, redirect, time_ago
 from .usage_pages import credits_spent
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
@@ -39,6 +46,21 @@ def _offered(request: Request, visitor: Visitor) -> list[str]:
     return [spec.name for spec in request.app.state.models.catalog.visible(visitor.user.tier.name)]
 
 
+def _draft(request: Request, visitor: Visitor, draft: str, page: str) -> tuple[str, LimitsForm] | None:
+    """The key form as typed before a log-in (``?draft=1&name=...&at=...&sig=...``) when this browser signed
+    it for ``page`` not long ago; None without one, and for a draft crafted, edited, old or from elsewhere
+    (the plain page is shown then: see ``key_input.genuine_draft``)."""
+    if draft != "1":
+        return None
+    key = request.cookies.get(cookie_name(PRE_COOKIE, visitor.secure))  # the pre-log-in CSRF secret
+    now = request.app.state.clock()
+    typed = key_input.genuine_draft(page, request.query_params.multi_items(), key, now)
+    if typed is None:
+        return None
+    name = typed.get("name", "")
+    return name if isinstance(name, str) else "", LimitsForm.from_form(typed)
+
+
 def _keys_page(
     request: Request,
     session: Session,
@@ -46,15 +68,22 @@ def _keys_page(
     *,
     status: int = 200,
     values: LimitsForm | None = None,
+    show_revoked: bool = False,
     **context: Any,
 ) -> Response:
+    now = request.app.state.clock()
+    listing = key_actions.key_list(keys.list_keys(session, visitor.user.id), now, show_revoked=show_revoked)
     return page(
         request,
         visitor,
         "keys.html",
         status=status,
         title="API keys",
-        keys=key_actions.in_list_order(keys.list_keys(session, visitor.user.id)),
+        keys=listing.keys,
+        old_revoked=listing.old_revoked,
+        show_revoked=show_revoked,
+        recent_days=key_actions.RECENTLY_REVOKED.days,
+        since=lambda moment: time_ago(moment, now, coarse=True),
         base=base_url(request),
         status_of=keys.key_status,
         summary_of=key_input.summary,
@@ -75,7 +104,13 @@ def _spent(request: Request, session: Session, visitor: Visitor) -> str:
 
 @router.get("/keys")
 def keys_list(
-    request: Request, session: RequestSession, visitor: User, revoked: int | None = None, shown: str | None = None
+    request: Request,
+    session: RequestSession,
+    visitor: User,
+    revoked: int | None = None,
+    shown: str | None = None,
+    show: str = "",
+    draft: str = "",
 ) -> Response:
     # The one response that carries a key in full: the page the POST that made it redirected to, once.
     handoff = key_handoff.take(session, visitor, shown, request.app.state.clock()) if shown else None
@@ -83,7 +118,20 @@ def keys_list(
     if shown_key is not None and shown_key.account_id != visitor.user.id:
         handoff = shown_key = None
     gone = bool(shown) and handoff is None  # a reload of that page: the key is not shown twice
-    return _keys_page(request, session, visitor, revoked_id=revoked, handoff=handoff, shown_key=shown_key, gone=gone)
+    typed = _draft(request, visitor, draft, "/keys")
+    return _keys_page(
+        request,
+        session,
+        visitor,
+        revoked_id=revoked,
+        handoff=handoff,
+        shown_key=shown_key,
+        gone=gone,
+        show_revoked=show == "revoked",
+        draft=typed is not None,
+        name=typed[0] if typed else "",
+        values=typed[1] if typed else None,
+    )
 
 
 @router.post("/keys")
@@ -93,10 +141,20 @@ def keys_generate(
     values = LimitsForm.from_form(form)
     now = request.app.state.clock()
     try:
+        clean = key_input.key_name(name)
         limits = values.limits(now, _offered(request, visitor))
-        created = keys.create_key(session, visitor.user, name, limits)
+        created = keys.create_key(session, visitor.user, clean, limits)
     except ValueError as exc:  # a bad name or limit, refused before anything is written
-        return _keys_page(request, session, visitor, status=400, error=_sentence(exc), name=name, values=values)
+        return _keys_page(
+            request,
+            session,
+            visitor,
+            status=400,
+            error=_sentence(exc),
+            error_field=key_input.field_of(exc),
+            name=name,
+            values=values,
+        )
     token = key_handoff.put(session, visitor, created, now, kind="created")
     return redirect(f"/keys?shown={token}")
 
@@ -137,8 +195,40 @@ def _key_page(
 
 
 @router.get("/keys/{key_id}")
-def key_detail(request: Request, session: RequestSession, key_id: KeyId, visitor: User, saved: int = 0) -> Response:
-    return _key_page(request, session, visitor, _own_key(session, key_id, visitor), saved=bool(saved))
+def key_detail(
+    request: Request,
+    session: RequestSession,
+    key_id: KeyId,
+    visitor: User,
+    saved: int = 0,
+    renamed: int = 0,
+    draft: str = "",
+) -> Response:
+    key = _own_key(session, key_id, visitor)
+    typed = _draft(request, visitor, draft, f"/keys/{key_id}")
+    if typed is None:
+        return _key_page(request, session, visitor, key, saved=bool(saved), renamed=bool(renamed))
+    name, values = typed
+    # The rename form's draft is a name alone; the limits form's has limits (an emptied form keeps no draft).
+    # Its notice, above that form, has focus: the person reads it and the values before anything is sent.
+    if values.any:
+        return _key_page(request, session, visitor, key, draft="limits", values=values)
+    return _key_page(request, session, visitor, key, draft="rename", rename_value=name or None)
+
+
+@router.post("/keys/{key_id}/rename")
+def key_rename(
+    request: Request, session: RequestSession, key_id: KeyId, visitor: UserForm, name: str = Form("")
+) -> Response:
+    """A new name for the key; nothing else about it changes (``key_actions.rename``)."""
+    key = _own_key(session, key_id, visitor)
+    if key.revoked_at is not None:
+        raise WebError(409, "Revoked keys stay revoked", "This key is revoked and stays as it was revoked.")
+    try:
+        changed = key_actions.rename(session, key, name)
+    except ValueError as exc:  # refused before anything is stored
+        return _key_page(request, session, visitor, key, status=400, rename_error=_sentence(exc), rename_value=name)
+    return redirect(f"/keys/{key_id}?renamed=1" if changed else f"/keys/{key_id}")
 
 
 @router.post("/keys/{key_id}/limits")
@@ -154,7 +244,10 @@ def key_set_limits(
         limits = values.limits(request.app.state.clock(), _offered(request, visitor), keys.key_limits(key))
         keys.set_limits(session, key_id, visitor.user.id, **{f: getattr(limits, f) for f in key_input.LIMIT_FIELDS})
     except ValueError as exc:  # refused before anything is stored
-        return _key_page(request, session, visitor, key, status=400, error=_sentence(exc), values=values)
+        field = key_input.field_of(exc)
+        return _key_page(
+            request, session, visitor, key, status=400, error=_sentence(exc), error_field=field, values=values
+        )
     return redirect(f"/keys/{key_id}?saved=1")
 
 

@@ -41,6 +41,26 @@ def _iso(moment: dt.datetime | None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else ""
 
 
+def time_ago(moment: dt.datetime, now: dt.datetime, *, coarse: bool = False) -> str:
+    """How long ago ``moment`` was: "just now" (a moment a little ahead, from another replica's clock, too),
+    "5 min ago", then "3 h 12 min ago" and "2 d 5 h ago" in the words of /usage's ``time_left``; or, ``coarse``
+    (the keys list), in one unit: "3 h ago", "12 d ago", and the date (UTC) from 60 days on. The exact time
+    is the title of the ``<time>`` around it."""
+    secs = int((now - moment).total_seconds())
+    if secs < 60:
+        return "just now"
+    if secs < 3600:
+        return f"{secs // 60} min ago"
+    hours, days = secs // 3600, secs // 86400
+    if coarse:
+        if days < 1:
+            return f"{hours} h ago"
+        return f"{days} d ago" if days < 60 else moment.strftime("%Y-%m-%d")
+    if days < 1:
+        return f"{hours} h {(secs % 3600) // 60} min ago"
+    return f"{days} d {hours % 24} h ago"
+
+
 env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True, lstrip_blocks=True)
 env.filters["utc"] = _utc
 env.filters["iso"] = _iso
@@ -52,8 +72,8 @@ env.globals["model_id"] = PUBLIC_MODEL_ID  # the model id people put in requests
 def asset_version() -> str:
     """A hash of the static files, so their URLs change when they do and can be cached for a year."""
     digest = hashlib.sha256()
-    for path in sorted(STATIC.iterdir()):
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(p for p in STATIC.rglob("*") if p.is_file()):  # static/vendor/ too (the playground's)
+        digest.update(path.relative_to(STATIC).as_posix().encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -134,8 +154,14 @@ def redirect(url: str) -> RedirectResponse:
     return security_headers(RedirectResponse(url, status_code=303))  # 303: the browser follows with GET
 
 
+MAX_NEXT = 2048  # a log-in's way back; a key form kept through a log-in fits (key_input.MAX_DRAFT_QUERY)
+
+
 def safe_next(target: str | None, default: str = "/keys") -> str:
-    """Only local paths: ``next=//evil.example`` must not turn log-in into an open redirect."""
+    """Only local paths: ``next=//evil.example`` must not turn log-in into an open redirect. Bounded too, and
+    printable: a browser drops tabs and newlines from a URL, so "/", a tab, "/evil.example" reads as "//..."."""
     if not target or not target.startswith("/") or target.startswith(("//", "/\\")) or "\\" in target:
+        return default
+    if len(target) > MAX_NEXT or not target.isprintable():  # keys pages' drafts: key_input.MAX_DRAFT_QUERY
         return default
     return target

@@ -1,4 +1,5 @@
-"""The usage page (meter, reset times, per-key and per-model use, 30-day chart) and the ledger as CSV."""
+"""The usage page (meter, reset times, per-key and per-model use, each key's 30 days as a chart of credits,
+requests or tokens, the recent requests a page at a time) and the ledger as CSV."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from aimichat.keys import service as keys
 from aimichat.quota import ledger, periods
 
 from . import usage_data
-from .deps import RequestSession, User, WebError
-from .render import WebRoute, page
+from .deps import RequestSession, User, Visitor
+from .render import WebRoute, page, time_ago
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 CHART_DAYS = 30
@@ -58,26 +59,40 @@ def credits_spent(summary: ledger.UsageSummary, now: dt.datetime) -> Spent | Non
 
 
 @router.get("/usage")
-def usage(request: Request, session: RequestSession, visitor: User) -> Response:
+def usage(
+    request: Request,
+    session: RequestSession,
+    visitor: User,
+    metric: str | None = None,
+    key: str | None = None,
+    before: str | None = None,
+    after: str | None = None,
+) -> Response:
     now = request.app.state.clock()
     account = visitor.user
     today = periods.day_start(now)
+    try:
+        query = usage_data.parse_query(metric, key, before, after)
+        view = usage_data.history_view(session, account.id, today, CHART_DAYS, query)
+    except usage_data.BadQuery as exc:
+        return bad_request(request, visitor, "Invalid usage view", str(exc))
     summary = ledger.summary(session, keys.principal_for(account), now)
-    series = usage_data.daily_credits(session, account.id, today, CHART_DAYS)
-    per_key = usage_data.keys_today(session, account.id, today)
     return page(
         request,
         visitor,
         "usage.html",
         title="Usage",
         s=summary,
-        per_key=per_key,
-        chart=usage_data.bar_chart(series),
+        per_key=usage_data.keys_today(session, account.id, today),
+        view=view,
+        amount=usage_data.amount,
+        status_word=usage_data.status_word,
         per_model_days=usage_data.models_over(session, account.id, today, CHART_DAYS),
         today=today,
         month_start=periods.month_start(now),
         now=now,
         until=lambda moment: time_left(moment, now),
+        ago=lambda moment: time_ago(moment, now),
         alerts=alerts.alert_config(session, account.id),  # the thresholds form (web/alerts_pages.py)
     )
 
@@ -89,11 +104,25 @@ def usage_csv(
     try:
         first, last = usage_data.parse_range(start, end, periods.day_start(request.app.state.clock()))
     except usage_data.BadRange as exc:
-        raise WebError(400, "Invalid date range", str(exc)) from None
+        return bad_request(request, visitor, "Invalid date range", str(exc), back="/usage#csv-title")
     body = usage_data.ledger_csv(session, visitor.user.id, first, last)
     filename = f"aimichat-usage-{first.isoformat()}-to-{last.isoformat()}.csv"
     return Response(
         body,
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+def bad_request(request: Request, visitor: Visitor, title: str, message: str, back: str = "/usage") -> Response:
+    """A 400 page that says what was wrong and leads back to the usage page (not to /keys, as other errors do)."""
+    return page(
+        request,
+        visitor,
+        "error.html",
+        status=400,
+        title=title,
+        message=message,
+        back_href=back,
+        back_label="Back to Usage",
     )

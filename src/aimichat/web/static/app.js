@@ -56,6 +56,25 @@
     });
   });
 
+  // Phones: the Menu button shows or hides the site's links (the stylesheet hides them while it says
+  // aria-expanded="false"). Escape, or focus leaving the header, folds them again.
+  var toggle = document.querySelector(".menu-toggle");
+  var header = toggle && toggle.closest("header");
+  if (toggle && header) {
+    var setOpen = function (open) { toggle.setAttribute("aria-expanded", open ? "true" : "false"); };
+    var isOpen = function () { return toggle.getAttribute("aria-expanded") === "true"; };
+    toggle.addEventListener("click", function () { setOpen(!isOpen()); });
+    header.addEventListener("keydown", function (event) {
+      if (event.key === "Escape" && isOpen()) {
+        setOpen(false);
+        toggle.focus();
+      }
+    });
+    header.addEventListener("focusout", function (event) {
+      if (isOpen() && event.relatedTarget && !header.contains(event.relatedTarget)) setOpen(false);
+    });
+  }
+
   // Times are rendered in UTC; add the reader's local time next to the ones marked data-local.
   var format = new Intl.DateTimeFormat(undefined, { weekday: "short", day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" });
   document.querySelectorAll("time[data-local]").forEach(function (time) {
@@ -65,5 +84,25 @@
     span.className = "local-time";
     span.textContent = " (" + format.format(moment) + " your time)";
     time.after(span);
+  });
+
+  // Usage page (recent requests): a relative time ("3 h 12 min ago") carries its UTC time as a title;
+  // put the reader's local time first in that title, so hovering shows it.
+  document.querySelectorAll("time[data-local-title]").forEach(function (time) {
+    var moment = new Date(time.getAttribute("datetime"));
+    if (isNaN(moment)) return;
+    time.title = format.format(moment) + " your time (" + time.title + ")";
+  });
+
+  // Playground (issue 17): its conversations live in localStorage ("aimichat.playground.<account>", see
+  // playground.js); logging out forgets them, so the next person at a shared computer finds none.
+  document.querySelectorAll("form.logout").forEach(function (logout) {
+    logout.addEventListener("submit", function () {
+      try {
+        Object.keys(localStorage).forEach(function (key) {
+          if (key.indexOf("aimichat.playground.") === 0) localStorage.removeItem(key);
+        });
+      } catch (e) { /* storage switched off: nothing was kept */ }
+    });
   });
 })();
