@@ -46,7 +46,7 @@ from aimichat.registry.catalog import (
 )
 from aimichat.store.clock import iso_utc, utcnow
 from aimichat.store.db import Database
-from aimichat.store.models import Account, AdminKey, ApiKey, ModelRecord, Tier
+from aimichat.store.models import Account, AdminKey, ApiKey, ModelRecord
 from aimichat.web import sessions
 
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -324,23 +324,6 @@ def tiers() -> None:
     """Subscription tiers: credit allotments, cost rules and the models each may use."""
 
 
-def _tier_dict(tier: Tier) -> dict[str, Any]:
-    return {
-        "name": tier.name,
-        "daily_credits": tier.daily_credits,
-        "monthly_credits": tier.monthly_credits,
-        "cost_rule": tier.cost_rule,
-        "credits_per_1k_tokens": tier.credits_per_1k_tokens,
-        "models": tier.models,
-        "rpm": tier.rpm,
-        "tpm": tier.tpm,
-        "max_keys": tier.max_keys,
-        "max_concurrent": tier.max_concurrent,
-        "max_prompt_tokens": tier.max_prompt_tokens,
-        "max_n": tier.max_n,
-    }
-
-
 def _optional_int(value: str, name: str) -> int | None:
     """A number option where an empty value means "none"."""
     if value.strip() == "":
@@ -420,7 +403,7 @@ def tiers_set(
         if models is not None or all_models:
             registry.set_tier_models(session, name, None if all_models else (models or "").split(","))
         if as_json:
-            return _echo_json(_tier_dict(tier))
+            return _echo_json(accounts.tier_as_json(tier))
         click.echo(f"tier {tier.name}: {tier.daily_credits} daily credits, {tier.cost_rule}; {_access(tier.models)}")
 
 
@@ -429,7 +412,7 @@ def tiers_set(
 def tiers_list(as_json: bool) -> None:
     """List tiers."""
     with _session() as session:
-        rows = [_tier_dict(t) for t in accounts.list_tiers(session)]
+        rows = [accounts.tier_as_json(t) for t in accounts.list_tiers(session)]
     if as_json:
         return _echo_json(rows)
     _echo_rows(

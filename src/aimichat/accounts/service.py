@@ -67,6 +67,24 @@ def set_tier(
     return tier
 
 
+def tier_as_json(tier: Tier) -> dict[str, Any]:
+    """A tier's settings as JSON: what `aimichat tiers list --json` prints and the admin API answers."""
+    return {
+        "name": tier.name,
+        "daily_credits": tier.daily_credits,
+        "monthly_credits": tier.monthly_credits,
+        "cost_rule": tier.cost_rule,
+        "credits_per_1k_tokens": tier.credits_per_1k_tokens,
+        "rpm": tier.rpm,
+        "tpm": tier.tpm,
+        "max_keys": tier.max_keys,
+        "max_concurrent": tier.max_concurrent,
+        "max_prompt_tokens": tier.max_prompt_tokens,
+        "max_n": tier.max_n,
+        "models": tier.models,
+    }
+
+
 TIER_CREDITS = ("daily_credits", "monthly_credits", "cost_rule", "credits_per_1k_tokens")
 
 

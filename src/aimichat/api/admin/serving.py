@@ -11,7 +11,7 @@ import datetime as dt
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.orm import Session
 
@@ -133,21 +133,7 @@ def update_account(session: Session, account_id: int, body: AccountUpdate) -> Ac
 
 
 def tier_body(tier: Tier) -> TierBody:
-    return {
-        "object": "tier",
-        "name": tier.name,
-        "daily_credits": tier.daily_credits,
-        "monthly_credits": tier.monthly_credits,
-        "cost_rule": tier.cost_rule,
-        "credits_per_1k_tokens": tier.credits_per_1k_tokens,
-        "rpm": tier.rpm,
-        "tpm": tier.tpm,
-        "max_keys": tier.max_keys,
-        "max_concurrent": tier.max_concurrent,
-        "max_prompt_tokens": tier.max_prompt_tokens,
-        "max_n": tier.max_n,
-        "models": tier.models,
-    }
+    return cast("TierBody", {"object": "tier", **accounts.tier_as_json(tier)})
 
 
 def list_tiers(session: Session) -> list[TierBody]:
