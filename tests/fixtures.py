@@ -7,6 +7,8 @@
 - Apps: ``app_client`` runs an app in-process (Starlette's TestClient: its lifespan, then requests through
   the same proxy-header handling uvicorn applies); ``serve_app`` serves one under uvicorn on a real socket
   (``LiveServer``), for what only a socket shows: hang-ups, streaming as it happens, other programs as clients.
+  A chat answer's settlement is written after the answer is sent: before reading the ledger after answers
+  from a socket, wait with ``settled(server)`` (in-process) or ``no_reserved_rows(db)`` (another process).
   Both take the engine to use: a ``ScriptedEngine`` (tests/scripted_engine.py) unless the model is what
   is tested, then conftest's session-wide ``engine``.
 - ``server``: the app in-process over ``database`` with a scripted engine; ``api_server``: one per module
@@ -41,6 +43,7 @@ import uvicorn
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi import FastAPI
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp
@@ -55,7 +58,7 @@ from aimichat.registry.catalog import ModelSpec
 from aimichat.registry.live import EngineFactory
 from aimichat.store.clock import Clock
 from aimichat.store.db import Database
-from aimichat.store.models import Base
+from aimichat.store.models import Base, UsageEvent
 from scripted_engine import ScriptedEngine
 
 PG_URL = os.environ.get("AIMICHAT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -266,10 +269,12 @@ def build_app(
     *,
     clock: Clock | None = None,
     engine_factory: EngineFactory | None = None,
+    fast_chat: bool = True,
     **settings: Any,
 ) -> FastAPI:
     """A fresh app over ``db`` and ``engine`` (which it starts, and leaves open for the next app).
-    ``engine_factory`` builds the engines of the registry's models (default: a ScriptedEngine each)."""
+    ``engine_factory`` builds the engines of the registry's models (default: a ScriptedEngine each);
+    ``fast_chat=False``: chat requests go to the FastAPI route (see api/chat/fast_path.py)."""
     cfg = Settings(data_dir=tmp_path, database_url=db.url, **settings)
     return create_app(
         cfg,
@@ -277,6 +282,7 @@ def build_app(
         database=db,
         close_engine=False,
         engine_factory=engine_factory or scripted_factory(),
+        fast_chat=fast_chat,
         **({"clock": clock} if clock else {}),
     )
 
@@ -414,6 +420,31 @@ def serve_app(
 ) -> LiveServer:
     """A LiveServer for a fresh app over ``db`` and ``engine``; use it as a context manager."""
     return LiveServer(build_app(engine, db, tmp_path, clock=clock, **settings))
+
+
+def settled(*servers: _Server | FastAPI, timeout: float = 10) -> None:
+    """Wait until the chat answers the apps (in this process) have sent have written their settlements.
+
+    ``/v1/chat/completions`` writes an answer's settlement after sending it (issue 14): a test that reads the
+    ledger right after an answer from a real socket must wait for it. For a server in another process, see
+    :func:`no_reserved_rows`."""
+    deadline = time.monotonic() + timeout
+    for server in servers:
+        app = server if isinstance(server, FastAPI) else server.app
+        while len(app.state.chat.unsettled):
+            assert time.monotonic() < deadline, "settlements still in flight"
+            time.sleep(0.005)
+
+
+def no_reserved_rows(db: Database, timeout: float = 10) -> None:
+    """Wait until no ledger row is ``reserved``: every answer sent by a server in another process has written
+    its settlement (see :func:`settled`). Returns quietly on timeout: the test's assertions say what is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with db.session() as s:
+            if not s.scalar(select(func.count()).select_from(UsageEvent).where(UsageEvent.status == "reserved")):
+                return
+        time.sleep(0.01)
 
 
 def wait_ready(urls: list[str], procs: list, timeout: float = 60) -> None:

@@ -16,6 +16,7 @@ from aimichat.alerts.watch import AlertWorker
 from aimichat.api import handlers, key, keys_report, system, usage
 from aimichat.api.admin import api_router as admin_router
 from aimichat.api.chat import api_router as chat_router
+from aimichat.api.chat.fast_path import ChatFastPath
 from aimichat.api.chat.serving import ChatService
 from aimichat.api.metrics import Metrics
 from aimichat.api.metrics import router as metrics_router
@@ -76,9 +77,11 @@ def create_app(
     clock: Clock = utcnow,
     close_engine: bool = True,
     engine_factory: EngineFactory | None = None,
+    fast_chat: bool = True,
 ) -> FastAPI:
     """Build the ASGI app. Pass ``engine``/``database``/``clock`` to share or control them (tests do):
-    ``engine`` serves ``aimichat-1``; ``engine_factory`` builds the engines of the registry's models."""
+    ``engine`` serves ``aimichat-1``; ``engine_factory`` builds the engines of the registry's models.
+    ``fast_chat=False`` leaves chat requests to the FastAPI route that the fast path is tested against."""
     settings = settings or Settings()
     auto_threads = engine is None and "threads" not in settings.model_fields_set
     engine = engine or build_engine(settings)
@@ -174,6 +177,9 @@ def create_app(
     install_web(app)  # account pages, account API and their static files
     app.include_router(admin_audit.router)
     app.add_middleware(admin_audit.WebActor)  # the audit log's actor on the web pages: the visitor's account
+    if fast_chat:  # POST /v1/chat/completions, past FastAPI's routing and dependencies (api/chat/fast_path.py)
+        chat_route = next(r for r in chat_router.router.routes if getattr(r, "path", None) == chat_router.PATH)
+        app.add_middleware(ChatFastPath, handlers=app.exception_handlers, route=chat_route)
     app.add_middleware(
         RequestMiddleware,
         max_body_bytes=settings.max_body_bytes,

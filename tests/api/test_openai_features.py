@@ -26,7 +26,7 @@ from aimichat.config import Settings
 from aimichat.engines.llama import LlamaEngine
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
-from fixtures import LiveServer, make_account, make_key, migrated, serve_app
+from fixtures import LiveServer, make_account, make_key, migrated, serve_app, settled
 
 WEATHER = {
     "type": "function",
@@ -335,6 +335,7 @@ def test_n_3_gives_three_choices_and_is_charged_for_all_of_them(n_server):
     assert usage.completion_tokens == sum(streamed) > 6
 
     # One credit a token: the prompt once, every choice's tokens; every choice was reserved for.
+    settled(n_server)
     rows = ledger(n_server.db)
     assert [r.status for r in rows] == ["charged", "charged"]
     for row, answer in zip(rows, (whole.usage, usage), strict=True):
@@ -357,6 +358,7 @@ def test_n_above_the_tiers_cap_is_400_and_charges_nothing(three_slots, tmp_path)
         error = refused.value.body
         assert (error["code"], error["param"]) == ("invalid_value", "n") and "at most 2" in error["message"]
         assert len(client.chat.completions.create(n=2, **body).choices) == 2
+        settled(server)
         assert [r.status for r in ledger(db)] == ["charged"]
     db.dispose()
 
@@ -391,6 +393,7 @@ def test_a_tool_calls_tokens_are_charged_like_text(live):
         # Every generated token counts, the call's own markup (<tool_call>, its name) included.
         assert completion.usage.completion_tokens == len(completion.choices[0].logprobs.content) > 0
     assert called.choices[0].finish_reason == "tool_calls"
+    settled(live)
     rows = ledger(live.db)[before:]
     assert [r.status for r in rows] == ["charged", "charged"]
     for row, completion in zip(rows, (called, text), strict=True):

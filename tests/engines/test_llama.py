@@ -41,7 +41,7 @@ from aimichat.engines.sampling import GreedySampler, SamplerChain, make_sampler
 from aimichat.engines.text import TextOutput
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
-from fixtures import make_account, make_key, serve_app, sse_events
+from fixtures import make_account, make_key, serve_app, settled, sse_events
 
 SLOTS = 8
 MIN_IDENTICAL = 0.9  # the tolerance for batch-shape divergence at temperature 0
@@ -620,6 +620,7 @@ def test_one_slot_full_queue_answers_503_with_retry_after_and_loses_nothing(queu
     assert len(ok) + len(busy) == 8
     assert busy and all(int(r[1]) >= 1 for r in busy)
     assert len(ok) >= 3 and all(r[2] for r in ok), busy  # one running + two queued, each completed
+    settled(queue_server)
     with queue_server.db.session() as s:  # refused requests reserved nothing: exactly the served ones are charged
         rows = s.scalars(select(UsageEvent)).all()
         assert sorted(r.status for r in rows) == ["charged"] * len(ok) + ["released"] * len(busy)
@@ -664,6 +665,7 @@ def test_one_slot_a_disconnect_frees_the_engine_for_the_next_request(queue_serve
             assert first_token
     assert elapsed < 2.0, f"next request waited {elapsed:.2f}s for its first token"
     time.sleep(0.3)
+    settled(queue_server)
     with queue_server.db.session() as s:
         cut = s.scalars(select(UsageEvent).order_by(UsageEvent.id)).first()
         assert cut.status == "charged"

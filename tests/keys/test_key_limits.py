@@ -20,7 +20,17 @@ from sqlalchemy import func, select
 from aimichat.accounts import service as accounts
 from aimichat.keys import service as keys
 from aimichat.store.models import UsageCounter, UsageEvent
-from fixtures import REDIS_URL, LiveServer, MutableClock, app_client, free_port, make_account, serve_app, wait_ready
+from fixtures import (
+    REDIS_URL,
+    LiveServer,
+    MutableClock,
+    app_client,
+    free_port,
+    make_account,
+    serve_app,
+    settled,
+    wait_ready,
+)
 from scripted_engine import ScriptedEngine
 
 HI = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
@@ -106,6 +116,7 @@ def test_tokens_per_minute_reserve_the_budget_and_give_back_what_was_not_used(da
         assert answer.status_code == 200
         used = answer.json()["usage"]["total_tokens"]
         assert answer.headers["x-ratelimit-remaining-tokens"] == str(100 - used)
+        settled(server)
         standing = server.http.get("/v1/key", headers={"X-API-Key": key}).json()
         assert standing["tokens_per_minute"]["used"] == used
 

@@ -32,7 +32,7 @@ from aimichat.config import Settings
 from aimichat.store.db import Database
 from aimichat.store.errors import STORE_UNAVAILABLE
 from aimichat.store.models import UsageEvent
-from conftest import LiveServer, make_account, make_key, migrated, new_postgres_database
+from conftest import LiveServer, make_account, make_key, migrated, new_postgres_database, settled
 from fixtures import scripted_factory
 from scripted_engine import ScriptedEngine
 from tcp_proxy import TCPProxy
@@ -164,6 +164,7 @@ def test_a_locked_counter_row_fails_its_account_within_the_lock_timeout_and_bloc
 
             for key in (locked_key, other_key):  # the counter rows exist
                 assert chat(key)[1].status_code == 200
+            settled(server)  # their settlements written before the rows are locked
 
             # Another connection holds the account's counters, as a replica stuck mid-transaction would.
             with psycopg.connect(admin_url(pg_url)) as locker:
@@ -228,6 +229,7 @@ def test_a_silent_postgresql_fails_requests_and_readiness_within_seconds_and_rec
                 return r
 
             assert chat()[1].status_code == 200
+            settled(server)  # its settlement written before the database goes silent
             assert ready().status_code == 200
 
             held = server.db.sql_engine.connect()  # an open connection, as the pool keeps them

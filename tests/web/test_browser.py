@@ -21,7 +21,7 @@ from aimichat.accounts import service as accounts
 from aimichat.registry import service as registry
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
-from conftest import OUTPUT, make_account, serve_app, tool_missing
+from conftest import OUTPUT, make_account, serve_app, settled, tool_missing
 from scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.browser
@@ -98,6 +98,7 @@ def test_sign_up_generate_use_revoke_regenerate(page, server):
     done = subprocess.run(["bash", "-c", example], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["choices"][0]["message"]["content"]
+    settled(server)  # its settlement, written once curl had the answer, before /usage reads the ledger
 
     page.goto("/usage")
     assert page.locator("#day-used").inner_text() == "1"

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import anyio
@@ -66,21 +67,45 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 HANG_UP_CHECK_SECONDS = 0.25  # how often a non-streaming answer checks that its caller is still there
+# Worker threads settlements and releases may hold at once, beside (never behind) the shared pool's 40.
+# Settled after the answer (issue 14), a settlement would otherwise queue for a thread behind reservations,
+# and a reservation on Redis counters may hold its thread waiting for rows still to be settled: 100
+# concurrent requests a replica starved them (tests/quota/test_redis_loss.py failed 2 runs in 5).
+SETTLE_THREADS = 8
+UNSETTLED_WAIT = 2.0  # seconds a reservation waits at most for its account's settlements in flight here
 SETTLE_RETRY_PAUSES = (0.0, 0.1, 0.5)  # seconds before each try to settle: 3 tries when the store is unreachable
 
 ClientGoneCheck = Callable[[], Awaitable[bool]]
 
 
+Settlement = Callable[[], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class Completion:
     body: ChatCompletion
-    rate_limit: RateLimit  # after settlement: what the refund gave back is counted as remaining
+    rate_limit: RateLimit  # after settlement: what the refund gives back is counted as remaining
+    # With ``settle_later``: the settlement, to run once the answer has been sent (see ChatService.complete).
+    settle: Settlement | None = None
 
 
 @dataclass(frozen=True)
 class CompletionStream:
     events: AsyncIterator[bytes]  # server-sent events; settles when it ends, however it ends
     rate_limit: RateLimit  # with the whole reservation taken: the stream has not been settled yet
+    # With ``settle_later``: run it once the stream has ended, however it ended: it closes ``events`` if
+    # they are still open, then writes the settlement they worked out.
+    settle: Settlement | None = None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a settlement writes, worked out before any database work."""
+
+    credits: int
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
 
 
 @dataclass(frozen=True)
@@ -101,6 +126,44 @@ class CallRecord:
     credits: int | None = None  # charged at settlement
 
 
+class Unsettled:
+    """Settlements worked out and not yet written on this replica, by account (``settle_later``).
+
+    A reservation first waits for those of its account that are pending when it starts (at most
+    ``UNSETTLED_WAIT`` seconds), so a client that got an answer and sends its next request is counted
+    with that answer's refund, as when the answer waited for its settlement. Only those pending at the
+    start: a steady stream of new settlements never holds a reservation back.
+    """
+
+    def __init__(self) -> None:
+        self._by_account: dict[int, set[asyncio.Event]] = {}
+
+    def add(self, account_id: int) -> asyncio.Event:
+        written = asyncio.Event()
+        self._by_account.setdefault(account_id, set()).add(written)
+        return written
+
+    def done(self, account_id: int, written: asyncio.Event) -> None:
+        written.set()
+        pending = self._by_account.get(account_id)
+        if pending is not None:
+            pending.discard(written)
+            if not pending:
+                del self._by_account[account_id]
+
+    def __len__(self) -> int:
+        """Settlements in flight on this replica (tests wait for none)."""
+        return sum(len(pending) for pending in self._by_account.values())
+
+    async def wait(self, account_id: int) -> None:
+        pending = self._by_account.get(account_id)
+        if not pending:
+            return
+        with anyio.move_on_after(UNSETTLED_WAIT):
+            for written in list(pending):
+                await written.wait()
+
+
 @dataclass
 class ChatService:
     models: LiveModels
@@ -113,6 +176,8 @@ class ChatService:
     # Told of each refusal (the usage alerts' worker: a spent allotment is at 100%): the same contract.
     refused: Callable[[Principal, Refusal], None] | None = None
     fairness: Fairness | None = None  # the tiers' prompt and concurrency limits, round-robin turns between accounts
+    settling: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(SETTLE_THREADS))
+    unsettled: Unsettled = field(default_factory=Unsettled)
 
     async def complete(
         self,
@@ -120,10 +185,18 @@ class ChatService:
         request: ChatCompletionRequest,
         record: CallRecord | None = None,
         client_gone: ClientGoneCheck | None = None,
+        *,
+        settle_later: bool = False,
     ) -> ChatResult:
         """Answer one chat request. ``record`` receives the completion id and the credits charged.
         ``client_gone`` says, without waiting, whether the caller has hung up: a non-streaming answer then
-        stops generating (a stream notices by itself, at its next write)."""
+        stops generating (a stream notices by itself, at its next write).
+
+        ``settle_later``: the answer does not wait for its settlement's database round trip. The result's
+        ``settle`` writes it, and the caller must await it once the answer has gone out, whatever happened
+        to the sending (``api_router`` does, in a ``finally``). The charge and the rate-limit figures are
+        worked out before, so the answer is the same; what changes is that the caller no longer waits for
+        the write (issue 14: one round trip of the two off each request's latency)."""
         self._check_request(request, principal)
         served = await self._model(request.model, principal)
         engine, model = served.engine, served.spec.name
@@ -150,6 +223,7 @@ class ChatService:
         # so a prompt that counts higher than estimated is still paid for in full.
         prompt_bound = _prompt_upper_bound(prompt)
         n = request.choices()  # every choice may use max_tokens: all of them are reserved for, and charged
+        await self.unsettled.wait(principal.account_id)
         with anyio.CancelScope(shield=True):  # once the database has granted it, we must know about it
             granted = await self._reserve(principal, completion_id, price, prompt_bound, max_tokens * n, model)
         if isinstance(granted, Refusal):
@@ -162,6 +236,7 @@ class ChatService:
         if affordable is not None:  # never generate more than the reserved credits pay for
             max_tokens = min(max_tokens, affordable // n)
         call = OpenReservation(self, principal, granted, prompt, price, model, record or CallRecord(), request)
+        call.settle_later = settle_later
         events = engine.generate(prompt, _sampling(request, max(1, max_tokens), served.spec.config))
         started = time.perf_counter()
         # Errors before the first token become plain HTTP errors; a caller that hangs up while its request
@@ -177,7 +252,9 @@ class ChatService:
                 # as for a non-streaming answer, it receives nothing and pays nothing.
                 return await call.abandon(events)
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return CompletionStream(call.stream(first, events, include_usage), granted.rate_limit())
+            stream = call.stream(first, events, include_usage)
+            settle = functools.partial(call.after_sent, stream, events) if settle_later else None
+            return CompletionStream(stream, granted.rate_limit(), settle)
         return await call.collect(first, events, client_gone)
 
     def _check_request(self, request: ChatCompletionRequest, principal: Principal) -> None:
@@ -214,38 +291,26 @@ class ChatService:
             )
         )
 
-    async def settle(
-        self,
-        price: Price,
-        reservation: Reservation,
-        usage: Finish | None,
-        delivered_tokens: int,
-        prompt: PreparedPrompt,
-    ) -> int:
-        """Charge what was used (``usage``; None when cut short: what was delivered); the credits charged."""
-        if usage is None:
-            prompt_tokens, completion, estimated = prompt.prompt_tokens, delivered_tokens, prompt.estimated
-        else:
-            prompt_tokens, completion, estimated = usage.prompt_tokens, usage.completion_tokens, usage.estimated
-        credits = pricing.final_charge(price, reservation.credits, prompt_tokens, completion)
+    async def settle(self, reservation: Reservation, charge: Charge) -> None:
+        """Write ``charge`` for ``reservation`` (exactly once: a second call changes nothing)."""
         if self.metrics:
-            self.metrics.observe_usage(prompt_tokens, completion, credits)
-        done = await run_in_threadpool(
+            self.metrics.observe_usage(charge.prompt_tokens, charge.completion_tokens, charge.credits)
+        done = await anyio.to_thread.run_sync(
             lambda: self.quota.settle(
                 reservation,
-                credits=credits,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion,
-                estimated=estimated,
+                credits=charge.credits,
+                prompt_tokens=charge.prompt_tokens,
+                completion_tokens=charge.completion_tokens,
+                estimated=charge.estimated,
                 now=self.clock(),
-            )
+            ),
+            limiter=self.settling,
         )
         if done and self.settled is not None:
-            self.settled(reservation, credits)
-        return credits
+            self.settled(reservation, charge.credits)
 
     async def release(self, reservation: Reservation) -> None:
-        await run_in_threadpool(lambda: self.quota.release(reservation, now=self.clock()))
+        await anyio.to_thread.run_sync(lambda: self.quota.release(reservation, now=self.clock()), limiter=self.settling)
 
 
 class OpenReservation:
@@ -277,6 +342,9 @@ class OpenReservation:
         self.delivered_tokens = 0
         self.tokens_refunded = 0  # given back to the key's tokens-per-minute at settlement
         self.closed = False  # settled or released
+        self.settle_later = False  # see ChatService.complete
+        self.pending: Charge | None = None  # worked out, not written yet (settle_later)
+        self._unwritten: asyncio.Event | None = None  # its mark in service.unsettled while pending
         self.n = request.choices() if request else 1
         self.logprobs = bool(request and request.logprobs)
         record.completion_id = self.id
@@ -314,19 +382,38 @@ class OpenReservation:
         self.closed = True
         await self.service.release(self.reservation)
 
+    def _charge(self, usage: Finish | None) -> Charge:
+        """What was used (``usage``; None when cut short: what was delivered) and what it costs."""
+        if usage is None:
+            prompt_tokens, completion = self.prompt.prompt_tokens, self.delivered_tokens
+            estimated = self.prompt.estimated
+        else:
+            prompt_tokens, completion, estimated = usage.prompt_tokens, usage.completion_tokens, usage.estimated
+        credits = pricing.final_charge(self.price, self.reservation.credits, prompt_tokens, completion)
+        return Charge(credits, prompt_tokens, completion, estimated)
+
     async def _settle(self, usage: Finish | None) -> int:
-        """Settle once; the credits refunded."""
+        """Settle once (with ``settle_later``, work the charge out for :meth:`after_sent`); the credits refunded."""
         if self.closed:
             return 0
         self.closed = True
+        charge = self._charge(usage)
+        if self.settle_later:
+            self.pending = charge
+            self._unwritten = self.service.unsettled.add(self.reservation.account_id)
+        elif not await self._write(charge):
+            return 0
+        self.tokens_refunded = ledger.unused_tokens(self.reservation, charge.prompt_tokens + charge.completion_tokens)
+        return self.reservation.credits - charge.credits
+
+    async def _write(self, charge: Charge) -> bool:
+        """Write the settlement, trying again while the store is unreachable; False if it never was."""
         with anyio.CancelScope(shield=True):  # a disconnect must not cancel the bookkeeping
             for attempt, pause in enumerate(SETTLE_RETRY_PAUSES):
                 if pause:
                     await anyio.sleep(pause)
                 try:
-                    credits = await self.service.settle(
-                        self.price, self.reservation, usage, self.delivered_tokens, self.prompt
-                    )
+                    await self.service.settle(self.reservation, charge)
                     break
                 except STORE_UNAVAILABLE:
                     # Settlement is guarded by the row's status, so a retry never charges twice (a first
@@ -337,14 +424,33 @@ class OpenReservation:
                     # The row stays 'reserved' and counted: the caller keeps its answer, no charge is
                     # lost, and the sweeper settles the row once it is older than AIMICHAT_RESERVATION_TTL.
                     log.exception("could not settle %s; its reservation stands", self.id)
-                    return 0
-        self.record.credits = credits
-        if usage is not None:
-            used = usage.prompt_tokens + usage.completion_tokens
-        else:
-            used = self.prompt.prompt_tokens + self.delivered_tokens
-        self.tokens_refunded = ledger.unused_tokens(self.reservation, used)
-        return self.reservation.credits - credits
+                    return False
+        self.record.credits = charge.credits
+        return True
+
+    async def after_sent(
+        self, stream: AsyncGenerator[bytes, None] | None = None, events: AsyncGenerator[Event, None] | None = None
+    ) -> None:
+        """With ``settle_later``, once the answer has gone out (or failed to): write what was worked out.
+
+        ``stream``, a stream's server-sent events, is closed first: when its caller left mid-stream, closing
+        it is what works out the charge for what was delivered (or releases a reservation nothing was
+        delivered for); a stream that never started (its caller gone before the headers) closes the engine's
+        ``events`` and releases the reservation.
+        """
+        with anyio.CancelScope(shield=True):
+            if stream is not None:
+                await stream.aclose()
+                if not self.closed and events is not None:
+                    await events.aclose()
+                    await self._release()
+            charge, self.pending = self.pending, None
+            if charge is not None:
+                try:
+                    await self._write(charge)
+                finally:
+                    if self._unwritten is not None:
+                        self.service.unsettled.done(self.reservation.account_id, self._unwritten)
 
     async def collect(
         self, first: Event, events: AsyncGenerator[Event, None], client_gone: ClientGoneCheck | None = None
@@ -388,11 +494,12 @@ class OpenReservation:
             "choices": [answer.choice(i, finish.reason(i), self.logprobs) for i, answer in enumerate(answers)],
             "usage": _usage(finish),
         }
-        return Completion(body, self.reservation.rate_limit(refunded, self.tokens_refunded))
+        settle = self.after_sent if self.settle_later else None
+        return Completion(body, self.reservation.rate_limit(refunded, self.tokens_refunded), settle)
 
     async def stream(
         self, first: Event, events: AsyncGenerator[Event, None], include_usage: bool
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         finish: Finish | None = None
         try:
             for index in range(self.n):
