@@ -23,7 +23,7 @@ from aimichat.config import Settings
 from aimichat.engines.openai_upstream import estimate_prompt_tokens
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
-from fixtures import LiveServer, free_port, make_account, make_key, sse_events
+from fixtures import LiveServer, free_port, make_account, make_key, settled, sse_events
 
 USER = [{"role": "user", "content": "Say hello"}]
 MAX_TOKENS = 100  # the per-token reservation (prompt + this) stays above the upstream's usage
@@ -47,6 +47,13 @@ def upstreams():
     with LiveServer(a) as live_a, LiveServer(b) as live_b:
         a.url, b.url = live_a.url + "/v1", live_b.url + "/v1"
         yield a, b
+
+
+@pytest.fixture(autouse=True, params=["aiohttp", "httpx"])
+def upstream_http(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test over either HTTP client of the engine (AIMICHAT_UPSTREAM_HTTP): proof that the two agree."""
+    monkeypatch.setenv("AIMICHAT_UPSTREAM_HTTP", request.param)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -414,7 +421,8 @@ def test_a_callers_disconnect_closes_the_upstream_connection_within_a_second(dat
                     break
             left = time.monotonic()
         assert_upstream_saw_the_hang_up_within_a_second(a, left)
-        time.sleep(0.2)  # let the settlement land
+        time.sleep(0.2)  # let the server notice the hang-up
+        settled(live)  # the settlement is written after the stream ends
         row = ledger(database)[-1]
     assert row.status == "charged" and 3 <= row.completion_tokens < 100
 

@@ -175,14 +175,14 @@ def _chunk(index: int, delta: dict[str, Any], logprobs: dict[str, Any] | None, f
     return {"id": "up", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory) -> Iterator[tuple[RecordingUpstream, AppClient]]:
+@pytest.fixture(scope="module", params=["aiohttp", "httpx"])
+def recorded(request, tmp_path_factory) -> Iterator[tuple[RecordingUpstream, AppClient]]:
     """The recording upstream as the model ``vision`` (marked multimodal) of an AimiChat over SQLite, with an
-    account charged one credit a token (``.key``)."""
+    account charged one credit a token (``.key``); once over each HTTP client of the engine (they must agree)."""
     upstream = RecordingUpstream()
     tmp = tmp_path_factory.mktemp("upstream_features")
     db = migrated(f"sqlite:///{tmp / 'aimichat.db'}")
-    settings = Settings()
+    settings = Settings(upstream_http=request.param)
     with LiveServer(upstream) as live:
         with db.session() as s:
             registry.add_upstream(s, "vision", f"{live.url}/v1", upstream_model="vision-7b", multimodal=True)

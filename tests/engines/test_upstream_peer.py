@@ -111,17 +111,19 @@ def _wait_until_serving(process: subprocess.Popen, url: str, log: Path) -> None:
     raise RuntimeError(f"llama_cpp.server did not start within 120 s:\n{log.read_text()[-3000:]}")
 
 
-def serve_upstream(db: Database, tmp_path: Path, peer: str) -> LiveServer:
-    settings = Settings(data_dir=tmp_path, database_url=db.url, engine="upstream", upstream_url=peer)
+def serve_upstream(db: Database, tmp_path: Path, peer: str, http: str = "aiohttp") -> LiveServer:
+    settings = Settings(
+        data_dir=tmp_path, database_url=db.url, engine="upstream", upstream_url=peer, upstream_http=http
+    )
     return LiveServer(create_app(settings, database=db))
 
 
-@pytest.fixture(scope="module")
-def server(peer, tmp_path_factory):
-    """What tests/api's modules call ``server``: AimiChat, here in upstream mode."""
+@pytest.fixture(scope="module", params=["aiohttp", "httpx"])
+def server(request, peer, tmp_path_factory):
+    """What tests/api's modules call ``server``: AimiChat, here in upstream mode, over each HTTP client."""
     tmp = tmp_path_factory.mktemp("upstream_chat")
     db = Database(f"sqlite:///{tmp / 'aimichat.db'}")
-    with serve_upstream(db, tmp, peer) as live:
+    with serve_upstream(db, tmp, peer, request.param) as live:
         make_account(db, "chat@example.com", daily=100_000)
         live.key = make_key(db, "chat@example.com")
         live.db = db

@@ -24,7 +24,7 @@ How it keeps the credits guarantee ("never charged for what an upstream failed t
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import email.utils
 import json
 import logging
@@ -33,12 +33,11 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-import httpx
 
 from . import upstream_http
 from .base import (
@@ -57,7 +56,7 @@ from .base import (
     with_default_system_prompt,
 )
 from .breaker import CircuitBreaker
-from .upstream_http import HttpClientKind
+from .upstream_http import HttpClientKind, TransportError
 
 if TYPE_CHECKING:
     from aimichat.config import Settings
@@ -136,16 +135,17 @@ class _Upstream:
     breaker: CircuitBreaker
     last_error: str | None = None
     contacted: bool = False
+    display_url: str = field(init=False)  # the URL without credentials, for logs and /readyz
+    headers: dict[str, str] = field(init=False)  # the credentials of the URL, if any
+    chat_url: str = field(init=False)
+    models_url: str = field(init=False)
 
-    @property
-    def chat_url(self) -> str:
-        return self.base_url + "/chat/completions"
-
-    @property
-    def display_url(self) -> str:
-        """The URL without credentials, for logs and /readyz."""
-        parts = urlsplit(self.base_url)
-        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    def __post_init__(self) -> None:
+        # Credentials in the URL (https://user:pass@host/v1) travel as a Basic Authorization header, as
+        # httpx sends them; the URL the client sees, and so any error message about it, has none.
+        self.display_url, self.headers = upstream_http.split_userinfo(self.base_url)
+        self.chat_url = self.display_url + "/chat/completions"
+        self.models_url = self.display_url + "/models"
 
     def answered(self) -> None:
         self.contacted, self.last_error = True, None
@@ -202,12 +202,77 @@ class _StreamBroken(Exception):
 # -- reading an upstream stream ------------------------------------------------------------------
 
 
+class _Watchdog:
+    """The between-tokens limit of one request: one deadline, moved at each event, and one timer.
+
+    ``anyio.fail_after`` around each read opened a cancel scope per event (~4 % of a request's CPU in the
+    issue-14 profile). Here an event costs a clock read: the timer is armed once and, when it fires
+    before the deadline (which moved since), re-armed for the new one, so a stream that keeps flowing
+    re-arms it about once per ``seconds``. When the deadline has passed while a read is waiting, it
+    cancels the reading task, as ``asyncio.timeout`` does, and the read raises TimeoutError.
+
+    Only reads are timed, never the time the consumer holds the stream between two events: the
+    deadline is set when the consumer asks for the next piece (:meth:`start`), and no timer-held state
+    spans a ``yield`` of the engine's generator.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._deadline = math.inf
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task[Any] | None = None  # the task waiting in :meth:`read`, if any
+        self._fired = False  # we cancelled the read in progress
+
+    def start(self) -> None:
+        """The next event is due within ``seconds`` from now."""
+        self._deadline = self._loop.time() + self.seconds
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._check)
+
+    async def read(self, response: upstream_http.Response) -> bytes:
+        task = asyncio.current_task()
+        if task is None:  # not in a task: nothing to cancel, so no limit (the engine always runs in one)
+            return await response.next_chunk()
+        # The cancel requests before the read, counted now: one made by anyone else during the read (a
+        # shutdown, an outer timeout), even in the very loop turn our timer fires, must stay a cancel.
+        entry = task.cancelling()
+        self._reader, self._fired = task, False
+        try:
+            return await response.next_chunk()
+        except asyncio.CancelledError:
+            if self._fired and task.uncancel() <= entry:
+                raise TimeoutError from None  # ours, and nobody else's: the upstream stalled
+            raise
+        finally:
+            self._reader, self._fired = None, False
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._reader is None:  # nobody is waiting: the next start() arms the timer again
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._check)
+            return
+        self._fired = True
+        self._reader.cancel()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class _Relay:
     """Reads one upstream SSE stream: text pieces as they come, then the finish reason and usage."""
 
-    def __init__(self, response: httpx.Response):
+    def __init__(self, response: upstream_http.Response):
         self.response = response
-        self._lines = response.aiter_lines()
+        self.watchdog: _Watchdog | None = None  # the between-tokens limit, once the first piece is in
+        self._lines: deque[bytes] = deque()  # whole lines received and not yet read
+        self._partial: list[bytes] = []  # the pieces of a line whose end has not arrived
+        self._after_cr = False  # the last chunk ended in CR: an LF starting the next one ends no other line
+        self._eof = False
         self.finish_reason: str | None = None  # the first choice's
         self.finish_reasons: dict[int, str] = {}  # every choice's, by index
         self._pending: deque[Delta] = deque()  # deltas of a payload that held several choices
@@ -222,16 +287,14 @@ class _Relay:
         return self.done or self.finish_reason is not None
 
     async def release(self) -> None:
-        """Close the response. After a complete answer, read what is left of the body first, so the
-        connection goes back to the pool (closing a half-read response closes the TCP connection,
-        which is what we want when the caller has gone away, and a waste otherwise)."""
-        if self.done:
-            # The answer is whole: a server that then drops the connection mid-chunk (llama-cpp-python's,
-            # under concurrent requests) costs us the connection, never the caller's answer.
-            with anyio.move_on_after(1), contextlib.suppress(httpx.HTTPError):
-                async for _ in self._lines:
-                    pass
-        await self.response.aclose()
+        """Close the response. After a complete answer, read what is left of the body first (for up to
+        a second), so the connection goes back to the pool (closing a half-read response closes the TCP
+        connection, which is what we want when the caller has gone away, and a waste otherwise)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        # The answer is whole: a server that then drops the connection mid-chunk (llama-cpp-python's,
+        # under concurrent requests) costs us the connection, never the caller's answer.
+        await self.response.aclose(drain=1.0 if self.done else 0)
 
     async def next_delta(self) -> Delta | None:
         """The next piece of an answer (text, tool calls, log probabilities…), or None when the stream is over."""
@@ -243,22 +306,63 @@ class _Relay:
             self._pending += self._absorb(payload)
         return self._pending.popleft() if self._pending else None
 
+    async def _next_line(self) -> bytes | None:
+        """The next line of the body without its end (LF, CRLF or CR); None at the end of the body."""
+        while not self._lines:
+            if self._eof:
+                return None
+            chunk = await (self.response.next_chunk() if self.watchdog is None else self.watchdog.read(self.response))
+            if not chunk:  # the end of the body: a last line without its line end is still a line
+                self._eof = True
+                if self._partial:
+                    self._lines.append(b"".join(self._partial))
+                    self._partial.clear()
+                continue
+            self._split(chunk)
+        return self._lines.popleft()
+
+    def _split(self, chunk: bytes) -> None:
+        """Our own line splitting: no limit on a line's length (a tool call's arguments can make a long one),
+        one split per chunk rather than a call per line, and the pieces of an unfinished line kept apart and
+        joined once its end arrives (re-joining them at every chunk was quadratic: a 2 MB line in 1,400-byte
+        chunks took 1 s of CPU)."""
+        if self._after_cr and chunk.startswith(b"\n"):  # a CRLF cut between two chunks: one line end
+            chunk = chunk[1:]
+        if b"\r" in chunk:  # CRLF and a bare CR end lines too (the SSE spec; httpx's aiter_lines did so)
+            self._after_cr = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        else:
+            self._after_cr = False
+        lines = chunk.split(b"\n")
+        if len(lines) == 1:  # no line end in this chunk
+            if chunk:
+                self._partial.append(chunk)
+            return
+        if self._partial:
+            self._partial.append(lines[0])
+            lines[0] = b"".join(self._partial)
+            self._partial.clear()
+        last = lines.pop()
+        if last:
+            self._partial.append(last)
+        self._lines.extend(lines)
+
     async def _next_payload(self) -> dict[str, Any] | None:
         """The next SSE ``data`` payload, decoded; None at ``[DONE]`` or at the end of the body."""
-        data: list[str] = []
+        data: list[bytes] = []
         while True:
-            line = await anext(self._lines, None)
-            if line is None or line == "":  # end of body, or end of one event
+            line = await self._next_line()
+            if not line:  # end of body (None), or end of one event (b"")
                 if data:
-                    return self._decode("\n".join(data))
+                    return self._decode(b"\n".join(data).decode("utf-8", errors="replace"))
                 if line is None:
                     return None
                 continue
-            if line.startswith(":"):  # a comment, e.g. a keep-alive ping
+            if line.startswith(b":"):  # a comment, e.g. a keep-alive ping
                 continue
-            name, _, value = line.partition(":")
-            if name == "data":
-                data.append(value.removeprefix(" "))
+            name, _, value = line.partition(b":")
+            if name == b"data":
+                data.append(value[1:] if value.startswith(b" ") else value)
 
     def _decode(self, data: str) -> dict[str, Any] | None:
         self.events += 1
@@ -266,7 +370,7 @@ class _Relay:
             self.done = True
             return None
         try:
-            payload = json.loads(data)
+            payload = json.loads(data, parse_constant=_finite)
         except ValueError:
             raise _StreamBroken(f"not JSON in the stream: {data[:200]!r}") from None
         if not isinstance(payload, dict):
@@ -359,7 +463,7 @@ class UpstreamEngine:
         self._upstreams = [
             _Upstream(url, CircuitBreaker(breaker_failures, breaker_cooldown)) for url in parse_urls(urls)
         ]
-        self._client: httpx.AsyncClient | None = None
+        self._client: upstream_http.Client | None = None
         self._in_flight = 0
 
     @classmethod
@@ -392,34 +496,30 @@ class UpstreamEngine:
             for upstream in self._upstreams:
                 tg.start_soon(self._probe, upstream)
 
-    def _new_client(self) -> httpx.AsyncClient:
+    def _new_client(self) -> upstream_http.Client:
         headers = {"Accept": "text/event-stream"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        # read=None: the first-token and between-token limits are enforced per event, not per socket
-        # read, so an upstream's keep-alive pings cannot stretch them.
-        timeout = httpx.Timeout(connect=self.timeouts.connect, read=None, write=self.timeouts.connect, pool=None)
-        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=32, keepalive_expiry=30)
-        return httpx.AsyncClient(
-            headers=headers, timeout=timeout, limits=limits, transport=upstream_http.transport(self.http_client, limits)
-        )
+        # No read timeout: the first-token and between-token limits are enforced per event, not per
+        # socket read, so an upstream's keep-alive pings cannot stretch them.
+        return upstream_http.new_client(self.http_client, headers, self.timeouts.connect, self.max_connections)
 
     async def _probe(self, upstream: _Upstream) -> None:
         """Tell /readyz early whether an upstream answers at all; the breaker only learns from real requests."""
         try:
-            response = await self._http.get(upstream.base_url + "/models", timeout=self.timeouts.connect)
-        except httpx.HTTPError as exc:
+            status = await self._http.get_status(upstream.models_url, upstream.headers, self.timeouts.connect)
+        except TransportError as exc:
             upstream.contacted, upstream.last_error = True, _transport_reason(exc)
             log.warning("upstream %s is not reachable at start: %s", upstream.display_url, upstream.last_error)
             return
         upstream.contacted = True
-        if response.status_code >= 500:
-            upstream.last_error = f"HTTP {response.status_code}"
-        elif response.status_code in (401, 403):
+        if status >= 500:
+            upstream.last_error = f"HTTP {status}"
+        elif status in (401, 403):
             log.warning(
                 "upstream %s refuses our credentials (HTTP %d): check AIMICHAT_UPSTREAM_API_KEY",
                 upstream.display_url,
-                response.status_code,
+                status,
             )
 
     async def close(self) -> None:
@@ -441,7 +541,7 @@ class UpstreamEngine:
         )
 
     @property
-    def _http(self) -> httpx.AsyncClient:
+    def _http(self) -> upstream_http.Client:
         if self._client is None:
             raise EngineError("the upstream engine is not started")
         return self._client
@@ -462,10 +562,11 @@ class UpstreamEngine:
         if self._client is None:
             raise EngineError("the upstream engine is not started")
         body = self._request_body(prompt, params)
+        raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         self._in_flight += 1
         opened: _Opened | None = None
         try:
-            opened = await self._open(body)
+            opened = await self._open(body, raw)
             delivered = 0
             delta = opened.first
             while delta is not None:
@@ -520,7 +621,7 @@ class UpstreamEngine:
             body.pop(name, None)
         return body
 
-    async def _open(self, body: dict[str, Any]) -> _Opened:
+    async def _open(self, body: dict[str, Any], raw: bytes) -> _Opened:
         """The first upstream that starts answering, in order, with one retry and breakers honoured."""
         failures: list[_AttemptFailed] = []
         skipped: list[_Upstream] = []
@@ -531,7 +632,7 @@ class UpstreamEngine:
                         skipped.append(upstream)
                     break
                 try:
-                    return await self._attempt(upstream, body)
+                    return await self._attempt(upstream, body, raw)
                 except _AttemptFailed as failure:
                     failures.append(failure)
                     log.warning(
@@ -541,13 +642,12 @@ class UpstreamEngine:
                         break
         raise _exhausted(failures, skipped)
 
-    async def _attempt(self, upstream: _Upstream, body: dict[str, Any]) -> _Opened:
+    async def _attempt(self, upstream: _Upstream, body: dict[str, Any], raw: bytes) -> _Opened:
         """Send the request to one upstream and wait for its first piece of text (or its empty answer)."""
-        response: httpx.Response | None = None
+        response: upstream_http.Response | None = None
         try:
-            with anyio.fail_after(self.timeouts.first_token):
-                request = self._http.build_request("POST", upstream.chat_url, json=body)
-                response = await self._http.send(request, stream=True)
+            async with asyncio.timeout(self.timeouts.first_token):  # one per attempt: no yield inside
+                response = await self._http.post(upstream.chat_url, raw, upstream.headers)
                 if not response.is_success:
                     await self._raise_for_answer(response)
                 relay = _Relay(response)
@@ -581,7 +681,7 @@ class UpstreamEngine:
             return _AttemptFailed(
                 f"no first token within {self.timeouts.first_token:g}s", busy=True, retry_after=_TIMEOUT_RETRY_AFTER
             )
-        if isinstance(exc, httpx.RequestError):  # refused, reset, dropped before any text
+        if isinstance(exc, TransportError):  # refused, reset, dropped before any text
             return _AttemptFailed(_transport_reason(exc), retry_same=True)
         if isinstance(exc, _StreamBroken):
             if exc.client_error:
@@ -589,9 +689,9 @@ class UpstreamEngine:
             return _AttemptFailed(f"error event before any text: {exc.reason}", retry_same=True)
         return None
 
-    async def _raise_for_answer(self, response: httpx.Response) -> None:
+    async def _raise_for_answer(self, response: upstream_http.Response) -> None:
         """Turn an upstream's non-2xx answer into the right exception (always raises)."""
-        status = response.status_code
+        status = response.status
         raw = await _read_limited(response)
         reason, code, kind = _error_fields(_json_or_text(raw))
         if status in (429, 503):
@@ -612,7 +712,7 @@ class UpstreamEngine:
         """The first piece of the answer; None for a complete but empty answer."""
         try:
             first = await relay.next_delta()
-        except httpx.RequestError as exc:
+        except TransportError as exc:
             if relay.events:
                 raise
             await self._diagnose(upstream, body, _transport_reason(exc))
@@ -631,23 +731,29 @@ class UpstreamEngine:
         fresh connection: the one the broken stream used may be returned to the pool half-dead.
         """
         probe = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False, "max_tokens": 1}
-        async with httpx.AsyncClient(headers=self._http.headers, timeout=self._http.timeout) as fresh:
-            response = await fresh.post(upstream.chat_url, json=probe, headers={"Connection": "close"})
-        if not response.is_success:
-            await self._raise_for_answer(response)
+        raw = json.dumps(probe, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = upstream.headers | {"Connection": "close"}
+        response = await self._http.post(upstream.chat_url, raw, headers, fresh=True)
+        try:
+            if not response.is_success:
+                await self._raise_for_answer(response)
+        finally:
+            await response.aclose()
         raise _AttemptFailed(f"{what} after HTTP 200 (the same request without streaming succeeds)", retry_same=True)
 
     async def _next_delta(self, opened: _Opened) -> Delta | None:
         """The next piece after the first; a dead or stalled upstream is now an EngineError."""
         relay = opened.relay
+        if relay.watchdog is None:
+            relay.watchdog = _Watchdog(self.timeouts.between_tokens)
+        relay.watchdog.start()
         try:
-            with anyio.fail_after(self.timeouts.between_tokens):
-                delta = await relay.next_delta()
+            delta = await relay.next_delta()
         except TimeoutError:
             if relay.finish_reason is not None:  # stalled after its answer, while we waited for usage
                 return None
             raise self._died(opened, f"stalled: no token within {self.timeouts.between_tokens:g}s") from None
-        except httpx.RequestError as exc:
+        except TransportError as exc:
             if relay.finish_reason is not None:
                 return None
             raise self._died(opened, _transport_reason(exc)) from exc
@@ -731,6 +837,16 @@ def _error_fields(body: object) -> tuple[str, object, str | None]:
     return message[:500], error.get("code"), kind if isinstance(kind, str) else None
 
 
+# JSON has no NaN or infinities, but Python's parser takes them (a llama.cpp server can send a -Infinity log
+# probability): passed on as such, they made the answer impossible to render (a 500, its settlement left
+# to the sweeper). Infinities become vLLM's clamp, NaN null.
+_CONSTANTS: dict[str, float | None] = {"-Infinity": -9999.0, "Infinity": 9999.0, "NaN": None}
+
+
+def _finite(name: str) -> float | None:
+    return _CONSTANTS[name]
+
+
 def _json_or_text(raw: bytes) -> object:
     text = raw.decode("utf-8", errors="replace")
     try:
@@ -739,14 +855,8 @@ def _json_or_text(raw: bytes) -> object:
         return text
 
 
-async def _read_limited(response: httpx.Response) -> bytes:
-    chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= _ERROR_BODY_LIMIT:
-            break
-    return b"".join(chunks)[:_ERROR_BODY_LIMIT]
+async def _read_limited(response: upstream_http.Response) -> bytes:
+    return await response.read(_ERROR_BODY_LIMIT)
 
 
 def _retry_after(value: str | None, default: int) -> int:
@@ -764,5 +874,5 @@ def _retry_after(value: str | None, default: int) -> int:
     return max(1, min(_MAX_RETRY_AFTER, seconds))
 
 
-def _transport_reason(exc: httpx.HTTPError) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def _transport_reason(exc: TransportError) -> str:
+    return exc.reason
