@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     database_pool_timeout: float = Field(
         5.0, gt=0, description="Seconds a request may wait for a free pooled database connection; then 503."
     )
+    database_pool_size: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="PostgreSQL connections a replica keeps open once it has needed them (10 more at a peak). "
+        "Replicas x (this + 10) must stay under the server's max_connections (100 by default).",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis URL (redis://host:6379/0): keeps credit counters in Redis for fleets; "

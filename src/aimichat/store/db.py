@@ -29,6 +29,14 @@ PROBE_STATEMENT_TIMEOUT = 1.0
 PROBE_CONNECT_TIMEOUT = 2.0
 
 
+# PostgreSQL connections a replica keeps open once it has needed them (AIMICHAT_DATABASE_POOL_SIZE), and how
+# many more it may open at a peak, closed again when returned: 30 at most, as before. With 10 kept and 20
+# more, 32 concurrent clients kept opening and closing connections (a py-spy profile of bench/gateway.py
+# showed connection set-up in the worker threads; each one costs PostgreSQL a process fork on the same cores).
+POOL_SIZE = 20
+POOL_OVERFLOW = 10
+
+
 @dataclass(frozen=True)
 class DatabaseTimeouts:
     """Seconds the app waits on its database (the ``database_*_timeout`` settings); 0: no limit.
@@ -60,10 +68,10 @@ class Database:
 
     ``health`` is the cached readiness check of ``/readyz`` (see ``store.health``)."""
 
-    def __init__(self, url: str, timeouts: DatabaseTimeouts | None = None):
+    def __init__(self, url: str, timeouts: DatabaseTimeouts | None = None, *, pool_size: int = POOL_SIZE):
         self.url = url
         self.timeouts = timeouts or DatabaseTimeouts()
-        self.sql_engine = make_sql_engine(url, self.timeouts)
+        self.sql_engine = make_sql_engine(url, self.timeouts, pool_size=pool_size)
         self.sessions = sessionmaker(self.sql_engine, expire_on_commit=False)
         self._lock = threading.Lock()
         self._probe: Engine | None = None
@@ -105,7 +113,8 @@ class Database:
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
         """The database ``settings`` name, with their ``database_*`` limits."""
-        return cls(settings.resolved_database_url(), DatabaseTimeouts.from_settings(settings))
+        timeouts = DatabaseTimeouts.from_settings(settings)
+        return cls(settings.resolved_database_url(), timeouts, pool_size=settings.database_pool_size)
 
     def ping(self) -> None:
         """One ``SELECT 1``, failing within a few seconds (its own connection and short limits)."""
@@ -149,7 +158,7 @@ class Database:
 
 
 def make_sql_engine(
-    url: str, timeouts: DatabaseTimeouts | None = None, *, pool_size: int = 10, max_overflow: int = 20
+    url: str, timeouts: DatabaseTimeouts | None = None, *, pool_size: int = POOL_SIZE, max_overflow: int = POOL_OVERFLOW
 ) -> Engine:
     """The SQLAlchemy engine of ``url`` with ``timeouts`` (default: ``DatabaseTimeouts()``)."""
     timeouts = timeouts or DatabaseTimeouts()
