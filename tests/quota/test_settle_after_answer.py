@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from aimichat.api.chat import api_router
+from aimichat.api.chat import api_router, serving
 from aimichat.store.db import Database
 from aimichat.store.models import UsageEvent
 from conftest import LiveServer, app_client, make_account, make_key, serve_app, sse_events
@@ -104,9 +104,12 @@ def test_a_pending_settlement_is_written_before_the_server_stops(database: Datab
     assert [status for status, _ in rows(database)] == ["charged"]
 
 
-def test_the_accounts_next_request_waits_for_its_pending_settlement(server: LiveServer) -> None:
+def test_the_accounts_next_request_waits_for_its_pending_settlement(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Sequential requests of one account on one replica see each other's refunds, as before."""
     assert server.db is not None
+    monkeypatch.setattr(serving, "UNSETTLED_WAIT", 10.0)  # the held settlement below takes 0.3 s, not 1 ms
     held = HeldSettlements(server.app.state.quota)  # type: ignore[attr-defined]
     second: list[Any] = []
     try:
@@ -143,3 +146,16 @@ def test_a_settlement_worked_out_is_written_when_no_answer_can_be_sent(
             client.chat(BODY)
     [(status, credits)] = rows(database)
     assert status == "charged" and 4 < credits < 54
+
+
+def test_a_settlement_that_hangs_holds_the_next_request_back_briefly_only(server: LiveServer) -> None:
+    """A store that fails makes a settlement take seconds (timeouts, retries): the account's next request
+    waits for it UNSETTLED_WAIT (0.25 s) at most, then goes on within its own bounds."""
+    held = HeldSettlements(server.app.state.quota)  # type: ignore[attr-defined]
+    try:
+        assert server.chat(BODY).status_code == 200 and held.started.wait(5)
+        started = time.monotonic()
+        assert server.chat(BODY).status_code == 200  # answered while the first settlement still hangs
+        assert serving.UNSETTLED_WAIT <= time.monotonic() - started < 2.0
+    finally:
+        held.gate.set()

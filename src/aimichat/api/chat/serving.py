@@ -67,12 +67,15 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 HANG_UP_CHECK_SECONDS = 0.25  # how often a non-streaming answer checks that its caller is still there
-# Worker threads settlements and releases may hold at once, beside (never behind) the shared pool's 40.
-# Settled after the answer (issue 14), a settlement would otherwise queue for a thread behind reservations,
-# and a reservation on Redis counters may hold its thread waiting for rows still to be settled: 100
-# concurrent requests a replica starved them (tests/quota/test_redis_loss.py failed 2 runs in 5).
-SETTLE_THREADS = 8
-UNSETTLED_WAIT = 2.0  # seconds a reservation waits at most for its account's settlements in flight here
+# Worker threads settlements and releases may hold at once, beside (never behind) the shared pool's 40:
+# settled after the answer (issue 14), a settlement would otherwise queue for a thread behind reservations,
+# and a reservation on Redis counters may hold its thread waiting for rows still to be settled. 16, not 8:
+# while Redis is down each refund holds its thread for its socket timeout, and the backlog must drain fast.
+SETTLE_THREADS = 16
+# Seconds a reservation waits at most for its account's settlements in flight here: a settlement takes a
+# millisecond or two; when the store is failing it can take seconds (a Redis socket timeout, retries), and
+# the next request must then fail within its own bounds, not after them (tests/faults).
+UNSETTLED_WAIT = 0.25
 SETTLE_RETRY_PAUSES = (0.0, 0.1, 0.5)  # seconds before each try to settle: 3 tries when the store is unreachable
 
 ClientGoneCheck = Callable[[], Awaitable[bool]]
