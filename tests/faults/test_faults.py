@@ -17,7 +17,7 @@ and 200 within seconds of its end, every request after that served, and then no 
 
 What other tests prove already is not repeated here: a locked counter row holding up one account alone,
 and a silent PostgreSQL's bounds and /readyz without traffic (tests/store/test_timeouts.py); a stopped
-PostgreSQL or a paused Redis (tests/store/test_outage.py); Redis counters deleted every 10 ms under 200
+PostgreSQL or a paused Redis (tests/store/test_outage.py); Redis counters deleted every 50 ms under 200
 concurrent requests across two replicas (tests/quota/test_redis_loss.py); each upstream fault alone
 (tests/engines/test_upstream_faults.py).
 """
