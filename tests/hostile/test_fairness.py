@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from aimichat.quota.fairness import (
     Fairness,
     PromptOverTierLimit,
     TierLimits,
+    TierLimitsCache,
     check_prompt_size,
 )
 from aimichat.store.db import Database
@@ -110,6 +112,38 @@ def test_prompt_size_is_the_tiers_limit_and_unlimited_without_one() -> None:
     check_prompt_size(TierLimits(), "free", 10**6)
     with pytest.raises(PromptOverTierLimit, match=r"\(free\) allows prompts of at most 10 tokens.*use 11"):
         check_prompt_size(TierLimits(max_prompt_tokens=10), "free", 11)
+
+
+def test_the_tiers_limits_are_read_once_by_the_requests_that_find_them_expired(tmp_path: Path) -> None:
+    """32 concurrent requests each read the tiers table when its cache expired; now they share one read,
+    and one that started before a change made here is not trusted afterwards."""
+    db = migrated(f"sqlite:///{tmp_path / 'tiers.db'}")
+    _tier(db, "short", max_prompt_tokens=10)
+    reads: list[float] = []
+    delays = [0.1, 0.3, 0.05]  # seconds each read takes after its SELECT: the second ends after the third
+
+    class SlowReads(TierLimitsCache):
+        def _read(self) -> dict[str, TierLimits]:
+            read = super()._read()
+            reads.append(time.monotonic())
+            time.sleep(delays[len(reads) - 1])
+            return read
+
+    async def scenario() -> None:
+        cache = SlowReads(db, seconds=60)
+        limits = await asyncio.gather(*(cache.get("short") for _ in range(16)))
+        assert len(reads) == 1 and {x.max_prompt_tokens for x in limits} == {10}
+        assert (await cache.get("short")).max_prompt_tokens == 10 and len(reads) == 1  # trusted for 60 s
+        cache.clear()
+        reading = asyncio.ensure_future(cache.get("short"))
+        await asyncio.sleep(0.02)  # the read is running: a change is committed here, then a request comes
+        _tier(db, "short", max_prompt_tokens=20)
+        cache.clear()
+        assert (await cache.get("short")).max_prompt_tokens == 20 and len(reads) == 3  # not the older read's
+        assert (await reading).max_prompt_tokens in (10, 20)  # it came before the change
+        assert (await cache.get("short")).max_prompt_tokens == 20 and len(reads) == 3  # the late old read is dropped
+
+    asyncio.run(scenario())
 
 
 # -- through a live server ------------------------------------------------------------------------

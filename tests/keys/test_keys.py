@@ -5,6 +5,7 @@ The HTTP tests run in-process (the app over SQLite and PostgreSQL, answered by t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from aimichat.keys import service as keys
 from aimichat.keys import tokens
 from aimichat.keys.cache import PrincipalCache
 from aimichat.store.db import Database
-from conftest import AppClient, app_client, make_account, make_key
+from conftest import AppClient, app_client, make_account, make_key, serve_app, settled
 from scripted_engine import ScriptedEngine
 
 HELLO = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
@@ -178,6 +179,70 @@ def test_the_principal_cache_expires_and_never_keeps_a_lookup_older_than_a_chang
     off = PrincipalCache(0)
     off.put("d", principal, off.generation)
     assert off.get("d") is None
+
+
+def test_requests_that_miss_the_cache_together_look_their_key_up_once(database, tmp_path):
+    """32 concurrent clients of one key, its cache entry expired: one lookup, not 32 (issue 14's profile)."""
+    make_account(database, daily=1000)
+    key = make_key(database)
+    lookups = []
+
+    def slow_lookup(_conn, _cursor, statement, *_args):
+        if "api_keys.key_hash" in statement:
+            lookups.append(statement)
+            time.sleep(0.3)  # a slow database: every request arrives while the first lookup runs
+
+    with serve_app(ScriptedEngine(), database, tmp_path) as live:
+        event.listen(database.sql_engine, "before_cursor_execute", slow_lookup)
+        try:
+
+            async def burst() -> list[int]:
+                async with httpx.AsyncClient(base_url=live.url, timeout=30, headers={"X-API-Key": key}) as client:
+                    answers = await asyncio.gather(
+                        *(client.post("/v1/chat/completions", json=HELLO) for _ in range(16))
+                    )
+                return [r.status_code for r in answers]
+
+            assert asyncio.run(burst()) == [200] * 16
+            assert len(lookups) == 1
+            live.app.state.principals.clear()  # a change made here (a revocation, say): the next request looks again
+            assert chat(live, {"X-API-Key": key}).status_code == 200
+            assert len(lookups) == 2
+        finally:
+            event.remove(database.sql_engine, "before_cursor_execute", slow_lookup)
+        settled(live)
+
+
+def test_a_lookup_is_shared_by_the_requests_that_miss_while_it_runs_but_never_across_a_change():
+    async def scenario() -> None:
+        cache = PrincipalCache(0.5)
+        started, release = [], asyncio.Event()
+        principal = object()
+
+        async def lookup():
+            started.append(1)
+            await release.wait()
+            return principal
+
+        first = asyncio.ensure_future(cache.load("d", lookup))
+        second = asyncio.ensure_future(cache.load("d", lookup))
+        await asyncio.sleep(0)
+        second.cancel()  # a waiter that gives up leaves the lookup to the others
+        cache.clear()  # a revocation committed while the lookup runs: later requests do not join it
+        third = asyncio.ensure_future(cache.load("d", lookup))
+        await asyncio.sleep(0)
+        release.set()
+        assert await first is principal and await third is principal
+        assert len(started) == 2 and cache.get("d") is principal  # the second lookup's, stored
+
+        async def broken():
+            raise OSError("database down")
+
+        cache.clear()
+        failures = await asyncio.gather(cache.load("d", broken), cache.load("d", broken), return_exceptions=True)
+        assert all(isinstance(f, OSError) for f in failures)
+
+    asyncio.run(scenario())
 
 
 def test_a_disabled_account_is_403(server):

@@ -50,13 +50,11 @@ async def require_key(request: Request) -> Principal:
 
     digest = tokens.hash_key(key)
     now = state.clock()
-    principal: Principal | None = state.principals.get(digest)
+    principal: Principal | None = await state.principals.load(
+        digest, lambda: run_in_threadpool(_lookup, state.database, key, now)
+    )
     if principal is None:
-        generation = state.principals.generation  # a revocation committed during the lookup wins
-        principal = await run_in_threadpool(_lookup, state.database, key, now)
-        if principal is None:
-            raise invalid_api_key()
-        state.principals.put(digest, principal, generation)
+        raise invalid_api_key()
     if principal.grace_until is not None and now >= principal.grace_until:
         raise invalid_api_key()  # a rotated-out secret whose grace ended while it was cached
     if principal.account_disabled:

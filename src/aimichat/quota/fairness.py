@@ -104,16 +104,36 @@ class TierLimitsCache:
         self.seconds = seconds
         self._limits: dict[str, TierLimits] = {}
         self._read_at: float | None = None
+        self._cleared = 0  # clear()s so far
+        self._limits_cleared = 0  # clear()s before the read that _limits holds started
+        self._reading: tuple[int, asyncio.Future[None]] | None = None  # (clears when it started, the read)
 
     async def get(self, tier: str) -> TierLimits:
         if self._read_at is None or time.monotonic() - self._read_at > self.seconds:
-            read_at = time.monotonic()
-            self._limits = await run_in_threadpool(self._read)
-            self._read_at = read_at
+            # One read at a time, shared by the requests that come while it runs (each of 32 concurrent
+            # clients read the table when it expired); one that started before a clear() is not joined.
+            if self._reading is None or self._reading[0] != self._cleared:
+                reading = asyncio.ensure_future(self._refresh(self._cleared))
+                reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # errors go to waiters
+                self._reading = (self._cleared, reading)
+            await asyncio.shield(self._reading[1])
         return self._limits.get(tier, NO_LIMITS)
+
+    async def _refresh(self, cleared: int) -> None:
+        try:
+            read_at = time.monotonic()
+            limits = await run_in_threadpool(self._read)
+            if cleared >= self._limits_cleared:  # not older than what is held (reads may end out of order)
+                self._limits, self._limits_cleared = limits, cleared
+            if cleared == self._cleared:  # else a change made here meanwhile: the next request reads again
+                self._read_at = read_at
+        finally:
+            if self._reading is not None and self._reading[1] is asyncio.current_task():
+                self._reading = None
 
     def clear(self, *_: object) -> None:
         self._read_at = None
+        self._cleared += 1
 
     def _read(self) -> dict[str, TierLimits]:
         query = select(Tier.name, Tier.max_concurrent, Tier.max_prompt_tokens)
