@@ -15,7 +15,8 @@ the direct one's.
 
 It prints a line per backend, mode and target, then a table with the ratios, then
 ``gateway_overhead_ratio=`` (AimiChat added p50 ÷ bare proxy added p50), ``gateway_throughput_ratio=``
-(AimiChat req/s ÷ bare proxy req/s at 32 clients) and, last, ``gateway_overhead_ms_p50=<value>``:
+(AimiChat req/s ÷ bare proxy req/s at 32 clients), ``gateway_cpu_ratio=`` (the CPU time its server
+process spends per request at 32 clients, ÷ the bare proxy's) and, last, ``gateway_overhead_ms_p50=<value>``:
 all for PostgreSQL, non-streaming (sequential for the latencies).
 
 ``--models N``: a second AimiChat (same backend) with N models in its registry (aimichat-1 and N-1
@@ -80,9 +81,27 @@ class Target:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # added to the body (LiteLLM routes on "model")
+    pid: int | None = None  # the server's process, whose CPU time per request the throughput pass measures
 
     def body(self, stream: bool) -> dict:
         return {**BODY, **self.extra, **({"stream": True} if stream else {})}
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far; 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def machine_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy so far (every process: the client, the servers, PostgreSQL)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -177,8 +196,8 @@ def bare_proxy(stub: str):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = [sys.executable, str(HERE / "bare_proxy.py"), "--port", str(port), "--upstream", stub]
-    with process(args, dict(os.environ), url, "/v1/models"):
-        yield Target("bare proxy", f"{url}/v1/chat/completions")
+    with process(args, dict(os.environ), url, "/v1/models") as proc:
+        yield Target("bare proxy", f"{url}/v1/chat/completions", pid=proc.pid)
 
 
 @contextmanager
@@ -266,16 +285,28 @@ async def _concurrent(target: Target, n: int, clients: int, stream: bool) -> flo
         return n / (time.perf_counter() - start)
 
 
-def throughput(targets: list[Target], n: int, stream: bool, rounds: int = 4) -> dict[str, float]:
+def throughput(
+    targets: list[Target], n: int, stream: bool, rounds: int = 4
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
     """Requests per second at 32 clients, n requests per target in ``rounds`` slices that take turns
-    (rotating order), so a burst of load from elsewhere on the machine does not land on one target only."""
+    (rotating order), so a burst of load from elsewhere on the machine does not land on one target only;
+    the CPU time its server process spent per request meanwhile (ms; 0 when its process is unknown), and
+    the whole machine's (the client, the stub and PostgreSQL included). The CPU times are the steadier
+    figures on a small machine: req/s also moves with what else runs."""
     seconds = dict.fromkeys((t.name for t in targets), 0.0)
+    cpu = dict.fromkeys((t.name for t in targets), 0.0)
+    machine = dict.fromkeys((t.name for t in targets), 0.0)
     per_round = max(CLIENTS, n // rounds)
     for i in range(rounds):
         k = i % len(targets)
         for t in targets[k:] + targets[:k]:
+            before, machine_before = cpu_seconds(t.pid), machine_cpu_seconds()
             seconds[t.name] += per_round / asyncio.run(_concurrent(t, per_round, CLIENTS, stream))
-    return {name: per_round * rounds / s for name, s in seconds.items()}
+            cpu[t.name] += cpu_seconds(t.pid) - before
+            machine[t.name] += machine_cpu_seconds() - machine_before
+    total = per_round * rounds
+    per_request = lambda spent: {name: c * 1000 / total for name, c in spent.items()}  # noqa: E731
+    return {name: total / s for name, s in seconds.items()}, per_request(cpu), per_request(machine)
 
 
 async def _paced(target: Target, rate: int, seconds: float, stream: bool) -> list[float]:
@@ -332,13 +363,15 @@ def py_spy(pid: int, out: Path):
 def measure(targets: list[Target], args: argparse.Namespace, stream: bool) -> dict[str, dict[str, float]]:
     """Per target: sequential p50/p99, req/s at 32 clients, p99 at a paced 200 req/s."""
     seq = sequential(targets, args.requests, stream)
-    rps = throughput(targets, args.requests, stream)
+    rps, cpu, machine = throughput(targets, args.requests, stream)
     paced = {t.name: asyncio.run(_paced(t, PACED_RATE, args.paced_seconds, stream)) for t in targets}
     return {
         t.name: {
             "p50": statistics.median(seq[t.name]),
             "p99": pct(seq[t.name], 99),
             "rps": rps[t.name],
+            "cpu": cpu[t.name],
+            "machine": machine[t.name],
             "paced_p99": pct(paced[t.name], 99),
         }
         for t in targets
@@ -383,7 +416,7 @@ def main() -> None:
                 tempfile.TemporaryDirectory() as many_dir,
                 gateway(backend, stub, many_dir, args.models) if args.models > 1 else _nothing() as many,
             ):
-                aimichat = Target("AimiChat", f"{url}/v1/chat/completions", {"Authorization": f"Bearer {key}"})
+                aimichat = Target("AimiChat", f"{url}/v1/chat/completions", {"Authorization": f"Bearer {key}"}, pid=pid)
                 targets = [*baselines, aimichat]
                 if limited:
                     headers = {"Authorization": f"Bearer {limited[0]}"}
@@ -402,7 +435,8 @@ def main() -> None:
                         print(
                             f"{backend:<10} {mode:<6} {t.name:<10} added p50={r['p50'] - d['p50']:6.2f} ms  "
                             f"p99={r['p99'] - d['p99']:6.2f} ms  (direct p50 {d['p50']:5.2f} ms)  "
-                            f"{CLIENTS} clients: {r['rps']:7.1f} req/s vs direct {d['rps']:7.1f}  "
+                            f"{CLIENTS} clients: {r['rps']:7.1f} req/s vs direct {d['rps']:7.1f}, "
+                            f"CPU {r['cpu']:.2f} ms/request (machine {r['machine']:.2f})  "
                             f"@{PACED_RATE} req/s p99 added={r['paced_p99'] - d['paced_p99']:8.2f} ms",
                             flush=True,
                         )
@@ -415,15 +449,16 @@ def main() -> None:
     print(
         "| backend | mode | AimiChat added p50 | bare proxy added p50 | overhead ratio | AimiChat added p99 "
         "| AimiChat req/s | bare proxy req/s | direct req/s | throughput ratio "
-        "| @200 req/s p99 added AimiChat / bare |"
+        "| CPU ms/request AimiChat / bare (machine) | @200 req/s p99 added AimiChat / bare |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (backend, mode), row in results.items():
         d, a, b = row["direct"], row["AimiChat"], row["bare proxy"]
         print(
             f"| {backend} | {mode} | {a['p50'] - d['p50']:.2f} ms | {b['p50'] - d['p50']:.2f} ms "
             f"| {ratio(a['p50'] - d['p50'], b['p50'] - d['p50']):.2f} | {a['p99'] - d['p99']:.2f} ms "
             f"| {a['rps']:.0f} | {b['rps']:.0f} | {d['rps']:.0f} | {ratio(a['rps'], b['rps']):.2f} "
+            f"| {a['cpu']:.2f} / {b['cpu']:.2f} ({a['machine']:.2f} / {b['machine']:.2f}) "
             f"| {a['paced_p99'] - d['paced_p99']:.1f} / {b['paced_p99'] - d['paced_p99']:.1f} ms |"
         )
     print()
@@ -443,6 +478,7 @@ def main() -> None:
         print(f"(no PostgreSQL run: the figures below are for {key[0]}, {key[1]})")
     print(f"gateway_overhead_ratio={ratio(a['p50'] - d['p50'], b['p50'] - d['p50']):.2f}")
     print(f"gateway_throughput_ratio={ratio(a['rps'], b['rps']):.2f}")
+    print(f"gateway_cpu_ratio={ratio(a['cpu'], b['cpu']):.2f}")  # AimiChat's CPU per request ÷ the bare proxy's
     if MANY in results[key]:
         m = results[key][MANY]
         print(
