@@ -159,3 +159,28 @@ def test_a_settlement_that_hangs_holds_the_next_request_back_briefly_only(server
         assert serving.UNSETTLED_WAIT <= time.monotonic() - started < 2.0
     finally:
         held.gate.set()
+
+
+def test_a_settlement_that_gives_nothing_back_holds_nothing_back(
+    database: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A per-request price charges what it reserved: its settlement changes no counter, so the account's
+    next request does not wait for it, and its headers are right all the same. It is still in flight for
+    a server's shutdown and for the tests' ``settled``."""
+    monkeypatch.setattr(serving, "UNSETTLED_WAIT", 10.0)  # were it waited for, the second request would hang
+    with serve_app(ScriptedEngine(), database, tmp_path) as live:
+        make_account(database, EMAIL, daily=1000)  # the default tier's cost: 1 credit a request
+        live.key = make_key(database, EMAIL)
+        held = HeldSettlements(live.app.state.quota)  # type: ignore[attr-defined]
+        try:
+            assert live.chat(BODY).status_code == 200 and held.started.wait(5)
+            started = time.monotonic()
+            second = live.chat(BODY)
+            assert second.status_code == 200 and time.monotonic() - started < 2.0
+            assert int(second.headers["X-RateLimit-Remaining"]) == 1000 - 2
+            assert len(live.app.state.chat.unsettled) >= 1  # type: ignore[attr-defined]
+            assert [status for status, _ in rows(database)] == ["reserved", "reserved"]
+        finally:
+            held.gate.set()
+        wait_for(lambda: not len(live.app.state.chat.unsettled))  # type: ignore[attr-defined]
+        assert rows(database) == [("charged", 1), ("charged", 1)]
