@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,11 +122,14 @@ def test_the_tiers_limits_are_read_once_by_the_requests_that_find_them_expired(t
     _tier(db, "short", max_prompt_tokens=10)
     reads: list[float] = []
     delays = [0.1, 0.3, 0.05]  # seconds each read takes after its SELECT: the second ends after the third
+    second_selected = threading.Event()
 
     class SlowReads(TierLimitsCache):
         def _read(self) -> dict[str, TierLimits]:
             read = super()._read()
             reads.append(time.monotonic())
+            if len(reads) == 2:
+                second_selected.set()
             time.sleep(delays[len(reads) - 1])
             return read
 
@@ -136,11 +140,11 @@ def test_the_tiers_limits_are_read_once_by_the_requests_that_find_them_expired(t
         assert (await cache.get("short")).max_prompt_tokens == 10 and len(reads) == 1  # trusted for 60 s
         cache.clear()
         reading = asyncio.ensure_future(cache.get("short"))
-        await asyncio.sleep(0.02)  # the read is running: a change is committed here, then a request comes
+        assert await asyncio.to_thread(second_selected.wait, 5)  # it has read: a change is committed here...
         _tier(db, "short", max_prompt_tokens=20)
         cache.clear()
         assert (await cache.get("short")).max_prompt_tokens == 20 and len(reads) == 3  # not the older read's
-        assert (await reading).max_prompt_tokens in (10, 20)  # it came before the change
+        assert (await reading).max_prompt_tokens == 20  # ...a request came, then the old read ended: dropped
         assert (await cache.get("short")).max_prompt_tokens == 20 and len(reads) == 3  # the late old read is dropped
 
     asyncio.run(scenario())

@@ -216,31 +216,38 @@ def test_requests_that_miss_the_cache_together_look_their_key_up_once(database, 
 def test_a_lookup_is_shared_by_the_requests_that_miss_while_it_runs_but_never_across_a_change():
     async def scenario() -> None:
         cache = PrincipalCache(0.5)
-        started, release = [], asyncio.Event()
-        principal = object()
+        found: list[object] = []  # what each lookup found: a new object each time
+        release = asyncio.Event()
 
         async def lookup():
-            started.append(1)
+            found.append(object())
+            mine = found[-1]
             await release.wait()
-            return principal
+            return mine
 
         first = asyncio.ensure_future(cache.load("d", lookup))
         second = asyncio.ensure_future(cache.load("d", lookup))
         await asyncio.sleep(0)
         second.cancel()  # a waiter that gives up leaves the lookup to the others
-        cache.clear()  # a revocation committed while the lookup runs: later requests do not join it
+        cache.clear()  # a change committed while the lookup runs (a new tier, say): later requests do not join it
         third = asyncio.ensure_future(cache.load("d", lookup))
+        fourth = asyncio.ensure_future(cache.load("d", lookup))
         await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
         release.set()
-        assert await first is principal and await third is principal
-        assert len(started) == 2 and cache.get("d") is principal  # the second lookup's, stored
+        assert await first is found[0]
+        assert await third is found[1] and await fourth is found[1]  # the lookup that started after the change
+        assert len(found) == 2
+        assert cache.get("d") is found[1]  # the first one's, older than the change, was not stored
 
         async def broken():
+            found.append(None)
             raise OSError("database down")
 
         cache.clear()
         failures = await asyncio.gather(cache.load("d", broken), cache.load("d", broken), return_exceptions=True)
-        assert all(isinstance(f, OSError) for f in failures)
+        assert all(isinstance(f, OSError) for f in failures) and found[2:] == [None]  # one lookup, both told
+        assert await cache.load("d", lookup) is found[-1] and len(found) == 4  # a failure is not kept
 
     asyncio.run(scenario())
 

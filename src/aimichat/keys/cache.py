@@ -58,7 +58,7 @@ class PrincipalCache:
             return await lookup()
         generation = self.generation
         flight = self._loading.get(digest)
-        if flight is None or flight[0] != generation:
+        if flight is None or flight[0] != generation or flight[1].done():  # done: cancelled before it ran
             task = asyncio.ensure_future(self._look_up(digest, lookup, generation))
             task.add_done_callback(_retrieve)  # its error is its waiters'; none left is no "never retrieved"
             flight = self._loading[digest] = (generation, task)

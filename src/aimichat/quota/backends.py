@@ -82,6 +82,12 @@ log = logging.getLogger(__name__)
 
 
 class QuotaBackend(Protocol):
+    # Does a settlement that charges exactly what was reserved, and gives no tokens back, change what the
+    # next reservation is told? SQL: no, only the row's status changes. Redis: it can, for 2 s after a
+    # rebuild: a counter rebuilt while the row was still open keeps it apart as a mark, which a grant's
+    # figures leave out while it is young (see the module docstring).
+    exact_settlements_matter: bool
+
     def reserve(
         self,
         principal: Principal,
@@ -127,6 +133,8 @@ def _stale_status(credits: int) -> str:
 
 
 class SqlQuota:
+    exact_settlements_matter = False
+
     def __init__(self, database: Database, *, durable_settlements: bool = False) -> None:
         self.database = database
         self.durable_settlements = durable_settlements  # see ledger.settle's wait_for_flush
@@ -409,6 +417,8 @@ class _Counters:
 
 
 class RedisQuota:
+    exact_settlements_matter = True
+
     def __init__(
         self, database: Database, client: redis.Redis, prefix: str = "aimichat", *, durable_settlements: bool = False
     ) -> None:

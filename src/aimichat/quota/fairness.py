@@ -112,7 +112,7 @@ class TierLimitsCache:
         if self._read_at is None or time.monotonic() - self._read_at > self.seconds:
             # One read at a time, shared by the requests that come while it runs (each of 32 concurrent
             # clients read the table when it expired); one that started before a clear() is not joined.
-            if self._reading is None or self._reading[0] != self._cleared:
+            if self._reading is None or self._reading[0] != self._cleared or self._reading[1].done():
                 reading = asyncio.ensure_future(self._refresh(self._cleared))
                 reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # errors go to waiters
                 self._reading = (self._cleared, reading)
@@ -132,8 +132,8 @@ class TierLimitsCache:
                 self._reading = None
 
     def clear(self, *_: object) -> None:
-        self._read_at = None
-        self._cleared += 1
+        self._cleared += 1  # first: a read ending meanwhile (on the loop; this may run in a worker thread)
+        self._read_at = None  # must not find the count unchanged and trust itself after this line
 
     def _read(self) -> dict[str, TierLimits]:
         query = select(Tier.name, Tier.max_concurrent, Tier.max_prompt_tokens)

@@ -137,8 +137,9 @@ class Unsettled:
     next request is counted with that answer's refund, as when the answer waited for its settlement.
     Only those pending at the start: a steady stream of new settlements never holds a reservation back.
     A settlement that gives nothing back (a per-request price, a completion that used its whole budget)
-    changes no counter a reservation reads: nothing waits for it (a sequential client of a per-request
-    tier waited for each previous answer's write, 0.1-0.3 ms a request in ``bench/gateway.py``).
+    changes no counter a reservation reads on the SQL backend: nothing waits for it there (a sequential
+    client of a per-request tier waited for each previous answer's write, 0.1-0.3 ms a request in
+    ``bench/gateway.py``). On Redis it still can (``QuotaBackend.exact_settlements_matter``).
     """
 
     def __init__(self) -> None:
@@ -413,6 +414,7 @@ class OpenReservation:
         if self.settle_later:
             self.pending = charge
             refunds = charge.credits < self.reservation.credits or tokens_refunded > 0
+            refunds = refunds or self.service.quota.exact_settlements_matter
             self._unwritten = self.service.unsettled.add(self.reservation.account_id, refunds=refunds)
         elif not await self._write(charge):
             return 0
