@@ -11,6 +11,9 @@ token, then the servers' resident memory, and as the very last lines::
     vs_llama_server_8=<AimiChat total tok/s at 8 streams ÷ llama-server's>
     concurrency_ratio_8=<AimiChat total tok/s at 8 streams ÷ AimiChat at 1 stream>
 
+``--flash-attention``: AimiChat runs once more with ``AIMICHAT_FLASH_ATTENTION=true`` (right after llama-server),
+and prints ``vs_llama_server_8_flash=`` and ``flash_attention_ratio_8=`` (its 8-stream tok/s ÷ the default's).
+
 ``--two-models``: AimiChat also serves two embedded models (the same GGUF registered twice, half the
 slots each, aimichat-1 hidden, the cores split between them as the registry does by default), half the
 streams going to each; it prints their aggregate and worst first token beside one model's, and
@@ -159,13 +162,14 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def aimichat(data_dir: Path, key: str, parallel: int, threads: int, context_length: int):
+def aimichat(data_dir: Path, key: str, parallel: int, threads: int, context_length: int, flash: bool = False):
     port = free_port()
     argv = [PYTHON, "-m", "aimichat", "serve", "--port", str(port), "--parallel", str(parallel)]
     argv += ["--log-level", "warning"]
     env = aimichat_env(data_dir, threads=str(threads), context_length=str(context_length), engine="embedded")
+    env["AIMICHAT_FLASH_ATTENTION"] = "true" if flash else "false"
     label = f"aimichat parallel={parallel}" if parallel > 1 else "aimichat one-at-a-time"
-    return running(label, argv, "/readyz", port, key, env)
+    return running(label + (" flash" if flash else ""), argv, "/readyz", port, key, env)
 
 
 @contextmanager
@@ -379,6 +383,7 @@ def main() -> int:
     parser.add_argument("--llama-server-args", default="", help='more llama-server options, e.g. "-fa off"')
     parser.add_argument("--no-single", action="store_true", help="skip AimiChat with one slot (one request at a time)")
     parser.add_argument("--two-models", action="store_true", help="also two embedded models, half the streams each")
+    parser.add_argument("--flash-attention", action="store_true", help="also AimiChat with AIMICHAT_FLASH_ATTENTION")
     args = parser.parse_args()
     stream_counts = sorted({int(s) for s in args.streams.split(",")})
     if 1 not in stream_counts:
@@ -412,6 +417,11 @@ def main() -> int:
             with llama_server(native, model, args.parallel, args.threads, args.context_length, extra) as server:
                 native_runs = bench(server, stream_counts, args.tokens, args.repeat, system_prompt)
                 memories.append(memory(server))
+        flash: list[Run] = []
+        if args.flash_attention:  # after llama-server, as close to its minutes as the first run
+            with aimichat(data_dir, key, args.parallel, args.threads, args.context_length, flash=True) as server:
+                flash = bench(server, stream_counts, args.tokens, args.repeat, system_prompt)
+                memories.append(memory(server))
         pair: list[Run] = []
         if args.two_models:
             with aimichat_two_models(data_dir, key, args.parallel // 2, args.context_length) as servers:
@@ -430,12 +440,15 @@ def main() -> int:
         print(f"memory after the runs, {line}")
     by_streams = {run.streams: run for run in batched}
     top = max(stream_counts)
+    flash_top = {run.streams: run for run in flash}.get(top)
     if single:
         print(f"single_stream_ratio={by_streams[1].tok_s / single[0].tok_s:.2f}")
     if native_runs:
         theirs = {run.streams: run for run in native_runs}[top]
         ours = by_streams[top]
         print(f"worst_first_token_{top}: aimichat {ours.worst_ttft:.3f} s, llama-server {theirs.worst_ttft:.3f} s")
+        if flash_top:
+            print(f"vs_llama_server_{top}_flash={flash_top.tok_s / theirs.tok_s:.2f}")
         print(f"vs_llama_server_{top}={by_streams[top].tok_s / theirs.tok_s:.2f}")
     else:
         print(f"vs_llama_server_{top}: skipped (no llama-server)")
@@ -446,6 +459,8 @@ def main() -> int:
             f"one model: {ours.tok_s:.1f} tok/s, worst first token {ours.worst_ttft:.2f} s"
         )
         print(f"two_models_ratio_{top}={pair[0].tok_s / ours.tok_s:.2f}")
+    if flash_top:
+        print(f"flash_attention_ratio_{top}={flash_top.tok_s / by_streams[top].tok_s:.2f}")
     print(f"concurrency_ratio_{top}={by_streams[top].tok_s / by_streams[1].tok_s:.2f}")
     return 0
 

@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     repeat_penalty: float = Field(
         1.1, ge=0.0, description="Penalty on tokens the model just produced; 1.0 turns it off."
     )
+    flash_attention: bool = Field(
+        False,
+        description="Flash attention in the embedded models (llama-server's default): faster with many streams "
+        "(8 streams: +10-17% here), but greedy answers then differ from llama-cpp-python's Llama.generate.",
+    )
     max_queue: int = Field(64, ge=0, description="Requests that may wait for the engine; more get 503.")
     queue_timeout: float = Field(60.0, gt=0, description="Seconds a request may wait for the engine.")
     parallel: int = Field(

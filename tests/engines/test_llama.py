@@ -36,6 +36,7 @@ from sqlalchemy import select
 
 from aimichat.config import Settings
 from aimichat.engines.base import ContextLengthExceeded, Delta, EngineBusy, EngineError, Finish, Message, SamplingParams
+from aimichat.engines.configs import EmbeddedConfig, build_engine
 from aimichat.engines.llama import REREAD_TOKENS, LlamaEngine, default_model_path
 from aimichat.engines.sampling import GreedySampler, SamplerChain, make_sampler
 from aimichat.engines.text import TextOutput
@@ -435,6 +436,47 @@ def test_alone_it_answers_as_llama_generate(engine8, llama_generate):
         assert a.prompt_tokens == b.prompt_tokens == prompt_tokens(engine8, text)
     # All three, the seeded draw included: a sampler chain that drifted from Llama.generate's shows here.
     assert mine == theirs
+
+
+def test_with_flash_attention_it_answers_as_llama_generate_with_flash_attention(engine8):
+    """AIMICHAT_FLASH_ATTENTION: the answers change (docs/benchmarks.md), but a request alone still gets what
+    llama-cpp-python's own loop gives with flash attention on, and a crowd on 8 slots still completes with
+    exact usage and mostly the same texts."""
+    threads = os.cpu_count() or 1
+    prompt = Settings().system_prompt
+    engine = LlamaEngine(slots=SLOTS, context_length=512, threads=threads, system_prompt=prompt, flash_attention=True)
+    for on in (True, False):  # the setting reaches the engines the registry builds
+        assert build_engine("m", EmbeddedConfig(), Settings(flash_attention=on)).flash_attention is on  # type: ignore[union-attr]
+    engine.load()
+    llm = Llama(
+        model_path=str(default_model_path()),
+        n_ctx=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        flash_attn=True,
+        verbose=False,
+    )
+    try:
+        requests = [(text, {"max_tokens": 16, "temperature": 0}) for text in PROMPTS]
+        mine = alone(engine, requests)
+        theirs = [
+            reference_answer(
+                llm, engine.tokenize_chat([Message("user", text)]), SamplingParams(**params), engine.repeat_penalty
+            )
+            for text, params in requests
+        ]
+        assert mine == theirs
+        without = alone(engine8, requests)
+        print(f"\nanswers flash attention changed: {sum(a != b for a, b in zip(mine, without))}/{len(requests)}")
+        assert sum(a != b for a, b in zip(mine, without)) >= 2  # it is on
+        crowd = together(engine, requests)
+        for (text, _), (_, finish) in zip(requests, crowd):
+            assert finish.prompt_tokens == prompt_tokens(engine, text) and finish.completion_tokens > 0
+        assert sum(a == b for a, b in zip(mine, crowd)) / len(requests) >= MIN_IDENTICAL
+    finally:
+        llm.close()
+        engine.shutdown()
 
 
 def test_slots_reuse_the_shared_prompt_start_and_answers_do_not_depend_on_history(engine8):

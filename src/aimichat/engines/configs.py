@@ -149,4 +149,5 @@ def build_engine(name: str, config: EngineConfig, settings: Settings, *, threads
         repeat_penalty=settings.repeat_penalty,
         max_queue=settings.max_queue,
         queue_timeout=settings.queue_timeout,
+        flash_attention=settings.flash_attention,
     )

@@ -347,6 +347,7 @@ class LlamaEngine:
         max_queue: int = 64,
         queue_timeout: float = 60.0,
         step_tokens: int = 256,
+        flash_attention: bool = False,
     ) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
@@ -362,6 +363,7 @@ class LlamaEngine:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
         self.step_tokens = step_tokens
+        self.flash_attention = flash_attention  # faster at 8 streams, other answers: see _context_params
         self._native: _Native | None = None
         self._load_lock = threading.Lock()
         # Handoff between event loops (several may share the engine) and the scheduler thread.
@@ -399,12 +401,13 @@ class LlamaEngine:
                 self._free()  # a half-made context must not leak into the next attempt
                 raise
             log.info(
-                "loaded %s: %d slots of %d tokens, %d threads, %d tokens per step",
+                "loaded %s: %d slots of %d tokens, %d threads, %d tokens per step, flash attention %s",
                 self.model_path.name,
                 self.slots,
                 self.context_length,
                 self.threads,
                 self.step_tokens,
+                "on" if self.flash_attention else "off",
             )
 
     def _load_native(self) -> _Native:
@@ -436,7 +439,12 @@ class LlamaEngine:
         params.kv_unified = False  # one KV stream per slot (see the module docstring)
         params.n_batch = params.n_ubatch = self.step_tokens
         params.n_threads = params.n_threads_batch = self._threads_applied = self.threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(), which answers alike
+        # Off, as Llama(): a request alone then gets Llama.generate's answer. On (AIMICHAT_FLASH_ATTENTION), as
+        # llama-server's default: without it llama.cpp attends over at least 256 KV cells a stream (padding
+        # costs as much as real cells), so 8 streams ran 164 -> 192 tok/s in-process with it, but 25 of 36
+        # greedy answers of 64 tokens differed (docs/benchmarks.md).
+        on, off = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = on if self.flash_attention else off
         return params
 
     def _start_scheduler(self) -> threading.Thread:
