@@ -18,6 +18,7 @@ import pytest
 from hostile_helpers import with_fairness
 from sqlalchemy import text
 
+from aimichat import single_flight
 from aimichat.accounts import service as accounts
 from aimichat.engines.base import EngineBusy
 from aimichat.quota.fairness import (
@@ -115,9 +116,12 @@ def test_prompt_size_is_the_tiers_limit_and_unlimited_without_one() -> None:
         check_prompt_size(TierLimits(max_prompt_tokens=10), "free", 11)
 
 
-def test_the_tiers_limits_are_read_once_by_the_requests_that_find_them_expired(tmp_path: Path) -> None:
+def test_the_tiers_limits_are_read_once_by_the_requests_that_find_them_expired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """32 concurrent requests each read the tiers table when its cache expired; now they share one read,
     and one that started before a change made here is not trusted afterwards."""
+    monkeypatch.setattr(single_flight, "JOIN_WAIT", 10.0)  # the reads below take 0.1-0.3 s, not 1 ms
     db = migrated(f"sqlite:///{tmp_path / 'tiers.db'}")
     _tier(db, "short", max_prompt_tokens=10)
     reads: list[float] = []

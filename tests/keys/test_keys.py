@@ -14,6 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import event
 
+from aimichat import single_flight
 from aimichat.accounts import service as accounts
 from aimichat.config import Settings
 from aimichat.keys import service as keys
@@ -181,8 +182,9 @@ def test_the_principal_cache_expires_and_never_keeps_a_lookup_older_than_a_chang
     assert off.get("d") is None
 
 
-def test_requests_that_miss_the_cache_together_look_their_key_up_once(database, tmp_path):
+def test_requests_that_miss_the_cache_together_look_their_key_up_once(database, tmp_path, monkeypatch):
     """32 concurrent clients of one key, its cache entry expired: one lookup, not 32 (issue 14's profile)."""
+    monkeypatch.setattr(single_flight, "JOIN_WAIT", 10.0)  # the lookup below takes 0.3 s, not 1 ms
     make_account(database, daily=1000)
     key = make_key(database)
     lookups = []
@@ -246,8 +248,39 @@ def test_a_lookup_is_shared_by_the_requests_that_miss_while_it_runs_but_never_ac
 
         cache.clear()
         failures = await asyncio.gather(cache.load("d", broken), cache.load("d", broken), return_exceptions=True)
-        assert all(isinstance(f, OSError) for f in failures) and found[2:] == [None]  # one lookup, both told
-        assert await cache.load("d", lookup) is found[-1] and len(found) == 4  # a failure is not kept
+        # A failure is not shared: the second request, which came while the first's lookup ran, tried itself.
+        assert all(isinstance(f, OSError) for f in failures) and found[2:] == [None, None]
+        assert await cache.load("d", lookup) is found[-1] and len(found) == 5  # nor kept
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_comes_while_a_lookup_is_stuck_looks_its_key_up_itself():
+    """A lookup stuck on a store that stopped answering is not shared past JOIN_WAIT: a request that came
+    after the store came back gets its own answer, not the stuck lookup's failure (as without sharing)."""
+
+    async def scenario() -> None:
+        cache = PrincipalCache(0.5)
+        store_back = asyncio.Event()
+        principal = object()
+
+        async def stuck():
+            await store_back.wait()
+            raise OSError("connection timed out")  # what the stuck lookup finally says
+
+        async def healthy():
+            return principal
+
+        first = asyncio.ensure_future(cache.load("d", stuck))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        assert await cache.load("d", healthy) is principal  # it waited JOIN_WAIT, then looked up itself
+        assert single_flight.JOIN_WAIT <= time.monotonic() - started < 1.0
+        assert cache.get("d") is principal
+        store_back.set()
+        with pytest.raises(OSError):
+            await first  # the request that started the stuck lookup gets its failure
+        assert not len(cache._lookups)
 
     asyncio.run(scenario())
 

@@ -6,16 +6,16 @@ through this process's own web pages take effect at once: the app clears the cac
 its ORM sessions commits (see ``aimichat.app``). Only live keys are cached: a key created a moment
 ago is never refused because of an earlier miss.
 
-A miss is looked up once however many requests of the key arrive meanwhile (:meth:`PrincipalCache.load`):
-when an entry expired under 32 concurrent clients of one key, each of them looked the key up (a py-spy
-profile of ``bench/gateway.py`` showed the lookups at a quarter of the reservations' thread time).
+A miss is looked up once however many requests of the key arrive meanwhile (:meth:`PrincipalCache.load`,
+:mod:`aimichat.single_flight` says how that never changes what a request is told).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
+
+from aimichat.single_flight import SingleFlight
 
 from .service import Principal
 
@@ -27,7 +27,7 @@ class PrincipalCache:
         self._clock = clock
         self._entries: dict[str, tuple[float, Principal]] = {}  # key digest -> (expiry, principal)
         self.generation = 0  # bumped by clear(): a lookup that started before a change must not be stored
-        self._loading: dict[str, tuple[int, asyncio.Task[Principal | None]]] = {}  # digest -> lookup in flight
+        self._lookups: SingleFlight[Principal | None] = SingleFlight()  # by key digest
 
     def get(self, digest: str) -> Principal | None:
         entry = self._entries.get(digest)
@@ -47,40 +47,23 @@ class PrincipalCache:
         self._entries[digest] = (self._clock() + self.ttl, principal)
 
     async def load(self, digest: str, lookup: Callable[[], Awaitable[Principal | None]]) -> Principal | None:
-        """The cached principal of ``digest``, else what ``lookup()`` finds (stored when live). Requests
-        that miss while a lookup of the same key runs wait for it, unless the cache was cleared since it
-        started (a change made here must count). A waiter that is cancelled leaves the lookup running for
-        the others; a lookup's error reaches all of them."""
+        """The cached principal of ``digest``, else what ``lookup()`` finds (stored when live); requests that
+        miss while a lookup of the key runs share it (see :mod:`aimichat.single_flight`)."""
         principal = self.get(digest)
         if principal is not None:
             return principal
         if self.ttl <= 0:  # no cache: every request looks its key up, as configured
             return await lookup()
         generation = self.generation
-        flight = self._loading.get(digest)
-        if flight is None or flight[0] != generation or flight[1].done():  # done: cancelled before it ran
-            task = asyncio.ensure_future(self._look_up(digest, lookup, generation))
-            task.add_done_callback(_retrieve)  # its error is its waiters'; none left is no "never retrieved"
-            flight = self._loading[digest] = (generation, task)
-        return await asyncio.shield(flight[1])
 
-    async def _look_up(
-        self, digest: str, lookup: Callable[[], Awaitable[Principal | None]], generation: int
-    ) -> Principal | None:
-        try:
-            principal = await lookup()
-            if principal is not None:
-                self.put(digest, principal, generation)
-            return principal
-        finally:
-            if self._loading.get(digest, (None, None))[1] is asyncio.current_task():
-                del self._loading[digest]
+        async def look_up() -> Principal | None:
+            found = await lookup()
+            if found is not None:
+                self.put(digest, found, generation)
+            return found
+
+        return await self._lookups.run(digest, generation, look_up)
 
     def clear(self, *_ignored: object) -> None:
         self.generation += 1
         self._entries.clear()
-
-
-def _retrieve(task: asyncio.Task[object]) -> None:
-    if not task.cancelled():
-        task.exception()

@@ -43,6 +43,7 @@ from aimichat.engines.base import (
     SamplingParams,
 )
 from aimichat.keys.service import Principal
+from aimichat.single_flight import SingleFlight
 from aimichat.store.db import Database
 from aimichat.store.models import Tier
 
@@ -106,30 +107,23 @@ class TierLimitsCache:
         self._read_at: float | None = None
         self._cleared = 0  # clear()s so far
         self._limits_cleared = 0  # clear()s before the read that _limits holds started
-        self._reading: tuple[int, asyncio.Future[None]] | None = None  # (clears when it started, the read)
+        self._reads: SingleFlight[None] = SingleFlight()
 
     async def get(self, tier: str) -> TierLimits:
         if self._read_at is None or time.monotonic() - self._read_at > self.seconds:
             # One read at a time, shared by the requests that come while it runs (each of 32 concurrent
-            # clients read the table when it expired); one that started before a clear() is not joined.
-            if self._reading is None or self._reading[0] != self._cleared or self._reading[1].done():
-                reading = asyncio.ensure_future(self._refresh(self._cleared))
-                reading.add_done_callback(lambda done: done.cancelled() or done.exception())  # errors go to waiters
-                self._reading = (self._cleared, reading)
-            await asyncio.shield(self._reading[1])
+            # clients read the table when it expired): see aimichat.single_flight.
+            cleared = self._cleared
+            await self._reads.run("tiers", cleared, lambda: self._refresh(cleared))
         return self._limits.get(tier, NO_LIMITS)
 
     async def _refresh(self, cleared: int) -> None:
-        try:
-            read_at = time.monotonic()
-            limits = await run_in_threadpool(self._read)
-            if cleared >= self._limits_cleared:  # not older than what is held (reads may end out of order)
-                self._limits, self._limits_cleared = limits, cleared
-            if cleared == self._cleared:  # else a change made here meanwhile: the next request reads again
-                self._read_at = read_at
-        finally:
-            if self._reading is not None and self._reading[1] is asyncio.current_task():
-                self._reading = None
+        read_at = time.monotonic()
+        limits = await run_in_threadpool(self._read)
+        if cleared >= self._limits_cleared:  # not older than what is held (reads may end out of order)
+            self._limits, self._limits_cleared = limits, cleared
+        if cleared == self._cleared:  # else a change made here meanwhile: the next request reads again
+            self._read_at = read_at
 
     def clear(self, *_: object) -> None:
         self._cleared += 1  # first: a read ending meanwhile (on the loop; this may run in a worker thread)
