@@ -104,6 +104,23 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def database_cpu() -> dict[int, float]:
+    """CPU time so far of each PostgreSQL process on this machine (its server, one backend per connection)."""
+    spent = {}
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == "postgres":
+                spent[int(comm.parent.name)] = cpu_seconds(int(comm.parent.name))
+        except OSError:
+            continue  # gone meanwhile
+    return spent
+
+
+def database_cpu_since(before: dict[int, float]) -> float:
+    """PostgreSQL's CPU seconds since ``before`` (a backend started meanwhile counts whole; one that ended is lost)."""
+    return sum(now - before.get(pid, 0.0) for pid, now in database_cpu().items())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -287,26 +304,29 @@ async def _concurrent(target: Target, n: int, clients: int, stream: bool) -> flo
 
 def throughput(
     targets: list[Target], n: int, stream: bool, rounds: int = 4
-) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, float]]:
     """Requests per second at 32 clients, n requests per target in ``rounds`` slices that take turns
     (rotating order), so a burst of load from elsewhere on the machine does not land on one target only;
     the CPU time its server process spent per request meanwhile (ms; 0 when its process is unknown), and
-    the whole machine's (the client, the stub and PostgreSQL included). The CPU times are the steadier
+    the whole machine's (the client, the stub and PostgreSQL included), and PostgreSQL's. The CPU times are the steadier
     figures on a small machine: req/s also moves with what else runs."""
     seconds = dict.fromkeys((t.name for t in targets), 0.0)
     cpu = dict.fromkeys((t.name for t in targets), 0.0)
     machine = dict.fromkeys((t.name for t in targets), 0.0)
+    database = dict.fromkeys((t.name for t in targets), 0.0)
     per_round = max(CLIENTS, n // rounds)
     for i in range(rounds):
         k = i % len(targets)
         for t in targets[k:] + targets[:k]:
-            before, machine_before = cpu_seconds(t.pid), machine_cpu_seconds()
+            before, machine_before, database_before = cpu_seconds(t.pid), machine_cpu_seconds(), database_cpu()
             seconds[t.name] += per_round / asyncio.run(_concurrent(t, per_round, CLIENTS, stream))
             cpu[t.name] += cpu_seconds(t.pid) - before
             machine[t.name] += machine_cpu_seconds() - machine_before
+            database[t.name] += database_cpu_since(database_before)
     total = per_round * rounds
     per_request = lambda spent: {name: c * 1000 / total for name, c in spent.items()}  # noqa: E731
-    return {name: total / s for name, s in seconds.items()}, per_request(cpu), per_request(machine)
+    rates = {name: total / s for name, s in seconds.items()}
+    return rates, per_request(cpu), per_request(machine), per_request(database)
 
 
 async def _paced(target: Target, rate: int, seconds: float, stream: bool) -> list[float]:
@@ -363,7 +383,7 @@ def py_spy(pid: int, out: Path):
 def measure(targets: list[Target], args: argparse.Namespace, stream: bool) -> dict[str, dict[str, float]]:
     """Per target: sequential p50/p99, req/s at 32 clients, p99 at a paced 200 req/s."""
     seq = sequential(targets, args.requests, stream)
-    rps, cpu, machine = throughput(targets, args.requests, stream)
+    rps, cpu, machine, database = throughput(targets, args.requests, stream)
     paced = {t.name: asyncio.run(_paced(t, PACED_RATE, args.paced_seconds, stream)) for t in targets}
     return {
         t.name: {
@@ -372,6 +392,7 @@ def measure(targets: list[Target], args: argparse.Namespace, stream: bool) -> di
             "rps": rps[t.name],
             "cpu": cpu[t.name],
             "machine": machine[t.name],
+            "database": database[t.name],
             "paced_p99": pct(paced[t.name], 99),
         }
         for t in targets
@@ -436,7 +457,8 @@ def main() -> None:
                             f"{backend:<10} {mode:<6} {t.name:<10} added p50={r['p50'] - d['p50']:6.2f} ms  "
                             f"p99={r['p99'] - d['p99']:6.2f} ms  (direct p50 {d['p50']:5.2f} ms)  "
                             f"{CLIENTS} clients: {r['rps']:7.1f} req/s vs direct {d['rps']:7.1f}, "
-                            f"CPU {r['cpu']:.2f} ms/request (machine {r['machine']:.2f})  "
+                            f"CPU {r['cpu']:.2f} ms/request (machine {r['machine']:.2f}, "
+                            f"PostgreSQL {r['database']:.2f})  "
                             f"@{PACED_RATE} req/s p99 added={r['paced_p99'] - d['paced_p99']:8.2f} ms",
                             flush=True,
                         )
@@ -449,16 +471,17 @@ def main() -> None:
     print(
         "| backend | mode | AimiChat added p50 | bare proxy added p50 | overhead ratio | AimiChat added p99 "
         "| AimiChat req/s | bare proxy req/s | direct req/s | throughput ratio "
-        "| CPU ms/request AimiChat / bare (machine) | @200 req/s p99 added AimiChat / bare |"
+        "| CPU ms/request AimiChat / bare (machine) | PostgreSQL CPU ms/request AimiChat "
+        "| @200 req/s p99 added AimiChat / bare |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (backend, mode), row in results.items():
         d, a, b = row["direct"], row["AimiChat"], row["bare proxy"]
         print(
             f"| {backend} | {mode} | {a['p50'] - d['p50']:.2f} ms | {b['p50'] - d['p50']:.2f} ms "
             f"| {ratio(a['p50'] - d['p50'], b['p50'] - d['p50']):.2f} | {a['p99'] - d['p99']:.2f} ms "
             f"| {a['rps']:.0f} | {b['rps']:.0f} | {d['rps']:.0f} | {ratio(a['rps'], b['rps']):.2f} "
-            f"| {a['cpu']:.2f} / {b['cpu']:.2f} ({a['machine']:.2f} / {b['machine']:.2f}) "
+            f"| {a['cpu']:.2f} / {b['cpu']:.2f} ({a['machine']:.2f} / {b['machine']:.2f}) | {a['database']:.2f} "
             f"| {a['paced_p99'] - d['paced_p99']:.1f} / {b['paced_p99'] - d['paced_p99']:.1f} ms |"
         )
     print()
