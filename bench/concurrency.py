@@ -6,7 +6,8 @@ llama-cpp-python's own server (``python -m llama_cpp.server``) runs too, as a se
 Starts each server itself (free port, throwaway data dir, an account and key made with the
 ``aimichat`` CLI), runs 1, 4 and 8 concurrent streaming clients of 100 tokens each against it, and
 stops it. For every run it prints total completion tokens per second and the worst time to first
-token, then the servers' resident memory, and as the very last lines::
+token, then the servers' resident memory, and among the last lines (``--flash-attention`` and
+``--two-models`` add theirs in between)::
 
     vs_llama_server_8=<AimiChat total tok/s at 8 streams ÷ llama-server's>
     concurrency_ratio_8=<AimiChat total tok/s at 8 streams ÷ AimiChat at 1 stream>
@@ -315,7 +316,11 @@ async def one_stream(
 
 
 def prompts(streams: int, run: int, system_prompt: str) -> list[list[dict]]:
-    """Different questions in every run, so no server answers from a cache of the previous run's prompt.
+    """The questions of one run: ``streams`` topics from ``run * streams`` on, cycling through TOPICS.
+
+    Consecutive runs of one stream count ask other questions, but TOPICS is short: each stream count starts
+    again at the first topics, and ``--repeat`` comes back to earlier ones. A server with a prompt cache
+    (llama-server's host-memory cache; AimiChat's slots) then answers those from it: docs/benchmarks.md.
 
     AimiChat's default system prompt goes out explicitly: every server reads the same prompt tokens.
     """

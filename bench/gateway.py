@@ -3,7 +3,7 @@ upstream, through a bare proxy (bench/bare_proxy.py) and through AimiChat (key a
 settlement + proxying), in one run.
 
     .venv/bin/python bench/gateway.py [--requests 400] [--backends sqlite,postgresql,redis] [--py-spy DIR]
-                                      [--models 20] [--key-limits]
+                                      [--paced-seconds 5] [--models 20] [--key-limits]
 
 For each backend (SQLite; PostgreSQL; PostgreSQL ledger + Redis counters) it measures, non-streaming
 and streaming: sequential latency (p50/p99; the targets take turns request by request, in rotating
@@ -16,8 +16,9 @@ the direct one's.
 It prints a line per backend, mode and target, then a table with the ratios, then
 ``gateway_overhead_ratio=`` (AimiChat added p50 ÷ bare proxy added p50), ``gateway_throughput_ratio=``
 (AimiChat req/s ÷ bare proxy req/s at 32 clients), ``gateway_cpu_ratio=`` (the CPU time its server
-process spends per request at 32 clients, ÷ the bare proxy's) and, last, ``gateway_overhead_ms_p50=<value>``:
-all for PostgreSQL, non-streaming (sequential for the latencies).
+process spends per request at 32 clients, ÷ the bare proxy's; each line and the table also give the
+whole machine's CPU per request and PostgreSQL's, i.e. every ``postgres`` process here) and, last,
+``gateway_overhead_ms_p50=<value>``: all for PostgreSQL, non-streaming (sequential for the latencies).
 
 ``--models N``: a second AimiChat (same backend) with N models in its registry (aimichat-1 and N-1
 upstream models, each with its own price on the tier) takes its turn beside the first, its requests
