@@ -92,29 +92,30 @@ def chat_response(result: ChatResult) -> Response:
     return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
-class _JSONThenSettle(JSONResponse):
-    """A whole answer whose settlement is written once it has been sent, however the sending ends."""
+class _ThenSettle(Response):
+    """An answer whose settlement is written once it has been sent, however the sending ends (``settle`` is
+    shielded: a cancelled request still settles). Mixed in before the response class it extends."""
 
-    def __init__(self, content: Any, headers: dict[str, str], settle: Settlement) -> None:
-        super().__init__(content, headers=headers)
-        self.settle = settle
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.settle()  # shielded: a cancelled request still settles
-
-
-class _StreamThenSettle(StreamingResponse):
-    """A stream whose settlement is written once it has ended, however it ends."""
-
-    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str], settle: Settlement) -> None:
-        super().__init__(events, media_type="text/event-stream", headers=headers)
-        self.settle = settle
+    settle: Settlement
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.settle()
+
+
+class _JSONThenSettle(_ThenSettle, JSONResponse):
+    """A whole answer, then its settlement."""
+
+    def __init__(self, content: Any, headers: dict[str, str], settle: Settlement) -> None:
+        super().__init__(content, headers=headers)
+        self.settle = settle
+
+
+class _StreamThenSettle(_ThenSettle, StreamingResponse):
+    """A stream, then its settlement (once the stream has ended, however it ends)."""
+
+    def __init__(self, events: AsyncIterator[bytes], headers: dict[str, str], settle: Settlement) -> None:
+        super().__init__(events, media_type="text/event-stream", headers=headers)
+        self.settle = settle
