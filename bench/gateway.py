@@ -29,7 +29,7 @@ cap, requests and tokens per minute (all far above what the run uses, so nothing
 turn beside the unlimited key; ``key_limits_added_ms=`` is its added p50 minus the unlimited key's.
 
 ``--py-spy DIR``: after the timed passes of each backend, record AimiChat's server with py-spy
-(``pip install py-spy``) during an extra 32-client non-streaming pass, as DIR/<backend>.txt (``py-spy
+(the ``bench`` extra) during an extra 32-client non-streaming pass, as DIR/<backend>.txt (``py-spy
 record --format raw --threads``: folded stacks, one line per stack and thread; feed them to a flame graph
 tool or grep them). Not during the timed passes, which it would slow. On a VM py-spy may not tell idle
 threads from busy ones: read the MainThread lines (the event loop), and the worker threads' lines that
@@ -223,7 +223,7 @@ def litellm_proxy(stub: str, workdir: str):
     """LiteLLM's proxy in front of the stub, one worker, for the record; yields None when litellm is absent."""
     if importlib.util.find_spec("litellm") is None:
         print(
-            "litellm is not importable: LiteLLM's proxy is skipped (pip install 'litellm[proxy]' to include it)",
+            "litellm is not importable: LiteLLM's proxy is skipped (.venv/bin/pip install -e '.[bench]' to include it)",
             flush=True,
         )
         yield None
@@ -367,7 +367,7 @@ def py_spy(pid: int, out: Path):
     """py-spy recording ``pid`` until the block ends (SIGINT makes it write its file)."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(exe).exists():
-        raise SystemExit("--py-spy: py-spy is not installed (.venv/bin/pip install py-spy)")
+        raise SystemExit("--py-spy: py-spy is not installed (.venv/bin/pip install -e '.[bench]')")
     proc = subprocess.Popen(
         [exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--threads", "--output", str(out)],
         stdout=subprocess.DEVNULL,
