@@ -10,8 +10,8 @@ and streaming: sequential latency (p50/p99; the targets take turns request by re
 order, so drift hits all alike), throughput with 32 concurrent clients (in four slices that take turns
 too), and p99 at a paced 200 requests/s. The bare proxy (Starlette + one pooled httpx client, no auth,
 no ledger, served by uvicorn with AimiChat's options) is the baseline: what any Python proxy adds.
-LiteLLM's proxy is measured too when ``litellm`` is importable. "Added" is a target's median (p99) minus
-the direct one's.
+LiteLLM's proxy (its master key only: no database, no budgets) is measured too when ``litellm`` is
+importable (the ``bench`` extra). "Added" is a target's median (p99) minus the direct one's.
 
 It prints a line per backend, mode and target, then a table with the ratios, then
 ``gateway_overhead_ratio=`` (AimiChat added p50 ÷ bare proxy added p50), ``gateway_throughput_ratio=``
@@ -229,6 +229,7 @@ def litellm_proxy(stub: str, workdir: str):
         yield None
         return
     config = Path(workdir) / "litellm.yaml"
+    master_key = "sk-bench-" + secrets.token_hex(16)  # LiteLLM 1.108 refuses to start without one
     config.write_text(
         "model_list:\n"
         "  - model_name: stub\n"
@@ -238,6 +239,8 @@ def litellm_proxy(stub: str, workdir: str):
         "      api_key: bench\n"
         "litellm_settings:\n"
         "  telemetry: false\n"
+        "general_settings:\n"
+        f"  master_key: {master_key}\n"
     )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -254,9 +257,11 @@ def litellm_proxy(stub: str, workdir: str):
         "--num_workers",
         "1",
     ]
-    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
-    with process(args, env, url, "/health/liveliness", seconds=180):
-        yield Target("LiteLLM", f"{url}/v1/chat/completions", extra={"model": "stub"})
+    # Its model price list from the wheel: fetching it from GitHub (no internet here) costs retries at start-up.
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    with process(args, env, url, "/health/liveliness", seconds=180) as proc:
+        headers = {"Authorization": f"Bearer {master_key}"}
+        yield Target("LiteLLM", f"{url}/v1/chat/completions", headers, extra={"model": "stub"}, pid=proc.pid)
 
 
 def one(client: httpx.Client, target: Target, stream: bool) -> float:
