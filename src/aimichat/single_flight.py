@@ -62,7 +62,7 @@ class SingleFlight(Generic[T]):
         if flight is not None and flight.task is task:
             del self._flights[key]
         if not task.cancelled():
-            task.exception()  # its waiters have it; with none left, no "exception was never retrieved"
+            task.exception()  # its starter has it; if it left, no "exception was never retrieved"
 
     def __len__(self) -> int:
         """Reads in flight."""
